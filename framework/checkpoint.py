@@ -123,9 +123,9 @@ class Checkpointer:
         return cls(directory, keep=cfg.keep, every_steps=cfg.every_steps, async_save=cfg.async_, config=config)
 
     def _open(self) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
-        )
+        # No max_to_keep: orbax would delete old steps when the new one is renamed, before it is
+        # sealed; with keep=1 a crash in between would leave no good step. _prune deletes later.
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=self.async_save)
         return ocp.CheckpointManager(self.directory, options=options)
 
     @property
@@ -158,6 +158,20 @@ class Checkpointer:
         self._manager.wait_until_finished()
         if self._primary:
             write_manifest(self.directory / str(step))
+        ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key("meshpilot_checkpoint_sealed"))
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` sealed steps: older steps go only once newer ones are sealed."""
+        final, _ = self._listing()
+        sealed = [s for s in final if (self.directory / str(s) / MANIFEST).is_file()]
+        if len(sealed) <= self.keep:
+            return
+        cutoff = sealed[self.keep - 1]
+        known = set(self._manager.all_steps())
+        for s in final:
+            if s < cutoff and s in known:
+                self._manager.delete(s)
 
     def _seal_in_background(self, step: int) -> None:
         try:
