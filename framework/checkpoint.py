@@ -201,8 +201,8 @@ class Checkpointer:
             for p in self.directory.iterdir():
                 if p.is_dir() and p.name.isdigit():
                     final.append(int(p.name))
-                elif p.is_dir() and p.name.endswith(TMP_SUFFIX) and p.name[: -len(TMP_SUFFIX)].isdigit():
-                    unfinished.append(int(p.name[: -len(TMP_SUFFIX)]))
+                elif p.is_dir() and TMP_SUFFIX in p.name and p.name.split(TMP_SUFFIX)[0].isdigit():
+                    unfinished.append(int(p.name.split(TMP_SUFFIX)[0]))
         return sorted(final, reverse=True), sorted(set(unfinished) - set(final), reverse=True)
 
     def has_checkpoints(self) -> bool:

@@ -102,11 +102,12 @@ def sealed_steps(ckpt_dir):
 
 
 def in_flight(ckpt_dir):
-    """Steps being written: orbax tmp dirs, or renamed but not yet sealed."""
-    if not ckpt_dir.is_dir():
-        return []
-    return [p.name for p in ckpt_dir.iterdir()
-            if p.name.endswith(".orbax-checkpoint-tmp") or (p.name.isdigit() and not (p / MANIFEST).exists())]
+    """Steps newer than the newest sealed one that are being written: orbax tmp dirs, or renamed
+    but not yet sealed. (Older unsealed dirs are old steps being deleted.)"""
+    newest = max(sealed_steps(ckpt_dir), default=-1)
+    names = [p.name for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
+    return [n for n in names if n.split(".")[0].isdigit() and int(n.split(".")[0]) > newest and
+            (n.endswith(".orbax-checkpoint-tmp") or (n.isdigit() and not (ckpt_dir / n / MANIFEST).exists()))]
 
 
 @pytest.mark.slow
@@ -123,7 +124,7 @@ def test_sigkill_mid_save_then_restart_matches_uninterrupted(tmp_path, compile_o
     try:
         deadline = time.monotonic() + 300
         # kill once a checkpoint is complete and, saving every step, a later one is being written
-        while not (sealed_steps(ckpt_dir) and max(sealed_steps(ckpt_dir)) >= 6 and in_flight(ckpt_dir)):
+        while not (max(sealed_steps(ckpt_dir), default=0) >= 6 and in_flight(ckpt_dir)):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
