@@ -114,6 +114,8 @@ class Checkpointer:
     @classmethod
     def for_run(cls, cfg: CheckpointConfig, run_dir: str | Path | None, config: dict | None = None) -> "Checkpointer | None":
         """The run's checkpointer: ``checkpoint.dir`` or RUN_DIR/checkpoints; None when neither is set."""
+        if cfg.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps={cfg.every_steps}: expected 0 (only at the end) or a positive integer")
         if cfg.dir:
             directory = Path(cfg.dir)
         elif run_dir is not None:

@@ -71,6 +71,21 @@ def test_resume_equivalence_bitwise_and_data_position(tmp_path):
     assert logged == list(range(1, 21))
     assert (tmp_path / "split" / "checkpoints" / "20" / MANIFEST).is_file()  # final save
 
+    # the same run resumed onto data=2,tensor=2 over 4 of the 8 devices: same values, new shardings
+    other = Trainer(tiny_config(*SMALL, "mesh.data=2", "mesh.tensor=2", steps=20), run_dir=tmp_path / "split",
+                    devices=jax.devices()[:4])
+    moved = other.restore_or_init()
+    for got, want, sharding in zip(jax.tree.leaves(moved), jax.tree.leaves(second.state), jax.tree.leaves(other.state_shardings)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == sharding and set(got.devices()) <= set(jax.devices()[:4])
+
+
+def test_negative_every_steps_is_a_config_error(tmp_path):
+    from framework.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^checkpoint.every_steps=-2: expected 0 \(only at the end\) or a positive integer$"):
+        Trainer(tiny_config(*SMALL, "checkpoint.every_steps=-2"), run_dir=tmp_path)
+
 
 def test_earlier_run_without_checkpoint_is_not_silently_restarted(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
