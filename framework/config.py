@@ -144,7 +144,17 @@ class MemoryConfig:
 
 @dataclass
 class BroadcastConfig:
-    """Reserved for per-layer broadcast modes (issue 6)."""
+    """Per-layer broadcast modes (framework/broadcast.py).
+
+    ``mode``: ``off`` leaves every layer to XLA's sharding propagation; ``auto`` lets the cost
+    model choose kernel- or map-broadcast per layer; ``kernel``/``map`` force one mode.
+    ``overrides`` pins layers by name: ``{glob or "re:regex": auto|kernel|map}``, first match wins.
+    ``compress``: how kernels travel in kernel mode (int8 carries one scale per output channel).
+    """
+
+    mode: Literal["off", "auto", "kernel", "map"] = "off"
+    overrides: dict[str, Literal["auto", "kernel", "map"]] = field(default_factory=dict)
+    compress: Literal["none", "bf16", "int8"] = "none"
 
 
 @dataclass
