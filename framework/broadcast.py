@@ -13,7 +13,7 @@ next layer of its chain is also ``map`` it gathers straight from that layout, ot
 all-to-all returns it to the batch layout (the transition cost the planner weighs).
 
 Outside ``use_plan`` the layers are plain einsums/convolutions (the single-device
-reference and the ``broadcast.mode: off`` behaviour). Byte counts are per device per
+reference and the ``broadcast.mode: none`` behaviour). Byte counts are per device per
 micro-batch (forward + backward), by the convention of ``framework.collectives``.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from framework.collectives import layer_scope
@@ -55,6 +56,7 @@ class LayerShape:
     bias: bool
     input_grad: bool  # False when the input is data: no input gradient is computed
     chained: bool  # output reaches the next recorded layer through channel-wise ops only
+    input_group: int = 0  # consecutive layers reading the very same feature map share one group
 
     @property
     def out_channels(self) -> int:
@@ -131,6 +133,7 @@ class LayerPlan:
     kernel_mode_bytes: int
     map_mode_bytes: int | None  # None: output channels do not divide over P
     transition_bytes: int  # paid when a map layer hands on in the batch layout
+    shared_gather_bytes: int  # map-mode input gather done by a later layer of the same input group
     mode: str
     in_layout: str  # "batch" or "channel": how the input arrives
     out_layout: str  # how the output leaves
@@ -141,7 +144,7 @@ class LayerPlan:
 
     @property
     def predicted_bytes(self) -> int:
-        own = self.kernel_mode_bytes if self.mode == "kernel" else self.map_mode_bytes
+        own = self.kernel_mode_bytes if self.mode == "kernel" else self.map_mode_bytes - self.shared_gather_bytes
         return own + (self.transition_bytes if self.mode == "map" and self.out_layout == "batch" else 0)
 
 
@@ -151,10 +154,20 @@ class BroadcastPlan:
     axes: tuple[str, ...]  # mesh axes that split the batch: the P devices
     compress: str
     layers: list[LayerPlan]
+    other_param_bytes: int = 0  # parameters outside the plan (embeddings, norms): XLA syncs their gradients
+
+    @property
+    def other_sync_bytes(self) -> int:
+        """Their gradient sync, as an all-reduce or a gather + reduce-scatter: 2(P-1)/P of their bytes."""
+        return round(2 * _frac(self.devices) * self.other_param_bytes)
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(layer.predicted_bytes for layer in self.layers)
 
     @property
     def total_bytes(self) -> int:
-        return sum(layer.predicted_bytes for layer in self.layers)
+        return self.layer_bytes + self.other_sync_bytes
 
     def get(self, name: str) -> LayerPlan | None:
         return next((layer for layer in self.layers if layer.name == name), None)
@@ -171,7 +184,8 @@ class BroadcastPlan:
             layers.append(d)
         return {"devices": self.devices, "axes": list(self.axes), "compress": self.compress,
                 "unit": "bytes per device per micro-batch (forward + backward)",
-                "total_bytes": self.total_bytes, "layers": layers}
+                "layer_bytes": self.layer_bytes, "other_param_bytes": self.other_param_bytes,
+                "other_sync_bytes": self.other_sync_bytes, "total_bytes": self.total_bytes, "layers": layers}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -189,7 +203,8 @@ class BroadcastPlan:
                 f"{layer.kernel_mode_bytes:>12,} {mm:>10} {layer.transition_bytes:>10,}  {layer.mode:<6} "
                 f"{layer.in_layout + '->' + layer.out_layout:<15} {layer.compress:<8} {layer.pinned}"
             )
-        rows.append(f"predicted total: {self.total_bytes:,} bytes per device per micro-batch")
+        rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,} "
+                    f"= predicted total {self.total_bytes:,} bytes per device per micro-batch")
         return "\n".join(rows)
 
 
@@ -214,7 +229,8 @@ def check_overrides(cfg: BroadcastConfig) -> None:
                 raise ConfigError(f"broadcast.overrides: pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
-def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig) -> BroadcastPlan:
+def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
+              other_param_bytes: int = 0) -> BroadcastPlan:
     """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
 
     A pinned layer keeps its mode; a layer whose output channels do not divide over P can
@@ -236,47 +252,55 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
             allowed.append([want] if want in MODES else feasible)
             pins.append(source)
 
-    # best[i][m]: least bytes for layers[:i+1] with layer i in mode m, its own hand-off cost not yet paid
+    # Dynamic programming over the call order. State (mode, gathered): this layer's mode, and
+    # whether its input group's feature map is already gathered by a map-mode member. A map
+    # layer's hand-off (all-to-all back to the batch layout) is paid once the next mode is known.
     n = len(layers)
-    best: list[dict[str, float]] = []
-    back: list[dict[str, str | None]] = []
+    best: list[dict[tuple[str, bool], float]] = []
+    back: list[dict[tuple[str, bool], tuple[str, bool] | None]] = []
     for i in range(n):
         best.append({})
         back.append({})
+        prev_states = best[i - 1].items() if i else [(None, 0.0)]
         for m in allowed[i]:
-            own = costs[i][m].total
-            if i == 0:
-                best[i][m], back[i][m] = own, None
-                continue
-            options = {}
-            for prev, so_far in best[i - 1].items():
-                keep_channel_split = prev == "map" and m == "map" and layers[i - 1].chained
-                options[prev] = so_far + (trans[i - 1] if prev == "map" and not keep_channel_split else 0)
-            prev = min(options, key=lambda k: (options[k], k != "kernel"))
-            best[i][m], back[i][m] = options[prev] + own, prev
-    modes: list[str] = [""] * n
+            for prev, so_far in prev_states:
+                same_group = prev is not None and layers[i].input_group == layers[i - 1].input_group
+                gathered = same_group and prev[1]
+                own = costs[i][m].total - (costs[i][m].forward if m == "map" and gathered else 0)
+                hand_off = 0
+                if prev is not None and prev[0] == "map" and not (m == "map" and layers[i - 1].chained):
+                    hand_off = trans[i - 1]
+                state, total = (m, gathered or m == "map"), so_far + hand_off + own
+                if state not in best[i] or total < best[i][state]:
+                    best[i][state], back[i][state] = total, prev
+    states: list[tuple[str, bool]] = []
     if n:
-        final = {m: v + (trans[-1] if m == "map" else 0) for m, v in best[-1].items()}
-        modes[-1] = min(final, key=lambda k: (final[k], k != "kernel"))
+        final = {s: v + (trans[-1] if s[0] == "map" else 0) for s, v in best[-1].items()}
+        states = [min(final, key=lambda s: (final[s], s[0] != "kernel"))]
         for i in range(n - 1, 0, -1):
-            modes[i - 1] = back[i][modes[i]]
+            states.insert(0, back[i][states[0]])
+    modes = [s[0] for s in states]
 
     plans = []
     for i, (layer, cost) in enumerate(zip(layers, costs)):
         channel_in = i > 0 and modes[i] == "map" and modes[i - 1] == "map" and layers[i - 1].chained
         channel_out = i + 1 < n and modes[i] == "map" and modes[i + 1] == "map" and layer.chained
+        # XLA merges the group's identical gathers into one; charge it to the group's last map layer
+        later_map_in_group = any(modes[j] == "map" and layers[j].input_group == layer.input_group for j in range(i + 1, n))
         plans.append(LayerPlan(
             name=layer.name, kind=layer.kind, kernel_shape=tuple(layer.kernel_shape),
             kernel_bytes=(math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes,
             map_bytes=math.prod(layer.in_shape) * layer.act_bytes, devices=devices,
             kernel_mode_bytes=cost["kernel"].total,
             map_mode_bytes=None if cost["map"] is None else cost["map"].total,
-            transition_bytes=trans[i], mode=modes[i],
+            transition_bytes=trans[i],
+            shared_gather_bytes=cost["map"].forward if modes[i] == "map" and later_map_in_group else 0,
+            mode=modes[i],
             in_layout="channel" if channel_in else "batch", out_layout="channel" if channel_out else "batch",
             compress=cfg.compress if modes[i] == "kernel" and splittable(layer, devices) else "none",
             pinned=pins[i], split_kernel=splittable(layer, devices), out_axis=layer.out_axis,
         ))
-    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans)
+    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes)
 
 
 # ------------------------------------------------------------------ recording layer shapes
@@ -286,20 +310,24 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("meshpilot_broadcast_pl
 
 
 def trace_layers(fn: Callable, *abstract_args) -> list[LayerShape]:
-    """The broadcast layers ``fn`` calls, in call order, with their shapes (abstract trace, no FLOPs)."""
-    calls: list[LayerShape] = []
+    """The broadcast layers ``fn`` calls, in call order, with their shapes (abstract trace, no FLOPs).
+
+    Consecutive layers reading the same traced value (attention's query/key/value) get one
+    ``input_group``: XLA gathers that feature map once for all of them.
+    """
+    calls: list[tuple[LayerShape, Any]] = []
     token = _RECORDER.set(calls)
     try:
         jax.eval_shape(lambda *a: fn(*a), *abstract_args)  # a fresh function: a cached trace would record nothing
     finally:
         _RECORDER.reset(token)
-    seen, unique = set(), []
-    for c in calls:
-        if c.name in seen:
-            raise ValueError(f"broadcast layer name {c.name!r} is used twice; layer names must be unique")
-        seen.add(c.name)
-        unique.append(c)
-    return unique
+    layers, group = [], 0
+    for i, (layer, x) in enumerate(calls):
+        if any(layer.name == other.name for other in layers):
+            raise ValueError(f"broadcast layer name {layer.name!r} is used twice; layer names must be unique")
+        group += i > 0 and x is not calls[i - 1][1]
+        layers.append(dataclasses.replace(layer, input_group=group))
+    return layers
 
 
 @contextlib.contextmanager
@@ -388,12 +416,12 @@ def broadcast_apply(
     calls = _RECORDER.get()
     if calls is not None:
         y = jax.eval_shape(plain, x, kernel, bias)
-        calls.append(LayerShape(
+        calls.append((LayerShape(
             name=name, kind=kind, kernel_shape=tuple(kernel.shape), out_axis=out_axis, in_shape=tuple(x.shape),
             out_shape=tuple(y.shape), act_bytes=jnp.dtype(x.dtype).itemsize,
             param_bytes=jnp.dtype(kernel.dtype).itemsize, bias=bias is not None,
             input_grad=input_grad, chained=chained,
-        ))
+        ), x))
     active = _ACTIVE.get()
     layer = None if active is None else active[0].get(name)
     if layer is None:
@@ -455,4 +483,52 @@ def kernel_specs(plan: BroadcastPlan) -> dict[str, tuple[PartitionSpec, Partitio
             out[layer.name] = (_spec(len(layer.kernel_shape), layer.out_axis, plan.axes), PartitionSpec(plan.axes))
         else:
             out[layer.name] = (PartitionSpec(), PartitionSpec())
+    return out
+
+
+def name_layers(root, layer_type: type | tuple[type, ...]) -> None:
+    """Name every ``layer_type`` module by its path in ``root`` (``blocks.0.mlp.fc_in``): plans and configs use it."""
+    for path, node in nnx.iter_graph(root):
+        if isinstance(node, layer_type):
+            node.name = ".".join(str(k) for k in path)
+
+
+def batch_axes(cfg, axis_sizes: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes the activation rules split the batch over: the P devices of every plan."""
+    for logical, axes in cfg.sharding.activation_rules:
+        if logical == "batch":
+            axes = [] if axes is None else [axes] if isinstance(axes, str) else axes
+            return tuple(a for a in axes if a in axis_sizes)
+    return ()
+
+
+def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int]) -> BroadcastPlan | None:
+    """Trace the model's forward on one abstract micro-batch and plan its layers (None with mode ``none``)."""
+    b = cfg.broadcast
+    if b.mode == "none":
+        return None
+    if cfg.model.scan_layers:
+        raise ConfigError("broadcast.mode: per-layer broadcast modes need model.scan_layers=false (layers must be distinct)")
+    axes = batch_axes(cfg, axis_sizes)
+    devices = math.prod(axis_sizes[a] for a in axes)
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if devices < 2 or micro % devices:
+        return None  # nothing to split, or a batch the trainer rejects with its own message
+    tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
+    layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params))
+    planned = sum((math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes for layer in layers)
+    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned)
+
+
+def with_kernel_specs(plan: BroadcastPlan, param_specs: dict) -> dict:
+    """``param_specs`` with each planned layer's ``kernel``/``bias`` stored as the plan needs them."""
+    out = jax.tree.map(lambda s: s, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for name, (k_spec, b_spec) in kernel_specs(plan).items():
+        node = out
+        for key in name.split("."):
+            node = node[int(key)] if key.isdigit() and int(key) in node else node[key]
+        node["kernel"] = k_spec
+        if "bias" in node:
+            node["bias"] = b_spec
     return out

@@ -19,7 +19,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import sharding
+from framework import broadcast, sharding
 from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
@@ -49,7 +49,7 @@ class Trainer:
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
 
         self.loader = BatchLoader(
-            make_source(cfg.data, cfg.train, cfg.model.vocab_size),
+            make_source(cfg.data, cfg.train, cfg.model.vocab_size, model=cfg.model),
             cfg.train.global_batch,
             cfg.train.grad_accum,
             self.batch_sharding,
@@ -136,8 +136,11 @@ class Trainer:
 
     def loss_fn(self, params, batch: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
         """Mean next-token cross-entropy of one micro-batch (B, T+1) of tokens."""
+        model = self.model(params)
+        if hasattr(model, "loss"):  # a model with its own objective (e.g. the CNN classifier)
+            return model.loss(batch), {}
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(params)(inputs)
+        logits = model(inputs)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return loss, {}
 
@@ -171,7 +174,8 @@ class Trainer:
         return new_state, metrics
 
     def _traced_step(self, state, batch):
-        with sharding.activation_sharding(self.mesh, self.activation_rules):
+        with sharding.activation_sharding(self.mesh, self.activation_rules), \
+                broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes (issue 6)
             return self.train_step(state, batch)
 
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
