@@ -512,8 +512,11 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int]) -> Br
     axes = batch_axes(cfg, axis_sizes)
     devices = math.prod(axis_sizes[a] for a in axes)
     micro = cfg.train.global_batch // cfg.train.grad_accum
-    if devices < 2 or micro % devices:
-        return None  # nothing to split, or a batch the trainer rejects with its own message
+    if devices < 2:
+        return None  # one device: nothing to broadcast
+    if micro % devices:
+        raise ConfigError(f"broadcast.mode={b.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
+                          f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
     layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params))
