@@ -306,19 +306,17 @@ def plan_memory(cfg: MemoryConfig, needs: MemoryNeeds, mesh_axes: Mapping[str, i
     return MemoryPlan(dict(mesh_axes), budget, placement, category_bytes(needs, placement), needs.activation_source)
 
 
-def format_plan(plan: MemoryPlan) -> list[str]:
-    """Text lines of the plan for ``scripts/plan.py``."""
+def format_plan(plan: dict) -> list[str]:
+    """Text lines of a plan's ``to_dict()`` for ``scripts/plan.py``."""
     mib = lambda b: f"{b / 2**20:10.2f} MiB"
-    budget = "none" if plan.budget_bytes is None else f"{plan.budget_bytes / 2**20:.2f} MiB"
-    lines = [f"memory per device (budget {budget}; activations: {plan.activation_source})",
+    budget = "none" if plan["budget_bytes"] is None else f"{plan['budget_bytes'] / 2**20:.2f} MiB"
+    lines = [f"memory per device (budget {budget}; activations: {plan['activation_source']})",
              f"  {'category':<12}{'device':>14}{'pinned_host':>15}  placement"]
-    where = plan.to_dict()["placement"]
-    for c in CATEGORIES:
-        reason = plan.placement.reasons.get(c, "")
-        lines.append(f"  {c:<12}{mib(plan.bytes[c][DEVICE]):>14}{mib(plan.bytes[c][HOST]):>15}  {where[c]}"
-                     + (f" ({reason})" if reason else ""))
-    t = plan.totals
-    fits = "" if plan.fits is None else ("  fits" if plan.fits else "  DOES NOT FIT")
+    for c, b in plan["bytes_per_device"].items():
+        reason = plan["reasons"].get(c, "")
+        lines.append(f"  {c:<12}{mib(b[DEVICE]):>14}{mib(b[HOST]):>15}  {plan['placement'][c]}" + (f" ({reason})" if reason else ""))
+    t = plan["totals"]
+    fits = "" if plan["fits"] is None else ("  fits" if plan["fits"] else "  DOES NOT FIT")
     lines.append(f"  {'total':<12}{mib(t[DEVICE]):>14}{mib(t[HOST]):>15}{fits}")
     return lines
 
@@ -361,7 +359,7 @@ def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str
         params=params,
         grads=params * (2 if grad_accum > 1 else 1),  # the gradient, plus the accumulator across micro-batches
         opt_state=opt_state,
-        batch=grad_accum * (micro // dp) * (t.seq_len + 1) * 4,
+        batch=grad_accum * -(-micro // dp) * (t.seq_len + 1) * 4,
         activations=activations,
         activation_source=f"estimate: residuals of the traced loss for one micro-batch of {micro}",
     )
