@@ -22,7 +22,6 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec
 
 from framework import sharding
 from framework.config import Config, ConfigError, MemoryConfig
@@ -123,35 +122,32 @@ class OffloadCheck:
 
     platform: str
     to_host: int  # annotate_device_placement ops that place a value in pinned_host
+    to_device: int  # ... and those that bring one (back) to device memory
 
     @property
     def offloads(self) -> bool:
         return self.to_host > 0
 
 
-_TO_HOST = re.compile(r"annotate_device_placement.*?_xla_buffer_placement\s*=\s*\"pinned_host\"")
+_PLACEMENT = re.compile(r"annotate_device_placement.*?_xla_buffer_placement\s*=\s*\"(\w+)\"")
 
 
 def verify_offload(fn: Callable, *args, platform: str = "cuda") -> OffloadCheck:
-    """Lower ``fn`` for ``platform`` and count its transfers to pinned_host.
+    """Lower ``fn`` for ``platform`` and count its transfers between memory kinds.
 
     Lowering for CPU drops the activation-offload transfers (CPU has one memory), so a CPU
     machine checks the program a GPU would run; ``args`` may be ``ShapeDtypeStruct``s.
     """
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-    return OffloadCheck(platform, len(_TO_HOST.findall(text)))
+    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
+    return count_transfers(jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text(), platform)
+
+
+def count_transfers(hlo_text: str, platform: str) -> OffloadCheck:
+    kinds = _PLACEMENT.findall(hlo_text)
+    return OffloadCheck(platform, kinds.count(HOST), kinds.count(DEVICE))
 
 
 # ------------------------------------------------------------------ bytes per category
-
-
-def _is_spec(x) -> bool:
-    return isinstance(x, PartitionSpec)
-
-
-def tree_bytes_per_device(shapes, specs, axis_sizes: Mapping[str, int]) -> int:
-    """Bytes one device holds of a pytree of ``ShapeDtypeStruct`` sharded by ``specs``."""
-    return sharding.bytes_per_device(shapes, specs, axis_sizes)
 
 
 def shard_bytes(tree) -> dict[str, int]:
@@ -162,10 +158,7 @@ def shard_bytes(tree) -> dict[str, int]:
         for shard in leaf.addressable_shards:
             key = (shard.device, kind)
             per_device[key] = per_device.get(key, 0) + shard.data.nbytes
-    out = {k: 0 for k in KINDS}
-    for kind in KINDS:
-        out[kind] = max((b for (d, k), b in per_device.items() if k == kind), default=0)
-    return out
+    return {kind: max((b for (_, k), b in per_device.items() if k == kind), default=0) for kind in KINDS}
 
 
 def residual_bytes(fn: Callable, *args, micro_batch: int, batch_shards: int, n_devices: int) -> dict[str, int]:
@@ -347,8 +340,8 @@ def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str
     t = cfg.train
     micro = t.global_batch // grad_accum
     dp = math.prod(axis_sizes[a] for a in batch_axes)
-    params = tree_bytes_per_device(abstract.shapes.params, abstract.specs.params, axis_sizes)
-    opt_state = tree_bytes_per_device(abstract.shapes.opt_state, abstract.specs.opt_state, axis_sizes)
+    params = sharding.bytes_per_device(abstract.shapes.params, abstract.specs.params, axis_sizes)
+    opt_state = sharding.bytes_per_device(abstract.shapes.opt_state, abstract.specs.opt_state, axis_sizes)
     tokens = jax.ShapeDtypeStruct((micro, t.seq_len + 1), jnp.int32)
     activations = {}
     for mode in ACTIVATION_MODES:
@@ -386,6 +379,11 @@ def compiled_device_bytes(memory_analysis, host_argument_bytes: int) -> int:
     return args + outs + ma.temp_size_in_bytes
 
 
+def model_options(remat_policy: Callable | None, stream_params: bool) -> dict:
+    """Model constructor options that apply the placement: the layers' checkpoint policy, parameter streaming."""
+    return {"remat_policy": remat_policy, "stream_params": stream_params}
+
+
 def layer_policy(cfg: Config, abstract: AbstractState, mode: str) -> Callable | None:
     """The checkpoint policy for the model's layers under activation ``mode`` (None: no checkpointing)."""
     per_name = cfg.memory.activation_names
@@ -396,7 +394,7 @@ def layer_policy(cfg: Config, abstract: AbstractState, mode: str) -> Callable | 
 def host_state_bytes(abstract: AbstractState, placement: Placement, axis_sizes: Mapping[str, int]) -> int:
     """Bytes per device of the state categories placed in pinned_host."""
     return sum(
-        tree_bytes_per_device(getattr(abstract.shapes, c), getattr(abstract.specs, c), axis_sizes)
+        sharding.bytes_per_device(getattr(abstract.shapes, c), getattr(abstract.specs, c), axis_sizes)
         for c, kind in placement.kinds().items() if kind == HOST
     )
 

@@ -52,8 +52,9 @@ class Trainer:
         needs = self.memory_needs() if memory.has_auto(cfg.memory) else None  # tracing costs: only when auto decides
         self.placement = self.placement_policy.place(cfg.memory, needs, self.memory_budget)
         remat_policy = memory.layer_policy(cfg, self.abstract, self.placement.activations)
-        if remat_policy is not None:
-            self.abstract = abstract_state(cfg, self.axis_sizes, remat_policy=remat_policy)
+        self.stream_params = self.placement.params == memory.HOST
+        if remat_policy is not None or self.stream_params:
+            self.abstract = abstract_state(cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
         self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
         self.state_specs = self.abstract.specs
         self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
@@ -211,30 +212,38 @@ class Trainer:
         def micro_step(carry, micro_batch):
             grads_sum, loss_sum = carry
             (loss, _), grads = grad_fn(state.params, micro_batch, state.rng)
+            grads = self._on_device(grads)  # memory tiers: streamed params give their gradients in pinned_host
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
 
         if accum == 1:
             (loss, _), grads = grad_fn(state.params, batch[0], state.rng)
+            grads = self._on_device(grads)
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, self._on_device(state.params))
             (grads, loss), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32)), batch)
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss = loss / accum
 
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = self._on_device(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr_schedule(state.step)}
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, data_pos=state.data_pos + 1
         )
         return new_state, metrics
 
+    def _on_device(self, params_like):
+        """Streamed parameters (and their gradients) to device memory for the update; otherwise unchanged."""
+        return jax.device_put(params_like, self.device_state_shardings.params) if self.stream_params else params_like
+
     def _traced_step(self, state, batch):
         offloaded = memory.HOST in self.placement.kinds().values()
         if offloaded:  # memory tiers: host-resident categories come to the device for the step and go back after
-            state = jax.device_put(state, self.device_state_shardings)
+            to_device = dataclasses.replace(self.device_state_shardings, params=self.state_shardings.params)
+            state = jax.device_put(state, to_device)  # params stay in their kind: the model streams them per layer
         with sharding.activation_sharding(self.mesh, self.activation_rules):
             state, metrics = self.train_step(state, batch)
         if offloaded:
