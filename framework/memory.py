@@ -370,13 +370,12 @@ def compiled_device_bytes(memory_analysis, host_argument_bytes: int) -> int:
     """Device bytes a compiled step needs: its arguments, outputs not aliased to them, and temporaries.
 
     Where the runtime counts pinned_host arguments as device bytes (CPU reports no host
-    fields), ``host_argument_bytes`` (the planner's count) is taken out of arguments and outputs.
+    fields), ``host_argument_bytes`` (the planner's count) is taken out of the arguments; the
+    state's outputs are donated, so aliased output bytes are not counted twice.
     """
     ma = memory_analysis
     host = host_argument_bytes if ma.host_argument_size_in_bytes == 0 else 0
-    args = ma.argument_size_in_bytes - host
-    outs = max(ma.output_size_in_bytes - ma.alias_size_in_bytes - host, 0)
-    return args + outs + ma.temp_size_in_bytes
+    return ma.argument_size_in_bytes - host + max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0) + ma.temp_size_in_bytes
 
 
 def model_options(remat_policy: Callable | None, stream_params: bool) -> dict:
