@@ -326,3 +326,17 @@ def test_plan_memory_section_compiled_where_devices_exist():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "memory per device" in r.stdout and "activations: compiled" in r.stdout
     assert "opt_state         0.00 MiB       0.83 MiB  pinned_host (set in config)" in r.stdout
+
+
+@pytest.mark.slow
+def test_offloaded_state_checkpoints_and_resumes_in_its_memory_kind(tmp_path, all_device):
+    host = ["memory.params=pinned_host", "memory.opt_state=pinned_host"]
+    first = Trainer(tiny_config(*host, steps=3), run_dir=tmp_path)
+    head = [r["loss"] for r in first.fit()]
+    resumed = Trainer(tiny_config(*host, steps=5), run_dir=tmp_path)
+    resumed.state = resumed.restore_or_init()
+    assert int(resumed.state.step) == 3
+    for c in ("params", "opt_state"):
+        assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(getattr(resumed.state, c))} == {"pinned_host"}
+    tail = [r["loss"] for r in resumed.fit()]
+    np.testing.assert_allclose(head + tail, all_device, atol=1e-5, rtol=0)
