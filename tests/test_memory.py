@@ -331,8 +331,8 @@ def test_plan_memory_section_compiled_where_devices_exist():
 @pytest.mark.slow
 def test_offloaded_state_checkpoints_and_resumes_in_its_memory_kind(tmp_path, all_device):
     host = ["memory.params=pinned_host", "memory.opt_state=pinned_host"]
-    first = Trainer(tiny_config(*host, steps=3), run_dir=tmp_path)
-    head = [r["loss"] for r in first.fit()]
+    first = Trainer(tiny_config(*host, steps=5), run_dir=tmp_path)
+    head = [r["loss"] for r in first.fit(3)]  # stops (and checkpoints) at step 3 of the same 5-step schedule
     resumed = Trainer(tiny_config(*host, steps=5), run_dir=tmp_path)
     resumed.state = resumed.restore_or_init()
     assert int(resumed.state.step) == 3
