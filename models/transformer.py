@@ -157,7 +157,8 @@ class Transformer(nnx.Module):
     """tokens (B, T) int32 -> logits (B, T, vocab) float32.
 
     ``stream_params``: parameters live in pinned_host and each layer's weights are brought to
-    the device where the layer runs (inside the remat boundary, so backward fetches them again).
+    the device where the layer runs. The fetch sits inside the remat boundary: with checkpointed
+    layers the backward pass fetches them again; without, the device copies are kept for backward.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
