@@ -124,10 +124,6 @@ class OffloadCheck:
     to_host: int  # annotate_device_placement ops that place a value in pinned_host
     to_device: int  # ... and those that bring one (back) to device memory
 
-    @property
-    def offloads(self) -> bool:
-        return self.to_host > 0
-
 
 _PLACEMENT = re.compile(r"annotate_device_placement.*?_xla_buffer_placement\s*=\s*\"(\w+)\"")
 
