@@ -153,13 +153,25 @@ class Block(nnx.Module):
         return constrain(x, BLC)
 
 
+def _to_device(module: nnx.Module) -> nnx.Module:
+    """The module with its parameters brought to device memory (they live in pinned_host)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), state))
+
+
 class Transformer(nnx.Module):
-    """tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+    """tokens (B, T) int32 -> logits (B, T, vocab) float32.
+
+    ``stream_params``: parameters live in pinned_host and each layer's weights are brought to
+    the device where the layer runs. The fetch sits inside the remat boundary: with checkpointed
+    layers the backward pass fetches them again; without, the device copies are kept for backward.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: Callable | None = None):
+                 remat_policy: Callable | None = None, stream_params: bool = False):
         self.cfg, self.dtype = cfg, dtype
         self.remat_policy = remat_policy
+        self.stream_params = stream_params
         self.tied = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt"
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype)
         self.pos_embed = (
@@ -180,16 +192,19 @@ class Transformer(nnx.Module):
         self.unembed = None if self.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype)
         broadcast.name_layers(self, Dense)
 
+    def _fetch(self, x):
+        return jax.device_put(x, jax.memory.Space.Device) if self.stream_params else x
+
     def _block_fn(self):
-        call = lambda block, x: block(x)
+        call = (lambda block, x: _to_device(block)(x)) if self.stream_params else (lambda block, x: block(x))
         if self.cfg.remat or self.remat_policy is not None:
             call = nnx.remat(call, policy=self.remat_policy, prevent_cse=not self.cfg.scan_layers)
         return call
 
     def __call__(self, tokens):
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = jnp.take(self._fetch(self.embed[...]), tokens, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
-            x = x + self.pos_embed[...][: tokens.shape[1]].astype(self.dtype)
+            x = x + self._fetch(self.pos_embed[...])[: tokens.shape[1]].astype(self.dtype)
         x = constrain(x, BLC)
         call = self._block_fn()
         if self.cfg.scan_layers:
@@ -201,7 +216,7 @@ class Transformer(nnx.Module):
         else:
             for block in self.blocks:
                 x = call(block, x)
-        x = self.ln_f(x)
-        w = self.embed[...].T if self.tied else self.unembed[...]
+        x = (_to_device(self.ln_f) if self.stream_params else self.ln_f)(x)
+        w = self._fetch(self.embed[...]).T if self.tied else self._fetch(self.unembed[...])
         logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))

@@ -44,6 +44,7 @@ def build_report(cfg, n_devices: int) -> dict:
             "spec": [None if a is None else a if isinstance(a, str) else list(a) for a in flat_specs[path]],
         })
     report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
+    report["memory"] = memory_section(cfg, n_devices, abstract)
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
     return report
@@ -77,6 +78,24 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
     }
 
 
+def memory_section(cfg, n_devices: int, abstract) -> dict:
+    """Memory tiers: compiled on the devices when they exist, estimated on an abstract mesh otherwise."""
+    import jax
+
+    from framework import memory, sharding
+    from framework.mesh import MeshManager, describe
+    from framework.trainer import Trainer
+
+    if n_devices <= jax.device_count():
+        return Trainer(cfg, devices=jax.devices()[:n_devices]).memory_plan().to_dict()
+    axis_sizes = describe(MeshManager(cfg.mesh).abstract(n_devices))
+    rules = sharding.rules_table(cfg.sharding.activation_rules)
+    batch_axes = tuple(a for a in rules.get("batch", ()) if a in axis_sizes)
+    needs = memory.estimate_needs(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum)
+    budget = memory.resolve_budget(cfg.memory, None, cfg.train.micro_batch)
+    return memory.plan_memory(cfg.memory, needs, axis_sizes, budget).to_dict()
+
+
 def print_text(report: dict) -> None:
     print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters")
     width = max(len(p["name"]) for p in report["params"])
@@ -84,6 +103,9 @@ def print_text(report: dict) -> None:
     for p in report["params"]:
         spec = "(" + ", ".join("None" if a is None else str(a) for a in p["spec"]) + ")"
         print(f"{p['name']:<{width}}  {str(tuple(p['shape'])):<22} {p['dtype']:<9} {spec}")
+    from framework.memory import format_plan
+
+    print("\n".join(format_plan(report["memory"])))
     print_broadcast(report)
 
 
