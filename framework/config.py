@@ -1,0 +1,351 @@
+"""Typed run configuration: YAML file, then dotted ``key=value`` overrides, validated at start.
+
+Every knob lives in one dataclass field with a type hint and a default; loading and
+overriding are generic over those fields, so a section gains a knob by gaining a field.
+Errors are one line naming the key and what was expected (scripts exit 2 on them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad config value or file; the message is one line meant for the user."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "transformer"
+    style: Literal["gpt", "llama"] = "gpt"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 0  # 0: same as n_heads (no grouped-query attention)
+    d_mlp: int = 512
+    max_seq_len: int = 128
+    tie_embeddings: Optional[bool] = None  # None: tied for gpt, untied for llama
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    scan_layers: bool = False
+    remat: bool = False
+    attention: Literal["xla", "cudnn", "auto"] = "xla"
+
+
+@dataclass
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 and is filled from the device count."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1  # data-parallel replicas across slices (multi-slice / DCN)
+    axis_names: list[str] = field(default_factory=lambda: ["data", "fsdp", "tensor"])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    grad_accum: int = 1  # micro-batches per step; global batch stays fixed
+    log_every: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd", "lion", "adafactor"] = "adamw"
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class DataConfig:
+    source: Literal["text", "synthetic"] = "text"
+    paths: list[str] = field(default_factory=list)  # text files or directories; empty: Python stdlib
+    seed: int = 0
+    prefetch: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: RUN_DIR/checkpoints
+    every_steps: int = 0  # 0: only at the end
+    keep: int = 3
+    async_: bool = field(default=True, metadata={"key": "async"})
+    resume: Union[bool, Literal["auto"]] = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class ShardingConfig:
+    """Logical axis -> mesh axes, kept separate for parameters and activations (as Levanter does).
+
+    A rule is ``[logical_name, mesh_axis_or_list_or_null]``.
+    """
+
+    param_rules: list[list[Any]] = field(
+        default_factory=lambda: [
+            ["embed", "fsdp"],
+            ["mlp", "tensor"],
+            ["heads", "tensor"],
+            ["kv_heads", "tensor"],
+            ["vocab", "tensor"],
+            ["head_dim", None],
+            ["length", None],
+            ["layers", None],
+        ]
+    )
+    activation_rules: list[list[Any]] = field(
+        default_factory=lambda: [
+            ["batch", ["data", "fsdp"]],
+            ["length", None],
+            ["embed", None],
+            ["mlp", "tensor"],
+            ["heads", "tensor"],
+            ["kv_heads", "tensor"],
+            ["vocab", "tensor"],
+            ["head_dim", None],
+        ]
+    )
+
+
+@dataclass
+class MemoryConfig:
+    """Reserved for memory tiers (issue 5)."""
+
+
+@dataclass
+class BroadcastConfig:
+    """Reserved for per-layer broadcast modes (issue 6)."""
+
+
+@dataclass
+class ElasticConfig:
+    """Reserved for the try-run controller (issue 7)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+
+
+# ---------------------------------------------------------------- key <-> field mapping
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _fields_by_key(cls) -> dict[str, dataclasses.Field]:
+    return {_key(f): f for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the type hint ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (arm,) = typing.get_args(tp) or (Any,)
+            return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, arm = typing.get_args(tp) or (Any, Any)
+            return {k: _coerce(v, arm, f"{key}.{k}") for k, v in value.items()}
+    else:
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def _unknown(key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    by_key = _fields_by_key(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in by_key:
+            raise _unknown(prefix + key, by_key)
+        f = by_key[key]
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[f.name] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg) -> dict:
+    """The config as plain YAML-able data, with the YAML key names."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[_key(f)] = config_to_dict(v) if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value parsed as YAML: numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.steps=50")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': value is not valid YAML") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping of sections at top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field; device-dependent checks live in mesh.py."""
+    t, m = cfg.train, cfg.model
+    for key, value in (("train.dtype", t.dtype), ("train.param_dtype", t.param_dtype)):
+        if value not in DTYPES:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(DTYPES)}")
+    positive = {
+        "train.steps": t.steps, "train.global_batch": t.global_batch, "train.seq_len": t.seq_len,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
+        "model.vocab_size": m.vocab_size, "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: expected a positive integer")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.global_batch % t.grad_accum:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    names = cfg.mesh.axis_names
+    if len(names) != 3 or len(set(names)) != 3:
+        raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")

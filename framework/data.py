@@ -1,0 +1,146 @@
+"""Data sources with a resumable position, and global batch assembly per process.
+
+A batch is a pure function of (seed, position): resuming at position ``p`` replays no
+batch and skips none, and every process can build its own rows without talking to the
+others. Batches have shape (grad_accum, micro_batch, seq_len + 1): micro-batches are the
+leading axis so each one is spread over all data-parallel devices.
+"""
+from __future__ import annotations
+
+import queue
+import sysconfig
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from framework.config import ConfigError, DataConfig, TrainConfig
+
+MAX_CORPUS_BYTES = 16 << 20
+
+
+def _read_corpus(paths: list[str]) -> np.ndarray:
+    """Bytes of the given files/directories (``.py``/``.txt``/``.md`` inside directories), in sorted order."""
+    if not paths:
+        paths = [sysconfig.get_paths()["stdlib"]]  # ships with every Python: no download
+    files: list[Path] = []
+    for i, p in enumerate(paths):
+        path = Path(p)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(sorted(f for f in path.rglob("*") if f.suffix in (".py", ".txt", ".md") and f.is_file()))
+        else:
+            raise ConfigError(f"data.paths[{i}]={p!r}: no such file or directory")
+    chunks, size = [], 0
+    for f in files:
+        b = f.read_bytes()
+        chunks.append(b)
+        size += len(b)
+        if size >= MAX_CORPUS_BYTES:
+            break
+    corpus = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    return corpus
+
+
+class TextSource:
+    """Byte-level tokens (vocab 256) from local text; windows drawn at seeded random offsets."""
+
+    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int):
+        if vocab_size < 256:
+            raise ConfigError(f"model.vocab_size={vocab_size}: data.source=text needs at least 256 (bytes)")
+        self.corpus = _read_corpus(cfg.paths)
+        self.seed, self.seq_len = cfg.seed, seq_len
+        if len(self.corpus) < seq_len + 2:
+            raise ConfigError(f"data.paths: corpus has {len(self.corpus)} bytes, need more than train.seq_len={seq_len}")
+
+    def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, position])
+        starts = rng.integers(0, len(self.corpus) - self.seq_len - 1, size=global_rows)[row_ids]
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        return self.corpus[idx].astype(np.int32)
+
+
+class SyntheticSource:
+    """Learnable synthetic tokens: arithmetic sequences with a random start and stride per row."""
+
+    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int):
+        self.seed, self.seq_len, self.vocab = cfg.seed, seq_len, vocab_size
+
+    def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, position])
+        start = rng.integers(0, self.vocab, size=global_rows)[row_ids]
+        stride = rng.integers(1, 4, size=global_rows)[row_ids]
+        t = np.arange(self.seq_len + 1)[None, :]
+        return ((start[:, None] + stride[:, None] * t) % self.vocab).astype(np.int32)
+
+
+SOURCES = {"text": TextSource, "synthetic": SyntheticSource}
+
+
+def make_source(data: DataConfig, train: TrainConfig, vocab_size: int):
+    return SOURCES[data.source](data, train.seq_len, vocab_size)
+
+
+class BatchLoader:
+    """Builds this process's rows of batch ``position`` and assembles the global jax.Array.
+
+    ``sharding`` is the NamedSharding of the (accum, micro, seq+1) batch; the rows a process
+    builds are those its addressable devices hold, so the same code runs on one host or many.
+    """
+
+    def __init__(self, source, global_batch: int, grad_accum: int, sharding: NamedSharding):
+        self.source, self.sharding = source, sharding
+        self.global_shape = (grad_accum, global_batch // grad_accum, source.seq_len + 1)
+        index_map = sharding.addressable_devices_indices_map(self.global_shape)
+        lo = min(idx[1].start or 0 for idx in index_map.values())
+        hi = max(idx[1].stop or self.global_shape[1] for idx in index_map.values())
+        self.micro_rows = slice(lo, hi)
+
+    def host_batch(self, position: int) -> np.ndarray:
+        """This process's part: (accum, local micro rows, seq+1); row r of micro-batch a is global row a*M + r."""
+        accum, micro, _ = self.global_shape
+        local = np.arange(self.micro_rows.start, self.micro_rows.stop)
+        row_ids = (np.arange(accum)[:, None] * micro + local[None, :]).reshape(-1)
+        rows = self.source.rows(position, row_ids, accum * micro)
+        return rows.reshape(accum, len(local), -1)
+
+    def to_global(self, host: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.sharding, host, self.global_shape)
+
+    def batch(self, position: int) -> jax.Array:
+        return self.to_global(self.host_batch(position))
+
+
+class Prefetcher:
+    """Builds host batches for the next positions on a background thread, so the step never waits on data."""
+
+    def __init__(self, loader: BatchLoader, start: int, depth: int = 2):
+        self.loader, self.next_pos = loader, start
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(start,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, pos: int) -> None:
+        while not self._stop.is_set():
+            item = (pos, self.loader.host_batch(pos))
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            pos += 1
+
+    def next(self) -> tuple[int, jax.Array]:
+        pos, host = self._queue.get()
+        assert pos == self.next_pos, (pos, self.next_pos)
+        self.next_pos += 1
+        return pos, self.loader.to_global(host)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,106 @@
+"""TrainState, and the abstract chain config -> model -> shapes -> PartitionSpecs.
+
+``abstract_state`` is shared by the Trainer and ``scripts/plan.py`` so that what the
+planner prints is what training does; it needs no devices (only mesh axis sizes).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from framework import sharding
+from framework.config import Config
+from framework.optimizer import build_optimizer
+from models import build_model
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything training needs to continue exactly: saved and restored as one pytree."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nested dict of arrays (the model's nnx.Param state as a pure dict)
+    opt_state: Any  # optax state
+    rng: jax.Array  # uint32 key data
+    data_pos: jax.Array  # int32 scalar: index of the next batch
+
+
+@dataclasses.dataclass
+class AbstractState:
+    """Shapes and specs of a run's state for a mesh shape: plain values for the next stages."""
+
+    graphdef: Any  # nnx.GraphDef of the model
+    shapes: TrainState  # of jax.ShapeDtypeStruct
+    specs: TrainState  # of PartitionSpec
+    logical_axes: dict  # params' logical axis names
+    tx: optax.GradientTransformation
+
+    @property
+    def param_count(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.shapes.params))
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def model_kwargs(cfg: Config) -> dict:
+    return dict(dtype=dtype_of(cfg.train.dtype), param_dtype=dtype_of(cfg.train.param_dtype))
+
+
+def build_params(cfg: Config, seed: int, **model_kw) -> tuple[Any, dict]:
+    """(graphdef, params as a pure dict); traced abstractly or under jit, never eagerly sharded."""
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg.model, rngs=nnx.Rngs(seed), **model_kwargs(cfg), **model_kw)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> AbstractState:
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(
+            lambda: build_model(cfg.model, rngs=nnx.Rngs(0), **model_kwargs(cfg), **model_kw)
+        )
+    graphdef, param_state = nnx.split(abstract_model, nnx.Param)
+    logical_axes = sharding.param_logical_axes(param_state)
+    params = nnx.to_pure_dict(param_state)
+    tx = build_optimizer(cfg.optimizer, cfg.train.steps)
+    opt_state = jax.eval_shape(tx.init, params)
+    rules = sharding.rules_table(cfg.sharding.param_rules)
+    param_specs = sharding.param_specs(params, logical_axes, rules, axis_sizes)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    shapes = TrainState(
+        step=scalar,
+        params=params,
+        opt_state=opt_state,
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+        data_pos=scalar,
+    )
+    specs = TrainState(
+        step=PartitionSpec(),
+        params=param_specs,
+        opt_state=sharding.opt_state_specs(tx, opt_state, param_specs),
+        rng=PartitionSpec(),
+        data_pos=PartitionSpec(),
+    )
+    return AbstractState(graphdef, shapes, specs, logical_axes, tx)
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, **model_kw) -> TrainState:
+    """Fresh state; call under ``jax.jit(out_shardings=...)`` so params are born sharded."""
+    _, param_state = build_params(cfg, cfg.train.seed, **model_kw)
+    params = nnx.to_pure_dict(param_state)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+        data_pos=jnp.zeros((), jnp.int32),
+    )

@@ -1,0 +1,200 @@
+"""Decoder-only transformer LM in Flax NNX: GPT-2 style or Llama style, sizes from config.
+
+Every weight carries logical axis names (``nnx.with_partitioning``) and every layer
+boundary constrains its activation by name, so the same code shards on any mesh.
+Intermediate values are tagged with ``checkpoint_name`` inside the (optionally
+rematerialised) block, so remat/offload policies can name them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from framework.config import ModelConfig
+from framework.sharding import constrain
+
+BLC = ("batch", "length", "embed")  # residual stream layout
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init=nnx.initializers.normal(0.02)) -> nnx.Param:
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class Dense(nnx.Module):
+    """``y = einsum(x, W) (+ b)`` with named kernel dimensions; computes in ``dtype``."""
+
+    def __init__(self, spec: str, shape, axes, *, bias_axes=None, dtype, param_dtype, rngs, std=0.02):
+        self.spec = spec
+        self.dtype = dtype
+        self.kernel = _param(rngs, shape, axes, param_dtype, nnx.initializers.normal(std))
+        out_shape = [shape[i] for i, a in enumerate(axes) if a in (bias_axes or ())]
+        self.bias = (
+            nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), bias_axes)(rngs.params(), out_shape, param_dtype))
+            if bias_axes
+            else None
+        )
+
+    def __call__(self, x):
+        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama), in float32 for stability."""
+
+    def __init__(self, d: int, kind: str, eps: float, param_dtype, rngs):
+        self.kind, self.eps = kind, eps
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))(rngs.params(), (d,), param_dtype))
+        self.bias = (
+            nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))(rngs.params(), (d,), param_dtype))
+            if kind == "layer"
+            else None
+        )
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary position embedding on (B, T, N, H)."""
+    h = x.shape[-1]
+    freqs = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # (T, H/2)
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+        d, n, hd = cfg.d_model, cfg.n_heads, cfg.d_model // cfg.n_heads
+        kv = cfg.n_kv_heads or n
+        self.cfg, self.dtype = cfg, dtype
+        bias = cfg.style == "gpt"
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = Dense("btd,dnh->btnh", (d, n, hd), ("embed", "heads", "head_dim"),
+                           bias_axes=("heads", "head_dim") if bias else None, **kw)
+        self.key = Dense("btd,dnh->btnh", (d, kv, hd), ("embed", "kv_heads", "head_dim"),
+                         bias_axes=("kv_heads", "head_dim") if bias else None, **kw)
+        self.value = Dense("btd,dnh->btnh", (d, kv, hd), ("embed", "kv_heads", "head_dim"),
+                           bias_axes=("kv_heads", "head_dim") if bias else None, **kw)
+        self.out = Dense("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
+                         bias_axes=("embed",) if bias else None, std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
+
+    def __call__(self, x):
+        q = checkpoint_name(constrain(self.query(x), ("batch", "length", "heads", "head_dim")), "query_proj")
+        k = checkpoint_name(constrain(self.key(x), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
+        v = checkpoint_name(constrain(self.value(x), ("batch", "length", "kv_heads", "head_dim")), "value_proj")
+        if self.cfg.style == "llama":
+            pos = jnp.arange(x.shape[1])
+            q, k = rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta)
+        impl = {"xla": "xla", "cudnn": "cudnn", "auto": None}[self.cfg.attention]
+        ctx = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        ctx = checkpoint_name(constrain(ctx, ("batch", "length", "heads", "head_dim")), "context")
+        return checkpoint_name(self.out(ctx), "out_proj")
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+        d, f = cfg.d_model, cfg.d_mlp
+        self.style = cfg.style
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.style == "gpt":
+            self.fc_in = Dense("btd,df->btf", (d, f), ("embed", "mlp"), bias_axes=("mlp",), **kw)
+            self.gate = None
+        else:
+            self.fc_in = Dense("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
+            self.gate = Dense("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
+        self.fc_out = Dense("btf,fd->btd", (f, d), ("mlp", "embed"), bias_axes=("embed",) if cfg.style == "gpt" else None,
+                            std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
+
+    def __call__(self, x):
+        h = self.fc_in(x)
+        if self.gate is None:
+            h = jax.nn.gelu(h)
+        else:
+            h = jax.nn.silu(checkpoint_name(self.gate(x), "mlp_gate")) * h
+        h = checkpoint_name(constrain(h, ("batch", "length", "mlp")), "mlp_hidden")
+        return checkpoint_name(self.fc_out(h), "mlp_out")
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+        norm = "layer" if cfg.style == "gpt" else "rms"
+        self.ln_attn = Norm(cfg.d_model, norm, cfg.norm_eps, param_dtype, rngs)
+        self.attn = Attention(cfg, dtype, param_dtype, rngs)
+        self.ln_mlp = Norm(cfg.d_model, norm, cfg.norm_eps, param_dtype, rngs)
+        self.mlp = MLP(cfg, dtype, param_dtype, rngs)
+
+    def __call__(self, x):
+        x = checkpoint_name(constrain(x, BLC), "decoder_layer_input")
+        x = x + self.attn(self.ln_attn(x))
+        x = x + self.mlp(self.ln_mlp(x))
+        return constrain(x, BLC)
+
+
+class Transformer(nnx.Module):
+    """tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat_policy: Callable | None = None):
+        self.cfg, self.dtype = cfg, dtype
+        self.remat_policy = remat_policy
+        self.tied = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt"
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype)
+        self.pos_embed = (
+            _param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), param_dtype, nnx.initializers.normal(0.01))
+            if cfg.style == "gpt"
+            else None
+        )
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(r):
+                return Block(cfg, dtype, param_dtype, r)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs) for _ in range(cfg.n_layers)])
+        self.ln_f = Norm(cfg.d_model, "layer" if cfg.style == "gpt" else "rms", cfg.norm_eps, param_dtype, rngs)
+        self.unembed = None if self.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def _block_fn(self):
+        call = lambda block, x: block(x)
+        if self.cfg.remat or self.remat_policy is not None:
+            call = nnx.remat(call, policy=self.remat_policy, prevent_cse=not self.cfg.scan_layers)
+        return call
+
+    def __call__(self, tokens):
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[...][: tokens.shape[1]].astype(self.dtype)
+        x = constrain(x, BLC)
+        call = self._block_fn()
+        if self.cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run(block, h):
+                return call(block, h)
+
+            x = run(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = call(block, x)
+        x = self.ln_f(x)
+        w = self.embed[...].T if self.tied else self.unembed[...]
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))

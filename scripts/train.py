@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Train from a config file: python scripts/train.py --config configs/tiny_lm.yaml [key=value ...]"""
+from __future__ import annotations
+
+import argparse
+
+import _cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--run-dir", default=None, help="where metrics.jsonl, config.yaml and checkpoints go (default runs/<config name>)")
+    p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 mesh.fsdp=-1")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    _cli.emulate_cpu_devices(args.cpu_devices)
+    with _cli.user_errors():
+        from pathlib import Path
+
+        from framework.config import load_config
+        from framework.trainer import Trainer
+
+        cfg = load_config(args.config, args.overrides)
+        run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+        trainer = Trainer(cfg, run_dir=run_dir)
+        records = trainer.fit()
+        if records:
+            last = records[-1]
+            print(f"done: step {last['step']} loss {last['loss']:.4f} on mesh {last['mesh']} "
+                  f"(compile {trainer.compile_seconds:.1f}s); metrics in {run_dir}/metrics.jsonl")
+
+
+if __name__ == "__main__":
+    main()

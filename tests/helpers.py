@@ -1,0 +1,26 @@
+"""Small shared builders for tests (configs, subprocess runs of the scripts)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_lm.yaml")
+
+
+def tiny_config(*overrides: str, steps: int = 5):
+    from framework.config import load_config
+
+    return load_config(TINY, [f"train.steps={steps}", "logging.progress=false", "logging.tensorboard=false", *overrides])
+
+
+def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run scripts/<script> in a fresh interpreter; returns the completed process (text output)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env,
+    )
