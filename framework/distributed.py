@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import jax
 
+from framework.config import ConfigError
+
 # JAX aborts the whole process (a C++ fatal error with a stack trace) when joining times
 # out, so it cannot be caught: our watchdog fires first and ends the process with one line.
 JAX_TIMEOUT_MARGIN_S = 30
@@ -28,10 +30,6 @@ JOIN_FAILED_EXIT_CODE = 1
 
 # The variables JAX's SLURM detection reads; all are set inside an ``srun`` step.
 SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-
-
-class DistributedArgsError(ValueError):
-    """Inconsistent start-up arguments; the message is one line naming the flag."""
 
 
 @dataclass(frozen=True)
@@ -73,19 +71,19 @@ def args_from_namespace(ns: argparse.Namespace) -> DistributedArgs:
 def plan_join(args: DistributedArgs, environ: Mapping[str, str]) -> JoinPlan | None:
     """What ``initialize`` will do, without doing it; ``None`` means a single process."""
     if args.timeout_s <= 0:
-        raise DistributedArgsError(f"--join-timeout={args.timeout_s}: expected a positive number of seconds")
+        raise ConfigError(f"--join-timeout={args.timeout_s}: expected a positive number of seconds")
     explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
                 "--process-id": args.process_id}
     if any(v is not None for v in explicit.values()):
         missing = [flag for flag, v in explicit.items() if v is None]
         if missing:
-            raise DistributedArgsError(f"{', '.join(missing)} missing: --coordinator, --num-processes and "
+            raise ConfigError(f"{', '.join(missing)} missing: --coordinator, --num-processes and "
                                        "--process-id go together")
         _check_address(args.coordinator)
         if args.num_processes < 1:
-            raise DistributedArgsError(f"--num-processes={args.num_processes}: expected at least 1")
+            raise ConfigError(f"--num-processes={args.num_processes}: expected at least 1")
         if not 0 <= args.process_id < args.num_processes:
-            raise DistributedArgsError(f"--process-id={args.process_id}: expected 0 <= id < "
+            raise ConfigError(f"--process-id={args.process_id}: expected 0 <= id < "
                                        f"--num-processes={args.num_processes}")
         if args.num_processes == 1:
             return None
@@ -102,7 +100,7 @@ def plan_join(args: DistributedArgs, environ: Mapping[str, str]) -> JoinPlan | N
 def _check_address(address: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DistributedArgsError(f"--coordinator={address!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+        raise ConfigError(f"--coordinator={address!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
 
 
 def initialize(args: DistributedArgs, environ: Mapping[str, str] = os.environ) -> bool:

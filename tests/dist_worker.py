@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import distributed  # noqa: E402
+from framework.config import ConfigError  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
     try:
         joined = distributed.initialize(distributed.args_from_namespace(args))
-    except distributed.DistributedArgsError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from framework.distributed import DistributedArgs, DistributedArgsError, plan_join
+from framework.config import ConfigError
+from framework.distributed import DistributedArgs, plan_join
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "scripts" / "launch_local.py")]
@@ -60,7 +61,7 @@ def test_one_process_needs_no_runtime():
     (DistributedArgs(timeout_s=0), "--join-timeout=0"),
 ])
 def test_bad_args_name_the_flag(args, message):
-    with pytest.raises(DistributedArgsError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         plan_join(args, environ={})
 
 
