@@ -45,10 +45,11 @@ class DistributedArgs:
 
 @dataclass(frozen=True)
 class JoinPlan:
-    """The keyword arguments for ``jax.distributed.initialize`` and a description of the coordinator for errors."""
+    """The keyword arguments for ``jax.distributed.initialize``, and where they came from for error messages."""
 
     kwargs: dict
     coordinator: str
+    source: str  # the flag or environment that asked for multiple processes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,12 +89,13 @@ def plan_join(args: DistributedArgs, environ: Mapping[str, str]) -> JoinPlan | N
         if args.num_processes == 1:
             return None
         return JoinPlan(dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                             process_id=args.process_id), args.coordinator)
+                             process_id=args.process_id), args.coordinator, "--coordinator")
     if args.auto:
-        return JoinPlan({}, "chosen by JAX's cluster detection")
+        return JoinPlan({}, "chosen by JAX's cluster detection", "--distributed-auto")
     if all(v in environ for v in SLURM_STEP_VARS) and int(environ["SLURM_NTASKS"]) > 1:
         return JoinPlan(dict(cluster_detection_method="slurm"),
-                        f"on the first node of SLURM_STEP_NODELIST={environ['SLURM_STEP_NODELIST']}")
+                        f"on the first node of SLURM_STEP_NODELIST={environ['SLURM_STEP_NODELIST']}",
+                        f"SLURM_NTASKS={environ['SLURM_NTASKS']}")
     return None
 
 
@@ -126,6 +128,8 @@ def initialize(args: DistributedArgs, environ: Mapping[str, str] = os.environ) -
     watchdog.start()
     try:
         jax.distributed.initialize(**plan.kwargs, initialization_timeout=args.timeout_s + JAX_TIMEOUT_MARGIN_S)
+    except ValueError as e:  # e.g. --distributed-auto where JAX detects no cluster
+        raise ConfigError(f"{plan.source}: jax.distributed could not start: {e}") from None
     finally:
         watchdog.cancel()
     return True

@@ -155,6 +155,23 @@ def test_process_that_cannot_join_fails_in_one_line_naming_the_coordinator(proce
     assert elapsed < 30  # our timeout, not JAX's 5-minute default
 
 
+def test_auto_detection_without_a_cluster_is_a_one_line_error():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "KUBERNETES_"))}
+    proc = subprocess.run([sys.executable, WORKER, "--distributed-auto"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --distributed-auto: jax.distributed could not start: "
+                                   "coordinator_address should be defined.")
+
+
+def test_train_script_rejects_incomplete_flags_in_one_line():
+    r = run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_lm.yaml"),
+             "--coordinator", "127.0.0.1:1234"], timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: --num-processes, --process-id missing: --coordinator, --num-processes and "
+                                "--process-id go together")
+
+
 def test_launcher_rejects_bad_usage():
     r = run([*LAUNCH, "--processes", "0", "--", WORKER])
     assert r.returncode == 2 and r.stderr.strip() == "error: --processes=0: expected at least 1"
