@@ -103,11 +103,14 @@ def launch(processes: int, devices: int, command: list[str]) -> int:
                 "--process-id", str(i), *rest]
         # Own session per process: terminating it also reaches anything it started.
         p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             bufsize=1, start_new_session=True)
+                             errors="replace", bufsize=1, start_new_session=True)
         procs.append(p)
         t = threading.Thread(target=forward, args=(p, f"[p{i}]", lock), daemon=True)
         t.start()
         forwarders.append(t)
+
+    print(f"launch_local: coordinator {address}; " + ", ".join(f"p{i} pid {p.pid}" for i, p in enumerate(procs)),
+          file=sys.stderr, flush=True)
 
     def on_signal(signum, _frame):
         terminate(procs)
