@@ -1,5 +1,7 @@
-"""The tiny LM trained by 2 processes x 4 devices matches 1 process x 8 devices, step for step."""
+"""The tiny LM trained by 2 processes x 4 devices matches 1 process x 8 devices, step for step;
+metrics, progress bar and summary come from process 0 only."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -10,7 +12,7 @@ from tests.helpers import ROOT, TINY, tiny_config
 from tests.test_distributed import run
 
 STEPS = 10
-COMMON = [f"train.steps={STEPS}", "logging.progress=false", "logging.tensorboard=false"]
+COMMON = [f"train.steps={STEPS}", "logging.progress=true", "logging.tensorboard=false"]
 
 
 def launch_train(run_dir, *overrides, processes=2, devices=4):
@@ -29,6 +31,8 @@ def test_two_processes_train_with_the_losses_of_one(tmp_path, mesh):
     records = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == list(range(1, STEPS + 1))
     assert f"[p0] done: step {STEPS} " in r.stdout and "[p1] done:" not in r.stdout
+    assert re.search(rf"^\[p0\] 100%.*\| {STEPS}/{STEPS} ", r.stdout, re.M)  # the progress bar, from p0 only
+    assert not re.search(r"^\[p1\] .*\d+/\d+ \[", r.stdout, re.M)
     expected_mesh = {"data": 1, "fsdp": 8, "tensor": 1} if len(mesh) == 1 else {"data": 2, "fsdp": 2, "tensor": 2}
     assert records[0]["mesh"] == expected_mesh
 
