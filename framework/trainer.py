@@ -191,9 +191,9 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
-        self.write_config()
         if self.state is None:
             self.state = self.restore_or_init()
+        self.write_config()
         self.compile()
         start = int(jax.device_get(self.state.step))
         writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard)
