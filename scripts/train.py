@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import _cli
+from framework import distributed  # importing jax is fine here: XLA_FLAGS is read when a backend starts
 
 
 def parse_args(argv=None):
@@ -13,23 +14,29 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=None, help="where metrics.jsonl, config.yaml and checkpoints go (default runs/<config name>)")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 mesh.fsdp=-1")
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     _cli.emulate_cpu_devices(args.cpu_devices)
-    with _cli.user_errors():
+    # fail_fast outermost: in a multi-process run any error (user errors too) ends this process at once.
+    with distributed.fail_fast(), _cli.user_errors():
         from pathlib import Path
+
+        import jax
 
         from framework.config import load_config
         from framework.trainer import Trainer
 
+        distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
         trainer = Trainer(cfg, run_dir=run_dir)
         records = trainer.fit()
-        if records:
+        distributed.shutdown()
+        if records and jax.process_index() == 0:
             last = records[-1]
             print(f"done: step {last['step']} loss {last['loss']:.4f} on mesh {last['mesh']} "
                   f"(compile {trainer.compile_seconds:.1f}s); metrics in {run_dir}/metrics.jsonl")
