@@ -61,6 +61,7 @@ class Trainer:
         self._compiled = None
         self.compile_seconds = 0.0
         self.state: TrainState | None = None
+        self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
 
     # ------------------------------------------------------------------ set-up
 
@@ -158,6 +159,10 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
+        if self.cfg.elastic.enabled and self.elastic is None:  # elastic remeshing: the controller runs the loop in segments
+            from framework.tryrun import TryRunController
+
+            return TryRunController(self).fit(total)
         self.write_config()
         if self.state is None:
             self.state = self.init_state()
@@ -171,6 +176,8 @@ class Trainer:
         last_done = time.perf_counter()
         try:
             for step in range(start, total):
+                if self.elastic is not None and step > start and self.elastic.triggered(step):
+                    break  # the controller remeshes at this step boundary, then calls fit() again
                 _, batch = prefetch.next()
                 self.state, metrics = self.step(self.state, batch)
                 if pending is not None:
