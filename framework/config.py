@@ -63,6 +63,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     grad_accum: int = 1  # micro-batches per step; global batch stays fixed
+    micro_batch: Union[int, Literal["auto"], None] = None  # rows per micro-batch (sets grad_accum); auto: largest that fits memory.device_budget_bytes
     log_every: int = 1
 
 
@@ -139,7 +140,19 @@ class ShardingConfig:
 
 @dataclass
 class MemoryConfig:
-    """Reserved for memory tiers (issue 5)."""
+    """Memory tier per data category (framework/memory.py): ``device``, ``pinned_host`` or ``auto``.
+
+    ``activations``: ``save`` (keep all), ``remat`` (recompute), ``offload`` (tagged values to
+    pinned_host) or ``auto``; ``activation_names`` overrides the choice per ``checkpoint_name`` tag
+    (like MaxText's custom remat policy). ``device_budget_bytes``: per-device budget for ``auto``
+    and ``train.micro_batch=auto`` (null: the capacity jax reports; required on CPU).
+    """
+
+    params: Literal["device", "pinned_host", "auto"] = "device"
+    opt_state: Literal["device", "pinned_host", "auto"] = "device"
+    activations: Literal["save", "remat", "offload", "auto"] = "save"
+    activation_names: dict[str, Literal["save", "remat", "offload"]] = field(default_factory=dict)
+    device_budget_bytes: Optional[int] = None
 
 
 @dataclass
@@ -356,6 +369,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}"
         )
+    if isinstance(t.micro_batch, int):
+        if t.micro_batch < 1 or t.global_batch % t.micro_batch:
+            raise ConfigError(f"train.micro_batch={t.micro_batch}: expected a positive divisor of train.global_batch={t.global_batch}")
+        if t.grad_accum not in (1, t.global_batch // t.micro_batch):
+            raise ConfigError(f"train.micro_batch={t.micro_batch} and train.grad_accum={t.grad_accum} disagree; set one of them")
+    if cfg.memory.device_budget_bytes is not None and cfg.memory.device_budget_bytes < 1:
+        raise ConfigError(f"memory.device_budget_bytes={cfg.memory.device_budget_bytes}: expected a positive integer or null")
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")

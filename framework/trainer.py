@@ -6,6 +6,7 @@ Subclass and override ``loss_fn``, ``train_step`` or ``on_step_end`` for researc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import sharding
+from framework import memory, sharding
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
 from framework.mesh import MeshManager, describe
@@ -28,6 +29,8 @@ from framework.state import TrainState, abstract_state, init_state
 
 
 class Trainer:
+    placement_policy: memory.PlacementPolicy = memory.PlacementPolicy()  # research: assign a subclass
+
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, devices: Sequence[jax.Device] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -35,23 +38,29 @@ class Trainer:
         self.mesh = MeshManager(cfg.mesh).build(self.devices)
         self.axis_sizes = describe(self.mesh)
         self.batch_axes = self._batch_axes()
-        self._check_batch()
+        # ---- memory tiers (framework/memory.py): a fixed micro-batch sets grad_accum
+        if isinstance(cfg.train.micro_batch, int):
+            self.cfg = cfg = self._with_grad_accum(cfg.train.global_batch // cfg.train.micro_batch)
+        if cfg.train.micro_batch != "auto":
+            self._check_batch()
 
         self.abstract = abstract_state(cfg, self.axis_sizes)
+        # ---- memory tiers: placement per category and the layers' activation policy
+        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch)
+        needs = self.memory_needs() if memory.has_auto(cfg.memory) else None  # tracing costs: only when auto decides
+        self.placement = self.placement_policy.place(cfg.memory, needs, self.memory_budget)
+        remat_policy = memory.layer_policy(cfg, self.abstract, self.placement.activations)
+        if remat_policy is not None:
+            self.abstract = abstract_state(cfg, self.axis_sizes, remat_policy=remat_policy)
         self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
         self.state_specs = self.abstract.specs
-        self.state_shardings = sharding.named(self.mesh, self.state_specs)
+        self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
+        self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, self.placement)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, self.batch_axes))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.activation_rules = sharding.rules_table(cfg.sharding.activation_rules)
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
 
-        self.loader = BatchLoader(
-            make_source(cfg.data, cfg.train, cfg.model.vocab_size),
-            cfg.train.global_batch,
-            cfg.train.grad_accum,
-            self.batch_sharding,
-        )
         self._jitted_step = jax.jit(
             self._traced_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -60,6 +69,14 @@ class Trainer:
         )
         self._compiled = None
         self.compile_seconds = 0.0
+        if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
+            self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
+        self.loader = BatchLoader(
+            make_source(cfg.data, cfg.train, cfg.model.vocab_size),
+            cfg.train.global_batch,
+            cfg.train.grad_accum,
+            self.batch_sharding,
+        )
         self.state: TrainState | None = None
         self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
 
@@ -80,6 +97,54 @@ class Trainer:
                 f"is not divisible by the data-parallel size {dp} ({axes})"
             )
 
+    def _with_grad_accum(self, grad_accum: int) -> Config:
+        return dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
+
+    def _lower(self, grad_accum: int):
+        t = self.cfg.train
+        batch = jax.ShapeDtypeStruct((grad_accum, t.global_batch // grad_accum, t.seq_len + 1), jnp.int32,
+                                     sharding=self.batch_sharding)
+        state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract.shapes, self.state_shardings
+        )
+        return self._jitted_step.lower(state, batch)
+
+    def _auto_grad_accum(self) -> int:
+        """Compile the step for each micro-batch (largest first) and keep the first whose device bytes fit the budget."""
+        t = self.cfg.train
+        dp = math.prod(self.axis_sizes[a] for a in self.batch_axes)
+        candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0 and m % dp == 0]
+        if not candidates:
+            raise ConfigError(f"train.global_batch={t.global_batch} has no micro-batch divisible by the data-parallel size {dp}")
+        host_bytes = memory.host_state_bytes(self.abstract, self.placement, self.axis_sizes)
+        tried = []
+        for micro in candidates:
+            compiled = self._lower(t.global_batch // micro).compile()
+            need = memory.compiled_device_bytes(compiled.memory_analysis(), host_bytes)
+            tried.append(f"{micro}: {need:,} B")
+            if need <= self.memory_budget:
+                self._compiled = compiled
+                if jax.process_index() == 0:
+                    print(f"train.micro_batch=auto: micro-batch {micro} x grad_accum {t.global_batch // micro} "
+                          f"(step needs {need:,} B per device, budget {self.memory_budget:,} B)", flush=True)
+                return t.global_batch // micro
+        raise ConfigError(
+            f"train.micro_batch=auto: no micro-batch fits memory.device_budget_bytes={self.memory_budget:,} "
+            f"(device bytes per micro-batch size: {'; '.join(tried)})"
+        )
+
+    def memory_needs(self) -> memory.MemoryNeeds:
+        return memory.estimate_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
+
+    def memory_plan(self, compiled_activations: bool = True) -> memory.MemoryPlan:
+        """Bytes per device per category and memory kind; activations from the compiled step unless told otherwise."""
+        needs = self.memory_needs()
+        if compiled_activations:
+            self.compile()
+            needs = memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis())
+        return memory.MemoryPlan(self.axis_sizes, self.memory_budget, self.placement,
+                                 memory.category_bytes(needs, self.placement), needs.activation_source)
+
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shardings (no full copy on one device)."""
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=self.state_shardings)()
@@ -89,11 +154,7 @@ class Trainer:
         if self._compiled is not None:
             return
         t0 = time.perf_counter()
-        batch = jax.ShapeDtypeStruct(self.loader.global_shape, jnp.int32, sharding=self.batch_sharding)
-        state = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract.shapes, self.state_shardings
-        )
-        self._compiled = self._jitted_step.lower(state, batch).compile()
+        self._compiled = self._lower(self.cfg.train.grad_accum).compile()
         self.compile_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the step
@@ -113,7 +174,7 @@ class Trainer:
         """Accumulate gradients over the micro-batches on axis 0, then one optimizer update."""
         accum = batch.shape[0]
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
-        param_shardings = self.state_shardings.params
+        param_shardings = self.device_state_shardings.params
 
         def micro_step(carry, micro_batch):
             grads_sum, loss_sum = carry
@@ -139,8 +200,14 @@ class Trainer:
         return new_state, metrics
 
     def _traced_step(self, state, batch):
+        offloaded = memory.HOST in self.placement.kinds().values()
+        if offloaded:  # memory tiers: host-resident categories come to the device for the step and go back after
+            state = jax.device_put(state, self.device_state_shardings)
         with sharding.activation_sharding(self.mesh, self.activation_rules):
-            return self.train_step(state, batch)
+            state, metrics = self.train_step(state, batch)
+        if offloaded:
+            state = jax.device_put(state, self.state_shardings)
+        return state, metrics
 
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         self.compile()
