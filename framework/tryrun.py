@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from framework import sharding
+from framework import memory, sharding
 from framework.config import Config, ConfigError
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
@@ -131,20 +131,28 @@ class TryRunController:
         return available[: self.elastic.max_devices or len(available)]
 
     def min_devices(self, n_available: int) -> int:
-        """Devices one model replica needs: ``elastic.min_devices``, or (auto) the fewest whose share fits the budget."""
+        """Devices one model replica needs: ``elastic.min_devices``, or (auto) the fewest over which the model
+        state (params, grads, optimizer state, as the memory planner counts them) fits the device budget.
+
+        Where no budget is known (``memory.device_budget_bytes`` unset on CPU), one device is taken to suffice.
+        """
         if self.elastic.min_devices != "auto":
             return self.elastic.min_devices
-        from framework.memory import device_budget_bytes
-
-        budget = device_budget_bytes(self.cfg, self.trainer.devices[0])
+        budget = memory.resolve_budget(self.cfg.memory, self.trainer.devices)
+        if budget is None:
+            return 1
         abstract = self.trainer.abstract
         rules = sharding.rules_table(self.cfg.sharding.param_rules)
-        model_state = (abstract.shapes.params, abstract.shapes.opt_state)
         for m in range(1, n_available + 1):
             sizes = {self.data_axis: 1, self.fsdp_axis: m, self.tensor_axis: 1}
-            specs = sharding.param_specs(abstract.shapes.params, abstract.logical_axes, rules, sizes)
-            opt_specs = sharding.opt_state_specs(abstract.tx, abstract.shapes.opt_state, specs)
-            if sharding.bytes_per_device(model_state, (specs, opt_specs), sizes) <= budget:
+            param_specs = sharding.param_specs(abstract.shapes.params, abstract.logical_axes, rules, sizes)
+            opt_specs = sharding.opt_state_specs(abstract.tx, abstract.shapes.opt_state, param_specs)
+            params = memory.tree_bytes_per_device(abstract.shapes.params, param_specs, sizes)
+            opt_state = memory.tree_bytes_per_device(abstract.shapes.opt_state, opt_specs, sizes)
+            share = params  # the gradients stay on the device
+            share += params if self.cfg.memory.params != memory.HOST else 0
+            share += opt_state if self.cfg.memory.opt_state != memory.HOST else 0
+            if share <= budget:
                 return m
         return n_available + 1  # does not fit on what is available
 
@@ -211,10 +219,14 @@ class TryRunController:
                 self.cfg,
                 mesh=dataclasses.replace(self.cfg.mesh, data=layout.mesh[names[0]], fsdp=layout.mesh[names[1]],
                                          tensor=layout.mesh[names[2]], dcn_data=1),
-                train=dataclasses.replace(self.cfg.train, grad_accum=layout.grad_accum),
+                # a fixed micro-batch gives way to the layout's accumulation; ``auto`` re-sizes it for the new mesh
+                train=dataclasses.replace(self.cfg.train, grad_accum=layout.grad_accum,
+                                          micro_batch="auto" if self.cfg.train.micro_batch == "auto" else None),
             )
             self._trainers[key] = type(self.trainer)(cfg, run_dir=self.trainer.run_dir, devices=devices)
-        return self._trainers[key]
+        trainer = self._trainers[key]
+        layout.grad_accum = trainer.cfg.train.grad_accum
+        return trainer
 
     # ------------------------------------------------------------------ triggers
 

@@ -75,6 +75,21 @@ def test_candidates_adapt_accumulation_and_skip_what_the_batch_cannot_split(tmp_
     assert all(16 % (c.mesh["data"] * c.mesh["fsdp"]) == 0 for c in on_six) and on_six
 
 
+def test_min_devices_auto_from_the_device_budget(tmp_path):
+    base = small("elastic.enabled=true")
+    trainer = Trainer(base, run_dir=tmp_path)
+    params = trainer.abstract.param_count * 4  # float32
+    whole = 4 * params + 8  # params, grads, two AdamW moments, two int32 counts (AdamW, schedule): on one device
+    for budget, expected in ((whole, 1), (whole - 1, 2), (1, 9)):  # 9: does not fit on the 8 there are
+        cfg = small("elastic.enabled=true", f"memory.device_budget_bytes={budget}")
+        assert TryRunController(Trainer(cfg, run_dir=tmp_path)).min_devices(8) == expected, budget
+    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]")
+    tight = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
+    tight.state = tight.init_state()
+    with pytest.raises(ConfigError, match="one model replica needs 5 devices, only 4 are available"):
+        TryRunController(tight).decide(tight, 0, "test")
+
+
 def test_elastic_config_errors():
     with pytest.raises(ConfigError, match=r"elastic.device_schedule\[0\]"):
         small("elastic.device_schedule=[[0]]")
