@@ -85,6 +85,40 @@ def grad_accum_for(global_batch: int, data_parallel: int, preferred: int) -> int
     return min(working, key=lambda a: (abs(a - preferred), -a), default=None)
 
 
+def batch_axes_of(cfg: Config) -> tuple[str, ...]:
+    """Mesh axes the batch is split over (as the Trainer reads them from the activation rules)."""
+    return tuple(a for a in sharding.rules_table(cfg.sharding.activation_rules).get("batch", ()) if a in cfg.mesh.axis_names)
+
+
+def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
+    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor).
+
+    ``prefer_tensor`` (the current tensor size) is kept when it divides the split; otherwise as much
+    fsdp as the global batch allows (fsdp also splits the batch). None when no factorisation fits the batch.
+    """
+    data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
+    t = cfg.train
+    tensors = sorted((d for d in range(1, split + 1) if split % d == 0), key=lambda d: (d != prefer_tensor, d))
+    for tensor in tensors:
+        mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
+        dp = math.prod(mesh[a] for a in batch_axes_of(cfg))
+        accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
+        if accum is not None:
+            return Layout(kind, n_devices, mesh, accum)
+    return None
+
+
+def with_layout(cfg: Config, layout: Layout) -> Config:
+    """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
+    data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
+    return dataclasses.replace(
+        cfg,
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, dcn_data=1),
+        train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
+                                  micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
+    )
+
+
 def max_useful_devices(best_by_count: dict[int, float], threshold: float) -> int | None:
     """The device count past which more devices stop raising samples/s by more than ``threshold``."""
     useful = None
@@ -104,7 +138,6 @@ class TryRunController:
         self.checkpoints = checkpoints or OrbaxCheckpoints.for_run(self.cfg, trainer.run_dir)
         names = list(trainer.mesh.axis_names)
         self.data_axis, self.fsdp_axis, self.tensor_axis = names
-        self.batch_axes = trainer.batch_axes
         self.log_path = Path(trainer.run_dir) / "tryrun.jsonl" if trainer.run_dir is not None else None
         self.decisions: list[dict] = []
         self.best_by_count: dict[int, float] = {}
@@ -176,21 +209,7 @@ class TryRunController:
     # ------------------------------------------------------------------ layouts
 
     def layout(self, kind: str, n_devices: int, replicas: int, split: int) -> Layout | None:
-        """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor).
-
-        The current tensor size is kept when it divides the split; otherwise as much fsdp as the
-        global batch allows (fsdp also splits the batch). None when no factorisation fits the batch.
-        """
-        t = self.cfg.train
-        current_tensor = self.trainer.axis_sizes[self.tensor_axis]
-        tensors = sorted((d for d in range(1, split + 1) if split % d == 0), key=lambda d: (d != current_tensor, d))
-        for tensor in tensors:
-            mesh = {self.data_axis: replicas, self.fsdp_axis: split // tensor, self.tensor_axis: tensor}
-            dp = math.prod(mesh[a] for a in self.batch_axes)
-            accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
-            if accum is not None:
-                return Layout(kind, n_devices, mesh, accum)
-        return None
+        return fit_layout(self.cfg, kind, n_devices, replicas, split, self.trainer.axis_sizes[self.tensor_axis])
 
     def current_layout(self, trainer) -> Layout:
         return Layout("baseline", len(trainer.devices), dict(trainer.axis_sizes), trainer.cfg.train.grad_accum)
@@ -212,18 +231,9 @@ class TryRunController:
     def trainer_for(self, layout: Layout, devices: Sequence[jax.Device]):
         """A Trainer of the same class and config on ``layout`` (cached with its compiled step)."""
         devices = list(devices)[: layout.n_devices]
-        names = list(layout.mesh)
         key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
         if key not in self._trainers:
-            cfg = dataclasses.replace(
-                self.cfg,
-                mesh=dataclasses.replace(self.cfg.mesh, data=layout.mesh[names[0]], fsdp=layout.mesh[names[1]],
-                                         tensor=layout.mesh[names[2]], dcn_data=1),
-                # a fixed micro-batch gives way to the layout's accumulation; ``auto`` re-sizes it for the new mesh
-                train=dataclasses.replace(self.cfg.train, grad_accum=layout.grad_accum,
-                                          micro_batch="auto" if self.cfg.train.micro_batch == "auto" else None),
-            )
-            self._trainers[key] = type(self.trainer)(cfg, run_dir=self.trainer.run_dir, devices=devices)
+            self._trainers[key] = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
         trainer = self._trainers[key]
         layout.grad_accum = trainer.cfg.train.grad_accum
         return trainer
@@ -246,12 +256,19 @@ class TryRunController:
     def fit(self, total: int) -> list[dict]:
         """Run the trainer's loop in segments, deciding the mesh at each trigger."""
         origin = trainer = self.trainer
+        moved = False  # resumed from a checkpoint made on another number of devices
         if trainer.state is None:
-            trainer.state = trainer.init_state()
+            step = self.resume_step()
+            if step is None:
+                trainer.state = trainer.init_state()
+            elif math.prod(self.checkpoints.saved_mesh(step).values()) != len(trainer.devices):
+                moved = True
+            else:
+                trainer.state = self.checkpoints.restore(step, target_of(trainer))
         records: list[dict] = []
-        start = int(jax.device_get(trainer.state.step))
-        if start < total and (self.elastic.trigger == "startup" or self.triggered(start)):
-            trainer = self.decide(trainer, start, self._reason(start, at_start=True))
+        start = step if moved else int(jax.device_get(trainer.state.step))
+        if start < total and (moved or self.elastic.trigger == "startup" or self.triggered(start)):
+            trainer = self.decide(trainer, start, "startup" if moved else self._reason(start, at_start=True))
         while True:
             trainer.elastic = self
             try:
@@ -268,6 +285,10 @@ class TryRunController:
             vars(origin).update(vars(trainer))  # the caller's Trainer object stays the handle to the run
         self.trainer = origin
         return records
+
+    def resume_step(self) -> int | None:
+        """The checkpoint to continue from, if resuming is on and there is one."""
+        return None if self.cfg.checkpoint.resume is False else self.checkpoints.latest_good_step()
 
     def decide(self, trainer, step: int, reason: str):
         """One decision at ``step``: save, candidates, try-runs, adopt or keep, restore. Returns the trainer to continue with."""
@@ -391,7 +412,7 @@ class OrbaxCheckpoints:
 
     def __init__(self, directory: Path, keep: int):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler())
 
     @classmethod
     def for_run(cls, cfg: Config, run_dir):
@@ -412,6 +433,28 @@ class OrbaxCheckpoints:
 
     def latest_good_step(self):
         return self.manager.latest_step()
+
+    def saved_mesh(self, step: int) -> dict[str, int]:
+        """{axis: size} of the mesh the checkpoint at ``step`` was saved from (orbax sharding metadata)."""
+        leaf = jax.tree.leaves(self.manager.item_metadata(step).tree)[0]
+        return dict(zip(leaf.sharding.axis_names, (int(n) for n in leaf.sharding.shape)))
+
+
+def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Device] | None = None):
+    """The Trainer an elastic run starts with on the devices there are.
+
+    When a checkpoint will be resumed and the config's own mesh (or batch split) does not fit
+    these devices, e.g. a run saved on 8 devices resumed on 6, start on the model split over all
+    of them instead: the start-up decision then tries the alternatives from the checkpoint.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        return trainer_cls(cfg, run_dir=run_dir, devices=devices)
+    except ConfigError:
+        if cfg.checkpoint.resume is False or OrbaxCheckpoints.for_run(cfg, run_dir).latest_good_step() is None:
+            raise
+        layout = fit_layout(cfg, "baseline", len(devices), 1, len(devices))
+        return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=devices)
 
 
 def target_of(trainer) -> Any:

@@ -8,8 +8,8 @@ import pytest
 
 from framework.config import ConfigError
 from framework.trainer import Trainer
-from framework.tryrun import Trial, TryRunController, grad_accum_for, max_useful_devices
-from tests.helpers import tiny_config
+from framework.tryrun import OrbaxCheckpoints, Trial, TryRunController, grad_accum_for, max_useful_devices
+from tests.helpers import TINY, run_script, tiny_config
 
 # A small model so each try-run compiles in seconds on 2 shared cores.
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_mlp=128", "train.seq_len=32",
@@ -170,3 +170,28 @@ def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
         assert d["checkpoint_step"] == d["step"]
     assert int(trainer.state.step) == steps and int(trainer.state.data_pos) == steps
     assert "try-run at step 6 (device_change): 6 devices available" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_devices_runs_the_controller_at_startup(tmp_path):
+    steps, saved_at = 8, 4
+    reference = Trainer(small(steps=steps), run_dir=tmp_path)  # 8 devices, fsdp=8
+    first = reference.fit(saved_at)
+    store = OrbaxCheckpoints.for_run(reference.cfg, tmp_path)
+    store.save(saved_at, reference.state)
+    store.wait()
+    rest = reference.fit(steps)  # the uninterrupted run, for comparison
+    (tmp_path / "metrics.jsonl").unlink()
+
+    # 6 devices: the config's fsdp=-1 would split the batch of 16 six ways, which cannot work
+    r = run_script("train.py", "--config", TINY, "--run-dir", str(tmp_path), "--cpu-devices", "6",
+                   *SMALL, f"train.steps={steps}", "logging.progress=false", "elastic.enabled=true",
+                   "elastic.min_devices=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (decision,) = read_log(tmp_path)
+    assert (decision["trigger"], decision["step"], decision["available_devices"]) == ("startup", saved_at, 6)
+    resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in resumed] == list(range(saved_at + 1, steps + 1))
+    assert all(n_devices(rec["mesh"]) == 6 for rec in resumed)
+    np.testing.assert_allclose([rec["loss"] for rec in resumed], [rec["loss"] for rec in rest], rtol=1e-4, atol=1e-4)
+    assert len(first) == saved_at and f"done: step {steps}" in r.stdout
