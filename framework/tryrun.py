@@ -29,7 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from framework import memory, sharding
-from framework.config import Config, ConfigError
+from framework.checkpoint import Checkpointer, abstract_target
+from framework.config import Config, ConfigError, config_to_dict
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
 
@@ -131,11 +132,11 @@ def max_useful_devices(best_by_count: dict[int, float], threshold: float) -> int
 class TryRunController:
     """Steers a Trainer's loop: asked at every step boundary, it remeshes on a trigger."""
 
-    def __init__(self, trainer, checkpoints=None):
+    def __init__(self, trainer, checkpoints: Checkpointer | None = None):
         self.trainer = trainer
         self.cfg: Config = trainer.cfg
         self.elastic = self.cfg.elastic
-        self.checkpoints = checkpoints or OrbaxCheckpoints.for_run(self.cfg, trainer.run_dir)
+        self.checkpoints = checkpoints or run_checkpoints(self.cfg, trainer.run_dir)
         names = list(trainer.mesh.axis_names)
         self.data_axis, self.fsdp_axis, self.tensor_axis = names
         self.log_path = Path(trainer.run_dir) / "tryrun.jsonl" if trainer.run_dir is not None else None
@@ -256,12 +257,12 @@ class TryRunController:
     def fit(self, total: int) -> list[dict]:
         """Run the trainer's loop in segments, deciding the mesh at each trigger."""
         origin = trainer = self.trainer
-        moved = False  # resumed from a checkpoint made on another number of devices
+        moved = False  # resuming a checkpoint made on another mesh (another device count, or a fallback layout)
         if trainer.state is None:
             step = self.resume_step()
             if step is None:
                 trainer.state = trainer.init_state()
-            elif math.prod(self.checkpoints.saved_mesh(step).values()) != len(trainer.devices):
+            elif saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
                 moved = True
             else:
                 trainer.state = self.checkpoints.restore(step, target_of(trainer))
@@ -407,37 +408,18 @@ class TryRunController:
         print(format_decision(decision), flush=True)
 
 
-class OrbaxCheckpoints:
-    """TEMPORARY minimal orbax store until framework/checkpoint.py lands."""
+def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:
+    """{axis: size} of the mesh the checkpoint at ``step`` was saved from (orbax's sharding metadata)."""
+    metadata = ocp.StandardCheckpointHandler().metadata(checkpoints.directory / str(step) / "state")
+    leaf = jax.tree.leaves(metadata.tree)[0]
+    return dict(zip(leaf.sharding.axis_names, (int(n) for n in leaf.sharding.shape)))
 
-    def __init__(self, directory: Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler())
 
-    @classmethod
-    def for_run(cls, cfg: Config, run_dir):
-        if cfg.checkpoint.dir:
-            return cls(Path(cfg.checkpoint.dir), cfg.checkpoint.keep)
-        if run_dir is None:
-            raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
-        return cls(Path(run_dir) / "checkpoints", cfg.checkpoint.keep)
-
-    def save(self, step: int, state) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def restore(self, step: int, target):
-        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
-
-    def latest_good_step(self):
-        return self.manager.latest_step()
-
-    def saved_mesh(self, step: int) -> dict[str, int]:
-        """{axis: size} of the mesh the checkpoint at ``step`` was saved from (orbax sharding metadata)."""
-        leaf = jax.tree.leaves(self.manager.item_metadata(step).tree)[0]
-        return dict(zip(leaf.sharding.axis_names, (int(n) for n in leaf.sharding.shape)))
+def run_checkpoints(cfg: Config, run_dir) -> Checkpointer:
+    checkpoints = Checkpointer.for_run(cfg.checkpoint, run_dir, config=config_to_dict(cfg))
+    if checkpoints is None:
+        raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
+    return checkpoints
 
 
 def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Device] | None = None):
@@ -451,7 +433,7 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
     try:
         return trainer_cls(cfg, run_dir=run_dir, devices=devices)
     except ConfigError:
-        if cfg.checkpoint.resume is False or OrbaxCheckpoints.for_run(cfg, run_dir).latest_good_step() is None:
+        if cfg.checkpoint.resume is False or run_checkpoints(cfg, run_dir).latest_good_step() is None:
             raise
         layout = fit_layout(cfg, "baseline", len(devices), 1, len(devices))
         return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=devices)
@@ -459,9 +441,7 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
 
 def target_of(trainer) -> Any:
     """Abstract state carrying the trainer's shardings: what a restore onto its mesh fills."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract.shapes, trainer.state_shardings
-    )
+    return abstract_target(trainer.abstract.shapes, trainer.state_shardings)
 
 
 def format_decision(d: dict) -> str:

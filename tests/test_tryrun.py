@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
 from framework.trainer import Trainer
-from framework.tryrun import OrbaxCheckpoints, Trial, TryRunController, grad_accum_for, max_useful_devices
+from framework.tryrun import Trial, TryRunController, grad_accum_for, max_useful_devices
 from tests.helpers import TINY, run_script, tiny_config
 
 # A small model so each try-run compiles in seconds on 2 shared cores.
@@ -177,7 +178,7 @@ def test_resume_on_fewer_devices_runs_the_controller_at_startup(tmp_path):
     steps, saved_at = 8, 4
     reference = Trainer(small(steps=steps), run_dir=tmp_path)  # 8 devices, fsdp=8
     first = reference.fit(saved_at)
-    store = OrbaxCheckpoints.for_run(reference.cfg, tmp_path)
+    store = Checkpointer(tmp_path / "checkpoints")
     store.save(saved_at, reference.state)
     store.wait()
     rest = reference.fit(steps)  # the uninterrupted run, for comparison
