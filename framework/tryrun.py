@@ -48,9 +48,6 @@ class Layout:
     def key(self) -> tuple:
         return self.n_devices, tuple(self.mesh.items()), self.grad_accum
 
-    def describe(self) -> str:
-        return "x".join(str(s) for s in self.mesh.values())
-
 
 @dataclasses.dataclass
 class Trial:
@@ -245,7 +242,7 @@ class TryRunController:
         """Asked by ``Trainer.fit`` at each step boundary. Device changes always trigger (lost devices must)."""
         if len(self.available_devices(step)) != self._seen_available:
             return True
-        return self.elastic.trigger == "every_n_steps" and step % self.elastic.every_n_steps == 0
+        return self.elastic.trigger == "every_n_steps" and step > 0 and step % self.elastic.every_n_steps == 0
 
     def _reason(self, step: int, at_start: bool) -> str:
         if len(self.available_devices(step)) != self._seen_available:
@@ -262,7 +259,7 @@ class TryRunController:
             step = self.resume_step()
             if step is None:
                 trainer.state = trainer.init_state()
-            elif saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
+            elif step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
                 moved = True
             else:
                 trainer.state = self.checkpoints.restore(step, target_of(trainer))

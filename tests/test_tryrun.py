@@ -76,6 +76,16 @@ def test_candidates_adapt_accumulation_and_skip_what_the_batch_cannot_split(tmp_
     assert all(16 % (c.mesh["data"] * c.mesh["fsdp"]) == 0 for c in on_six) and on_six
 
 
+def test_triggers(tmp_path):
+    cfg = small("elastic.enabled=true", "elastic.trigger=every_n_steps", "elastic.every_n_steps=5",
+                "elastic.device_schedule=[[0,8],[7,4]]")
+    ctl = TryRunController(Trainer(cfg, run_dir=tmp_path))
+    assert [s for s in range(12) if ctl.triggered(s)] == [5, 7, 8, 9, 10, 11]  # every 5th, and from 7 on: 4 != 8 devices
+    ctl._seen_available = 4  # as after the decision at step 7
+    assert [s for s in range(7, 16) if ctl.triggered(s)] == [10, 15]
+    assert [d.id for d in ctl.available_devices(7)] == [d.id for d in jax.devices()[:4]]
+
+
 def test_min_devices_auto_from_the_device_budget(tmp_path):
     base = small("elastic.enabled=true")
     trainer = Trainer(base, run_dir=tmp_path)
