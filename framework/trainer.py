@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,10 +21,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import memory, sharding
+from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
 from framework.mesh import MeshManager, describe
-from framework.metrics import MetricsWriter, ProgressBar
+from framework.metrics import MetricsWriter, ProgressBar, drop_records_after
 from framework.optimizer import learning_rate_schedule
 from framework.state import TrainState, abstract_state, init_state
 
@@ -79,6 +81,8 @@ class Trainer:
         )
         self.state: TrainState | None = None
         self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
+        # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
+        self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
 
     # ------------------------------------------------------------------ set-up
 
@@ -148,6 +152,35 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shardings (no full copy on one device)."""
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=self.state_shardings)()
+
+    def restore_or_init(self) -> TrainState:
+        """Resume per ``checkpoint.resume``: never a silent fresh start over an earlier run."""
+        ck, resume = self.checkpointer, self.cfg.checkpoint.resume
+        if ck is None:
+            if resume is True:
+                raise ConfigError("checkpoint.resume=true needs a run dir or checkpoint.dir to resume from")
+            return self.init_state()
+        if resume is False:
+            moved = ck.set_aside_all()
+            if moved is not None:
+                warn(f"checkpoint.resume=false: starting over; earlier checkpoints moved to {moved}")
+            drop_records_after(self.run_dir, 0)
+            return self.init_state()
+        if ck.latest_good_step() is None:
+            metrics = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+            if resume is True:
+                raise CheckpointError(f"checkpoint.resume=true but {ck.directory} holds no checkpoint")
+            if metrics is not None and metrics.is_file() and metrics.stat().st_size:
+                raise CheckpointError(
+                    f"run dir {self.run_dir} holds an earlier run ({metrics.name}) but no checkpoint in {ck.directory}; "
+                    "set checkpoint.resume=false to start over"
+                )
+            return self.init_state()
+        state = ck.restore("latest", abstract_target(self.abstract.shapes, self.state_shardings))
+        step = int(jax.device_get(state.step))
+        drop_records_after(self.run_dir, step)  # steps after the checkpoint are trained again
+        print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
+        return state
 
     def compile(self) -> None:
         """Compile the step ahead of time (its cost is reported apart from step times)."""
@@ -232,7 +265,7 @@ class Trainer:
             return TryRunController(self).fit(total)
         self.write_config()
         if self.state is None:
-            self.state = self.init_state()
+            self.state = self.restore_or_init()
         self.compile()
         start = int(jax.device_get(self.state.step))
         writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard)
@@ -250,9 +283,19 @@ class Trainer:
                 if pending is not None:
                     last_done = self._finish(pending, last_done, records, writer, bar)
                 pending = (step, metrics)
+                if self.checkpointer is not None and self.checkpointer.should_save(step + 1):
+                    # log the step before saving it: a run resumed from it has lost no metrics
+                    last_done = self._finish(pending, last_done, records, writer, bar)
+                    pending = None
+                    self.checkpointer.save(step + 1, self.state)
             if pending is not None:
                 self._finish(pending, last_done, records, writer, bar)
+            reached = int(jax.device_get(self.state.step))  # below total when the try-run controller stopped the loop
+            if self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
+                self.checkpointer.save(total, self.state)  # the final state is always kept
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
             prefetch.close()
             bar.close()
             writer.close()

@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 
 from framework import memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
-from framework.config import Config, ConfigError, config_to_dict
+from framework.config import Config, ConfigError
+from framework.metrics import drop_records_after
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
 
@@ -133,7 +134,9 @@ class TryRunController:
         self.trainer = trainer
         self.cfg: Config = trainer.cfg
         self.elastic = self.cfg.elastic
-        self.checkpoints = checkpoints or run_checkpoints(self.cfg, trainer.run_dir)
+        self.checkpoints = checkpoints or trainer.checkpointer
+        if self.checkpoints is None:
+            raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
         names = list(trainer.mesh.axis_names)
         self.data_axis, self.fsdp_axis, self.tensor_axis = names
         self.log_path = Path(trainer.run_dir) / "tryrun.jsonl" if trainer.run_dir is not None else None
@@ -257,12 +260,11 @@ class TryRunController:
         moved = False  # resuming a checkpoint made on another mesh (another device count, or a fallback layout)
         if trainer.state is None:
             step = self.resume_step()
-            if step is None:
-                trainer.state = trainer.init_state()
-            elif step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
+            if step is not None and step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
                 moved = True
+                drop_records_after(trainer.run_dir, step)  # steps after the checkpoint are trained again
             else:
-                trainer.state = self.checkpoints.restore(step, target_of(trainer))
+                trainer.state = trainer.restore_or_init()
         records: list[dict] = []
         start = step if moved else int(jax.device_get(trainer.state.step))
         if start < total and (moved or self.elastic.trigger == "startup" or self.triggered(start)):
@@ -412,13 +414,6 @@ def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:
     return dict(zip(leaf.sharding.axis_names, (int(n) for n in leaf.sharding.shape)))
 
 
-def run_checkpoints(cfg: Config, run_dir) -> Checkpointer:
-    checkpoints = Checkpointer.for_run(cfg.checkpoint, run_dir, config=config_to_dict(cfg))
-    if checkpoints is None:
-        raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
-    return checkpoints
-
-
 def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Device] | None = None):
     """The Trainer an elastic run starts with on the devices there are.
 
@@ -430,7 +425,8 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
     try:
         return trainer_cls(cfg, run_dir=run_dir, devices=devices)
     except ConfigError:
-        if cfg.checkpoint.resume is False or run_checkpoints(cfg, run_dir).latest_good_step() is None:
+        checkpoints = Checkpointer.for_run(cfg.checkpoint, run_dir)
+        if cfg.checkpoint.resume is False or checkpoints is None or checkpoints.latest_good_step() is None:
             raise
         layout = fit_layout(cfg, "baseline", len(devices), 1, len(devices))
         return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=devices)
