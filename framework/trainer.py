@@ -263,9 +263,9 @@ class Trainer:
             from framework.tryrun import TryRunController
 
             return TryRunController(self).fit(total)
-        self.write_config()
         if self.state is None:
             self.state = self.restore_or_init()
+        self.write_config()
         self.compile()
         start = int(jax.device_get(self.state.step))
         writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard)
