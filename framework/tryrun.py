@@ -386,14 +386,18 @@ class TryRunController:
         for batch in batches[: e.warmup_steps]:
             state, _ = tr.step(state, batch)
         jax.block_until_ready(state)
-        t1 = time.perf_counter()
+        step_times = []
         for batch in batches[e.warmup_steps:]:
+            t1 = time.perf_counter()
             state, metrics = tr.step(state, batch)
-        jax.block_until_ready((state, metrics))
-        t2 = time.perf_counter()
+            jax.block_until_ready(metrics)
+            step_times.append(time.perf_counter() - t1)
+        jax.block_until_ready(state)
+        measure_s = time.perf_counter() - t0
         del state
-        samples = self.cfg.train.global_batch * e.tryrun_steps
-        return Trial(layout, samples / (t2 - t1), "tryrun", compile_s=compile_s, restore_s=restore_s, measure_s=t2 - t0)
+        # the median step, like the rolling baseline: one step stalled by a neighbour does not decide
+        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times), "tryrun",
+                     compile_s=compile_s, restore_s=restore_s, measure_s=measure_s)
 
     # ------------------------------------------------------------------ the decision log
 
