@@ -114,6 +114,8 @@ class Checkpointer:
     @classmethod
     def for_run(cls, cfg: CheckpointConfig, run_dir: str | Path | None, config: dict | None = None) -> "Checkpointer | None":
         """The run's checkpointer: ``checkpoint.dir`` or RUN_DIR/checkpoints; None when neither is set."""
+        if cfg.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps={cfg.every_steps}: expected 0 (only at the end) or a positive integer")
         if cfg.dir:
             directory = Path(cfg.dir)
         elif run_dir is not None:
@@ -123,9 +125,9 @@ class Checkpointer:
         return cls(directory, keep=cfg.keep, every_steps=cfg.every_steps, async_save=cfg.async_, config=config)
 
     def _open(self) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
-        )
+        # No max_to_keep: orbax would delete old steps when the new one is renamed, before it is
+        # sealed; with keep=1 a crash in between would leave no good step. _prune deletes later.
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=self.async_save)
         return ocp.CheckpointManager(self.directory, options=options)
 
     @property
@@ -158,6 +160,20 @@ class Checkpointer:
         self._manager.wait_until_finished()
         if self._primary:
             write_manifest(self.directory / str(step))
+        ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key("meshpilot_checkpoint_sealed"))
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` sealed steps: older steps go only once newer ones are sealed."""
+        final, _ = self._listing()
+        sealed = [s for s in final if (self.directory / str(s) / MANIFEST).is_file()]
+        if len(sealed) <= self.keep:
+            return
+        cutoff = sealed[self.keep - 1]
+        known = set(self._manager.all_steps())
+        for s in final:
+            if s < cutoff and s in known:
+                self._manager.delete(s)
 
     def _seal_in_background(self, step: int) -> None:
         try:
@@ -187,8 +203,8 @@ class Checkpointer:
             for p in self.directory.iterdir():
                 if p.is_dir() and p.name.isdigit():
                     final.append(int(p.name))
-                elif p.is_dir() and p.name.endswith(TMP_SUFFIX) and p.name[: -len(TMP_SUFFIX)].isdigit():
-                    unfinished.append(int(p.name[: -len(TMP_SUFFIX)]))
+                elif p.is_dir() and TMP_SUFFIX in p.name and p.name.split(TMP_SUFFIX)[0].isdigit():
+                    unfinished.append(int(p.name.split(TMP_SUFFIX)[0]))
         return sorted(final, reverse=True), sorted(set(unfinished) - set(final), reverse=True)
 
     def has_checkpoints(self) -> bool:

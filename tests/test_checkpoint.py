@@ -225,6 +225,33 @@ def test_keep_k_and_config_item(tmp_path):
     ck.close()
 
 
+def test_old_steps_go_only_after_a_newer_one_is_sealed(tmp_path, monkeypatch, capsys):
+    """keep=1 and the seal of the new step fails (as if killed before sealing): the old step stays."""
+    import framework.checkpoint as checkpoint
+
+    d = tmp_path / "ck"
+    ck = Checkpointer(d, keep=1, async_save=True)
+    ck.save(1, make_state(seed=1))
+    ck.wait()
+
+    def disk_full(step_dir):
+        raise OSError(f"no space left to seal {step_dir.name}")
+
+    monkeypatch.setattr(checkpoint, "write_manifest", disk_full)
+    ck.save(2, make_state(seed=2))
+    with pytest.raises(OSError, match="no space left to seal 2"):
+        ck.wait()  # the background error reaches the caller
+    assert sorted(p.name for p in d.iterdir()) == ["1", "2"]
+    assert ck.latest_good_step() == 1
+    assert "step 2 is incomplete (no manifest: the save never finished); using step 1" in capsys.readouterr().err
+    assert_equal_trees(ck.restore("latest", make_state())["params"], make_state(seed=1)["params"])
+    monkeypatch.undo()
+    ck.save(2, make_state(seed=2))  # the incomplete step 2 was moved aside by restore("latest")
+    ck.save(3, make_state(seed=3))
+    ck.close()
+    assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["3"]
+
+
 def test_wrong_target_is_one_line_error(tmp_path):
     d = tmp_path / "ck"
     save_steps(d, [1])

@@ -71,6 +71,21 @@ def test_resume_equivalence_bitwise_and_data_position(tmp_path):
     assert logged == list(range(1, 21))
     assert (tmp_path / "split" / "checkpoints" / "20" / MANIFEST).is_file()  # final save
 
+    # the same run resumed onto data=2,tensor=2 over 4 of the 8 devices: same values, new shardings
+    other = Trainer(tiny_config(*SMALL, "mesh.data=2", "mesh.tensor=2", steps=20), run_dir=tmp_path / "split",
+                    devices=jax.devices()[:4])
+    moved = other.restore_or_init()
+    for got, want, sharding in zip(jax.tree.leaves(moved), jax.tree.leaves(second.state), jax.tree.leaves(other.state_shardings)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == sharding and set(got.devices()) <= set(jax.devices()[:4])
+
+
+def test_negative_every_steps_is_a_config_error(tmp_path):
+    from framework.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^checkpoint.every_steps=-2: expected 0 \(only at the end\) or a positive integer$"):
+        Trainer(tiny_config(*SMALL, "checkpoint.every_steps=-2"), run_dir=tmp_path)
+
 
 def test_earlier_run_without_checkpoint_is_not_silently_restarted(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
@@ -102,11 +117,12 @@ def sealed_steps(ckpt_dir):
 
 
 def in_flight(ckpt_dir):
-    """Steps being written: orbax tmp dirs, or renamed but not yet sealed."""
-    if not ckpt_dir.is_dir():
-        return []
-    return [p.name for p in ckpt_dir.iterdir()
-            if p.name.endswith(".orbax-checkpoint-tmp") or (p.name.isdigit() and not (p / MANIFEST).exists())]
+    """Steps newer than the newest sealed one that are being written: orbax tmp dirs, or renamed
+    but not yet sealed. (Older unsealed dirs are old steps being deleted.)"""
+    newest = max(sealed_steps(ckpt_dir), default=-1)
+    names = [p.name for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
+    return [n for n in names if n.split(".")[0].isdigit() and int(n.split(".")[0]) > newest and
+            (n.endswith(".orbax-checkpoint-tmp") or (n.isdigit() and not (ckpt_dir / n / MANIFEST).exists()))]
 
 
 @pytest.mark.slow
@@ -123,7 +139,7 @@ def test_sigkill_mid_save_then_restart_matches_uninterrupted(tmp_path, compile_o
     try:
         deadline = time.monotonic() + 300
         # kill once a checkpoint is complete and, saving every step, a later one is being written
-        while not (sealed_steps(ckpt_dir) and max(sealed_steps(ckpt_dir)) >= 6 and in_flight(ckpt_dir)):
+        while not (max(sealed_steps(ckpt_dir), default=0) >= 6 and in_flight(ckpt_dir)):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
