@@ -178,7 +178,17 @@ class BroadcastConfig:
 
 @dataclass
 class ElasticConfig:
-    """Reserved for the try-run controller (issue 7)."""
+    """Try-run controller: when devices change (or on request), try meshes from a checkpoint, adopt the best."""
+
+    enabled: bool = False
+    trigger: Literal["device_change", "every_n_steps", "startup"] = "device_change"
+    every_n_steps: int = 0  # trigger=every_n_steps: steps between decisions
+    tryrun_steps: int = 3  # measured steps per try-run (after compile and warm-up)
+    warmup_steps: int = 1  # unmeasured steps per try-run after compile
+    threshold: float = 0.05  # adopt only if samples/s beats the baseline by more than this fraction
+    min_devices: Union[int, Literal["auto"]] = "auto"  # devices one model replica needs; auto: from memory
+    max_devices: int = 0  # never use more devices than this; 0: no limit
+    device_schedule: list[list[int]] = field(default_factory=list)  # [[step, n_devices], ...]: first n available from step
 
 
 @dataclass
@@ -385,3 +395,23 @@ def validate(cfg: Config) -> None:
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")
+    validate_elastic(cfg.elastic)
+
+
+def validate_elastic(e: ElasticConfig) -> None:
+    if e.trigger == "every_n_steps" and e.every_n_steps < 1:
+        raise ConfigError(f"elastic.every_n_steps={e.every_n_steps}: expected a positive integer with elastic.trigger=every_n_steps")
+    for key, value, low in (("tryrun_steps", e.tryrun_steps, 1), ("warmup_steps", e.warmup_steps, 0),
+                            ("max_devices", e.max_devices, 0)):
+        if value < low:
+            raise ConfigError(f"elastic.{key}={value}: expected an integer >= {low}")
+    if e.min_devices != "auto" and e.min_devices < 1:
+        raise ConfigError(f"elastic.min_devices={e.min_devices}: expected 'auto' or a positive integer")
+    if e.threshold < 0:
+        raise ConfigError(f"elastic.threshold={e.threshold}: expected a fraction >= 0")
+    for i, entry in enumerate(e.device_schedule):
+        if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
+            raise ConfigError(f"elastic.device_schedule[{i}]={entry}: expected [step >= 0, n_devices >= 1]")
+    steps = [entry[0] for entry in e.device_schedule]
+    if steps != sorted(set(steps)):
+        raise ConfigError(f"elastic.device_schedule: steps {steps} must be strictly increasing")

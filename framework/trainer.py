@@ -81,6 +81,7 @@ class Trainer:
             self.batch_sharding,
         )
         self.state: TrainState | None = None
+        self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
         # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
         self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
 
@@ -271,6 +272,10 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
+        if self.cfg.elastic.enabled and self.elastic is None:  # elastic remeshing: the controller runs the loop in segments
+            from framework.tryrun import TryRunController
+
+            return TryRunController(self).fit(total)
         if self.state is None:
             self.state = self.restore_or_init()
         self.write_config()
@@ -284,6 +289,8 @@ class Trainer:
         last_done = time.perf_counter()
         try:
             for step in range(start, total):
+                if self.elastic is not None and step > start and self.elastic.triggered(step):
+                    break  # the controller remeshes at this step boundary, then calls fit() again
                 _, batch = prefetch.next()
                 self.state, metrics = self.step(self.state, batch)
                 if pending is not None:
@@ -296,7 +303,8 @@ class Trainer:
                     self.checkpointer.save(step + 1, self.state)
             if pending is not None:
                 self._finish(pending, last_done, records, writer, bar)
-            if self.checkpointer is not None and total > start and not self.checkpointer.should_save(total):
+            reached = int(jax.device_get(self.state.step))  # below total when the try-run controller stopped the loop
+            if self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
                 self.checkpointer.save(total, self.state)  # the final state is always kept
         finally:
             if self.checkpointer is not None:

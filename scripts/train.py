@@ -33,7 +33,12 @@ def main(argv=None) -> None:
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        trainer = Trainer(cfg, run_dir=run_dir)
+        if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun.py): start on the devices there are
+            from framework.tryrun import elastic_trainer
+
+            trainer = elastic_trainer(Trainer, cfg, run_dir)
+        else:
+            trainer = Trainer(cfg, run_dir=run_dir)
         records = trainer.fit()
         distributed.shutdown()
         if records and jax.process_index() == 0:

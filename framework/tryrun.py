@@ -1,0 +1,468 @@
+"""TryRunController: elastic remeshing by short try-runs from a checkpoint.
+
+When the available devices change (or every N steps, or at start-up) the controller saves
+the train state with orbax, works out how many devices one model replica needs, builds
+*horizontal* candidates (more data-parallel replicas of that minimal split; only when the
+available count is an integer multiple of it) and *vertical* ones (the model split over
+more devices), restores the checkpoint onto each candidate's mesh, measures a few steps,
+and adopts the best only if it beats the baseline by ``elastic.threshold``. Training then
+continues from the checkpoint on the chosen mesh, so try-run steps never count: step,
+optimizer state and data position are those of the checkpoint, and the global batch stays
+fixed (gradient accumulation adapts when the micro-batch does not divide the new
+data-parallel size).
+
+Extension points (subclass): ``available_devices``, ``min_devices``, ``candidates``,
+``score``, ``should_adopt``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+
+from framework import memory, sharding
+from framework.checkpoint import Checkpointer, abstract_target
+from framework.config import Config, ConfigError
+from framework.metrics import drop_records_after
+
+ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
+
+
+@dataclasses.dataclass
+class Layout:
+    """One way to run: a mesh over the first ``n_devices`` devices and the accumulation that keeps the batch."""
+
+    kind: str  # "horizontal", "vertical", "baseline" (current layout, possibly shrunk)
+    n_devices: int
+    mesh: dict[str, int]  # axis name -> size
+    grad_accum: int
+
+    @property
+    def key(self) -> tuple:
+        return self.n_devices, tuple(self.mesh.items()), self.grad_accum
+
+
+@dataclasses.dataclass
+class Trial:
+    """A layout and what running it cost and gave; ``samples_per_s`` is what ``score`` says."""
+
+    layout: Layout
+    measured_samples_per_s: float
+    source: str  # "tryrun" or "rolling" (the live run's recent steps)
+    compile_s: float = 0.0
+    restore_s: float = 0.0
+    measure_s: float = 0.0  # warm-up plus measured steps
+    samples_per_s: float = 0.0
+    improvement: float = 0.0
+
+    def record(self) -> dict:
+        return {
+            "kind": self.layout.kind, "mesh": self.layout.mesh, "n_devices": self.layout.n_devices,
+            "grad_accum": self.layout.grad_accum, "samples_per_s": self.samples_per_s,
+            "measured_samples_per_s": self.measured_samples_per_s, "source": self.source,
+            "improvement": self.improvement, "compile_s": self.compile_s, "restore_s": self.restore_s,
+            "measure_s": self.measure_s,
+        }
+
+
+def grad_accum_for(global_batch: int, data_parallel: int, preferred: int) -> int | None:
+    """Micro-batches per step so that each micro-batch splits evenly over ``data_parallel`` devices.
+
+    The global batch never changes; of the accumulations that work, the one nearest the configured
+    one is taken (ties: more micro-batches, i.e. less activation memory). None when no split works
+    (e.g. 16 samples over 6 data-parallel devices).
+    """
+    working = [a for a in range(1, global_batch + 1) if global_batch % a == 0 and (global_batch // a) % data_parallel == 0]
+    return min(working, key=lambda a: (abs(a - preferred), -a), default=None)
+
+
+def batch_axes_of(cfg: Config) -> tuple[str, ...]:
+    """Mesh axes the batch is split over (as the Trainer reads them from the activation rules)."""
+    return tuple(a for a in sharding.rules_table(cfg.sharding.activation_rules).get("batch", ()) if a in cfg.mesh.axis_names)
+
+
+def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
+    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor).
+
+    ``prefer_tensor`` (the current tensor size) is kept when it divides the split; otherwise as much
+    fsdp as the global batch allows (fsdp also splits the batch). None when no factorisation fits the batch.
+    """
+    data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
+    t = cfg.train
+    tensors = sorted((d for d in range(1, split + 1) if split % d == 0), key=lambda d: (d != prefer_tensor, d))
+    for tensor in tensors:
+        mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
+        dp = math.prod(mesh[a] for a in batch_axes_of(cfg))
+        accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
+        if accum is not None:
+            return Layout(kind, n_devices, mesh, accum)
+    return None
+
+
+def with_layout(cfg: Config, layout: Layout) -> Config:
+    """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
+    data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
+    return dataclasses.replace(
+        cfg,
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, dcn_data=1),
+        train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
+                                  micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
+    )
+
+
+def max_useful_devices(best_by_count: dict[int, float], threshold: float) -> int | None:
+    """The device count past which more devices stop raising samples/s by more than ``threshold``."""
+    useful = None
+    for n in sorted(best_by_count):
+        if useful is None or best_by_count[n] > best_by_count[useful] * (1 + threshold):
+            useful = n
+    return useful
+
+
+class TryRunController:
+    """Steers a Trainer's loop: asked at every step boundary, it remeshes on a trigger."""
+
+    def __init__(self, trainer, checkpoints: Checkpointer | None = None):
+        self.trainer = trainer
+        self.cfg: Config = trainer.cfg
+        self.elastic = self.cfg.elastic
+        self.checkpoints = checkpoints or trainer.checkpointer
+        if self.checkpoints is None:
+            raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
+        names = list(trainer.mesh.axis_names)
+        self.data_axis, self.fsdp_axis, self.tensor_axis = names
+        self.log_path = Path(trainer.run_dir) / "tryrun.jsonl" if trainer.run_dir is not None else None
+        self.decisions: list[dict] = []
+        self.best_by_count: dict[int, float] = {}
+        self.rolling: deque[float] = deque(maxlen=ROLLING_STEPS)
+        self._trainers = {self._key(trainer): trainer}  # compiled steps kept: returning to a mesh costs no compile
+        self._seen_available = len(trainer.devices)
+
+    # ------------------------------------------------------------------ extension points
+
+    def available_devices(self, step: int) -> list[jax.Device]:
+        """Devices usable from ``step`` on; ``elastic.device_schedule`` emulates elasticity on one machine."""
+        devices = jax.devices()
+        n = len(devices)
+        for at, count in self.elastic.device_schedule:
+            if at <= step:
+                n = count
+        if n > len(devices):
+            raise ConfigError(f"elastic.device_schedule asks for {n} devices at step {step}, only {len(devices)} exist")
+        return devices[:n]
+
+    def usable_devices(self, step: int) -> list[jax.Device]:
+        """The available devices, at most ``elastic.max_devices`` of them."""
+        available = self.available_devices(step)
+        return available[: self.elastic.max_devices or len(available)]
+
+    def min_devices(self, n_available: int) -> int:
+        """Devices one model replica needs: ``elastic.min_devices``, or (auto) the fewest over which the model
+        state (params, grads, optimizer state, as the memory planner counts them) fits the device budget.
+
+        Where no budget is known (``memory.device_budget_bytes`` unset on CPU), one device is taken to suffice.
+        """
+        if self.elastic.min_devices != "auto":
+            return self.elastic.min_devices
+        budget = memory.resolve_budget(self.cfg.memory, self.trainer.devices)
+        if budget is None:
+            return 1
+        abstract = self.trainer.abstract
+        rules = sharding.rules_table(self.cfg.sharding.param_rules)
+        for m in range(1, n_available + 1):
+            sizes = {self.data_axis: 1, self.fsdp_axis: m, self.tensor_axis: 1}
+            param_specs = sharding.param_specs(abstract.shapes.params, abstract.logical_axes, rules, sizes)
+            opt_specs = sharding.opt_state_specs(abstract.tx, abstract.shapes.opt_state, param_specs)
+            params = sharding.bytes_per_device(abstract.shapes.params, param_specs, sizes)
+            opt_state = sharding.bytes_per_device(abstract.shapes.opt_state, opt_specs, sizes)
+            share = params  # the gradients stay on the device
+            share += params if self.cfg.memory.params != memory.HOST else 0
+            share += opt_state if self.cfg.memory.opt_state != memory.HOST else 0
+            if share <= budget:
+                return m
+        return n_available + 1  # does not fit on what is available
+
+    def candidates(self, n_devices: int, min_devices: int) -> list[Layout]:
+        """Horizontal (n / min replicas of the minimal split) only when n is a multiple of min; vertical always."""
+        out = []
+        if n_devices % min_devices == 0:
+            out.append(self.layout("horizontal", n_devices, n_devices // min_devices, min_devices))
+        for split in range(min_devices + 1, n_devices + 1):
+            if n_devices % split == 0:
+                out.append(self.layout("vertical", n_devices, n_devices // split, split))
+        return [c for c in out if c is not None]
+
+    def score(self, trial: Trial) -> float:
+        """Samples/s of a trial (override for a deterministic or cost-aware score)."""
+        return trial.measured_samples_per_s
+
+    def should_adopt(self, best: Trial, baseline: Trial) -> bool:
+        return best.improvement > self.elastic.threshold
+
+    # ------------------------------------------------------------------ layouts
+
+    def layout(self, kind: str, n_devices: int, replicas: int, split: int) -> Layout | None:
+        return fit_layout(self.cfg, kind, n_devices, replicas, split, self.trainer.axis_sizes[self.tensor_axis])
+
+    def current_layout(self, trainer) -> Layout:
+        return Layout("baseline", len(trainer.devices), dict(trainer.axis_sizes), trainer.cfg.train.grad_accum)
+
+    def shrunk_layout(self, trainer, n_devices: int, min_devices: int) -> Layout:
+        """The current layout on fewer devices: same model split, fewer replicas; else the nearest split that fits."""
+        current = trainer.axis_sizes
+        split = current[self.fsdp_axis] * current[self.tensor_axis]
+        splits = sorted((s for s in range(min_devices, n_devices + 1) if n_devices % s == 0), key=lambda s: abs(s - split))
+        for s in splits:
+            found = self.layout("baseline", n_devices, n_devices // s, s)
+            if found is not None:
+                return found
+        raise ConfigError(f"elastic: no mesh over {n_devices} devices fits train.global_batch={self.cfg.train.global_batch}")
+
+    def _key(self, trainer) -> tuple:
+        return tuple(d.id for d in trainer.devices), tuple(trainer.axis_sizes.items()), trainer.cfg.train.grad_accum
+
+    def trainer_for(self, layout: Layout, devices: Sequence[jax.Device]):
+        """A Trainer of the same class and config on ``layout`` (cached with its compiled step)."""
+        devices = list(devices)[: layout.n_devices]
+        key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
+        if key not in self._trainers:
+            self._trainers[key] = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
+        trainer = self._trainers[key]
+        layout.grad_accum = trainer.cfg.train.grad_accum
+        return trainer
+
+    # ------------------------------------------------------------------ triggers
+
+    def triggered(self, step: int) -> bool:
+        """Asked by ``Trainer.fit`` at each step boundary. Device changes always trigger (lost devices must)."""
+        if len(self.available_devices(step)) != self._seen_available:
+            return True
+        return self.elastic.trigger == "every_n_steps" and step > 0 and step % self.elastic.every_n_steps == 0
+
+    def _reason(self, step: int, at_start: bool) -> str:
+        if len(self.available_devices(step)) != self._seen_available:
+            return "device_change"
+        return "startup" if at_start else self.elastic.trigger
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, total: int) -> list[dict]:
+        """Run the trainer's loop in segments, deciding the mesh at each trigger."""
+        origin = trainer = self.trainer
+        moved = False  # resuming a checkpoint made on another mesh (another device count, or a fallback layout)
+        if trainer.state is None:
+            step = self.resume_step()
+            if step is not None and step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
+                moved = True
+                drop_records_after(trainer.run_dir, step)  # steps after the checkpoint are trained again
+            else:
+                trainer.state = trainer.restore_or_init()
+        records: list[dict] = []
+        start = step if moved else int(jax.device_get(trainer.state.step))
+        if start < total and (moved or self.elastic.trigger == "startup" or self.triggered(start)):
+            trainer = self.decide(trainer, start, "startup" if moved else self._reason(start, at_start=True))
+        while True:
+            trainer.elastic = self
+            try:
+                segment = trainer.fit(total)
+            finally:
+                trainer.elastic = None
+            records += segment
+            self.rolling.extend(r["step_time_s"] for r in segment[1:])  # the first one includes the loop's start-up
+            step = int(jax.device_get(trainer.state.step))
+            if step >= total:
+                break
+            trainer = self.decide(trainer, step, self._reason(step, at_start=False))
+        if trainer is not origin:
+            vars(origin).update(vars(trainer))  # the caller's Trainer object stays the handle to the run
+        self.trainer = origin
+        return records
+
+    def resume_step(self) -> int | None:
+        """The checkpoint to continue from, if resuming is on and there is one."""
+        return None if self.cfg.checkpoint.resume is False else self.checkpoints.latest_good_step()
+
+    def decide(self, trainer, step: int, reason: str):
+        """One decision at ``step``: save, candidates, try-runs, adopt or keep, restore. Returns the trainer to continue with."""
+        began = time.perf_counter()
+        available = self.available_devices(step)
+        usable = self.usable_devices(step)
+        n = len(usable)
+        self.trainer = trainer
+
+        t0 = time.perf_counter()
+        if self.checkpoints.latest_good_step() != step:
+            self.checkpoints.save(step, trainer.state)
+        self.checkpoints.wait()
+        checkpoint_s = time.perf_counter() - t0
+        trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
+
+        min_devices = self.min_devices(n)
+        if min_devices > n:
+            raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
+        layouts = self.candidates(n, min_devices)
+
+        current = self.current_layout(trainer)
+        runnable = set(trainer.devices) <= set(usable)
+        if runnable and len(self.rolling) >= 2:
+            step_time = statistics.median(self.rolling)
+            baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling")
+        else:
+            base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
+            baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
+        baseline.samples_per_s = self.score(baseline)
+
+        trials = [self.try_run(c, usable, step) for c in layouts if c.key != baseline.layout.key]
+        for trial in trials:
+            trial.samples_per_s = self.score(trial)
+            trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1
+        for trial in (baseline, *trials):
+            count = trial.layout.n_devices
+            self.best_by_count[count] = max(self.best_by_count.get(count, 0.0), trial.samples_per_s)
+
+        best = max(trials, key=lambda tr: tr.samples_per_s, default=None)
+        adopted = best is not None and self.should_adopt(best, baseline)
+        chosen = best if adopted else baseline
+        next_trainer = self.trainer_for(chosen.layout, trainer.devices if chosen is baseline and runnable else usable)
+
+        t0 = time.perf_counter()
+        next_trainer.state = self.checkpoints.restore(step, target_of(next_trainer))
+        restore_s = time.perf_counter() - t0
+        next_trainer.compile()
+        if next_trainer is not trainer:
+            self.rolling.clear()
+        self._seen_available = len(available)
+
+        decision = {
+            "trigger": reason,
+            "step": step,
+            "checkpoint_step": step,
+            "available_devices": len(available),
+            "max_devices": self.elastic.max_devices,
+            "min_devices": min_devices,
+            "integer_multiple": n % min_devices == 0,
+            "baseline": baseline.record(),
+            "candidates": [tr.record() for tr in trials],
+            "chosen": chosen.record(),
+            "adopted": adopted,
+            "threshold": self.elastic.threshold,
+            "max_useful_devices": max_useful_devices(self.best_by_count, self.elastic.threshold),
+            "seconds": {
+                "checkpoint": checkpoint_s,
+                "tryrun_compile": sum(tr.compile_s for tr in (baseline, *trials)),
+                "tryrun_restore": sum(tr.restore_s for tr in (baseline, *trials)),
+                "tryrun_measured": sum(tr.measure_s for tr in (baseline, *trials)),
+                "restore": restore_s,
+                "total": time.perf_counter() - began,
+            },
+        }
+        self.decisions.append(decision)
+        self._log(decision)
+        return next_trainer
+
+    def try_run(self, layout: Layout, devices: Sequence[jax.Device], step: int) -> Trial:
+        """Restore the checkpoint onto ``layout``, compile, warm up, measure; the state is thrown away after."""
+        tr = self.trainer_for(layout, devices)
+        t0 = time.perf_counter()
+        tr.compile()  # returns at once for a layout compiled at an earlier trigger
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state = self.checkpoints.restore(step, target_of(tr))
+        jax.block_until_ready(state)
+        restore_s = time.perf_counter() - t0
+
+        e = self.elastic
+        pos = int(jax.device_get(state.data_pos))
+        batches = [tr.loader.batch(pos + i) for i in range(e.warmup_steps + e.tryrun_steps)]
+        t0 = time.perf_counter()
+        for batch in batches[: e.warmup_steps]:
+            state, _ = tr.step(state, batch)
+        jax.block_until_ready(state)
+        step_times = []
+        for batch in batches[e.warmup_steps:]:
+            t1 = time.perf_counter()
+            state, metrics = tr.step(state, batch)
+            jax.block_until_ready(metrics)
+            step_times.append(time.perf_counter() - t1)
+        jax.block_until_ready(state)
+        measure_s = time.perf_counter() - t0
+        del state
+        # the median step, like the rolling baseline: one step stalled by a neighbour does not decide
+        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times), "tryrun",
+                     compile_s=compile_s, restore_s=restore_s, measure_s=measure_s)
+
+    # ------------------------------------------------------------------ the decision log
+
+    def _log(self, decision: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(decision) + "\n")
+        print(format_decision(decision), flush=True)
+
+
+def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:
+    """{axis: size} of the mesh the checkpoint at ``step`` was saved from (orbax's sharding metadata)."""
+    metadata = ocp.StandardCheckpointHandler().metadata(checkpoints.directory / str(step) / "state")
+    leaf = jax.tree.leaves(metadata.tree)[0]
+    return dict(zip(leaf.sharding.axis_names, (int(n) for n in leaf.sharding.shape)))
+
+
+def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Device] | None = None):
+    """The Trainer an elastic run starts with on the devices there are.
+
+    When a checkpoint will be resumed and the config's own mesh (or batch split) does not fit
+    these devices, e.g. a run saved on 8 devices resumed on 6, start on the model split over all
+    of them instead: the start-up decision then tries the alternatives from the checkpoint.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        return trainer_cls(cfg, run_dir=run_dir, devices=devices)
+    except ConfigError:
+        checkpoints = Checkpointer.for_run(cfg.checkpoint, run_dir)
+        if cfg.checkpoint.resume is False or checkpoints is None or checkpoints.latest_good_step() is None:
+            raise
+        layout = fit_layout(cfg, "baseline", len(devices), 1, len(devices))
+        return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=devices)
+
+
+def target_of(trainer) -> Any:
+    """Abstract state carrying the trainer's shardings: what a restore onto its mesh fills."""
+    return abstract_target(trainer.abstract.shapes, trainer.state_shardings)
+
+
+def format_decision(d: dict) -> str:
+    """A decision as the table printed during training."""
+    s = d["seconds"]
+    lines = [
+        f"try-run at step {d['step']} ({d['trigger']}): {d['available_devices']} devices available, "
+        f"{d['min_devices']} per model replica, integer multiple: {'yes' if d['integer_multiple'] else 'no'}",
+        f"  {'kind':<11}{'mesh':<9}{'devices':>8}{'accum':>6}{'samples/s':>11}{'vs base':>9}{'compile s':>10}  source",
+    ]
+    for row in (d["baseline"], *d["candidates"]):
+        mesh = "x".join(str(v) for v in row["mesh"].values())
+        vs = "" if row is d["baseline"] else f"{row['improvement']:+.1%}"
+        lines.append(
+            f"  {row['kind']:<11}{mesh:<9}{row['n_devices']:>8}{row['grad_accum']:>6}{row['samples_per_s']:>11.1f}"
+            f"{vs:>9}{row['compile_s']:>10.2f}  {row['source']}"
+        )
+    chosen = d["chosen"]
+    mesh = "x".join(str(v) for v in chosen["mesh"].values())
+    verdict = (f"adopted {chosen['kind']} {mesh} on {chosen['n_devices']} devices ({chosen['improvement']:+.1%} > {d['threshold']:.0%})"
+               if d["adopted"] else f"kept baseline {mesh} on {chosen['n_devices']} devices (best candidate not > {d['threshold']:.0%})")
+    lines.append(f"  -> {verdict}; max useful devices so far: {d['max_useful_devices']}")
+    lines.append(
+        f"  seconds: checkpoint {s['checkpoint']:.2f}, try-runs compile {s['tryrun_compile']:.2f} + restore "
+        f"{s['tryrun_restore']:.2f} + measured {s['tryrun_measured']:.2f}, restore {s['restore']:.2f}, total {s['total']:.2f}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Cost and quality of the try-run controller on an 8 -> 4 -> 8 device schedule.
+
+1. One elastic run: per trigger, seconds in checkpoint, try-runs (compile / restore /
+   measured) and the final restore, as a share of the whole run's wall time.
+2. Exhaustive check: every layout a trigger considered (baseline and candidates) is run
+   separately for ``--long-steps`` steps; the pick of those longer measurements (with the
+   same threshold rule) is compared with what the controller adopted.
+
+python scripts/bench_tryrun.py --config configs/tiny_lm.yaml --run-dir runs/bench_tryrun [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import _cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--cpu-devices", type=int, default=8)
+    p.add_argument("--steps", type=int, default=90)
+    p.add_argument("--long-steps", type=int, default=20, help="measured steps per layout in the exhaustive check")
+    p.add_argument("overrides", nargs="*")
+    return p.parse_args(argv)
+
+
+def exhaustive_pick(rows: list[dict], threshold: float) -> dict:
+    """The layout longer measurements would adopt: the best candidate if it beats the baseline by the threshold."""
+    baseline, candidates = rows[0], rows[1:]
+    best = max(candidates, key=lambda r: r["long_samples_per_s"], default=None)
+    if best is not None and best["long_samples_per_s"] > baseline["long_samples_per_s"] * (1 + threshold):
+        return best
+    return baseline
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    _cli.emulate_cpu_devices(args.cpu_devices)
+    with _cli.user_errors():
+        import shutil
+        from pathlib import Path
+
+        import jax
+
+        from framework.config import load_config
+        from framework.trainer import Trainer
+        from framework.tryrun import Layout, with_layout
+
+        third = args.steps // 3
+        cfg = load_config(args.config, [
+            f"train.steps={args.steps}", "logging.progress=false", "logging.tensorboard=false", "elastic.enabled=true",
+            f"elastic.device_schedule=[[0,8],[{third},4],[{2 * third},8]]", *args.overrides,
+        ])
+        run_dir = Path(args.run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, run_dir=run_dir)
+        trainer.fit()
+        whole = time.perf_counter() - t0
+        decisions = [json.loads(line) for line in (run_dir / "tryrun.jsonl").read_text().splitlines()]
+
+        report = {"whole_run_s": whole, "steps": args.steps, "triggers": []}
+        for d in decisions:
+            s = d["seconds"]
+            rows = []
+            for row in (d["baseline"], *d["candidates"]):
+                layout = Layout(row["kind"], row["n_devices"], row["mesh"], row["grad_accum"])
+                long = Trainer(with_layout(cfg, layout), devices=jax.devices()[: layout.n_devices])
+                long.state = long.init_state()
+                long.compile()
+                batches = [long.loader.batch(i) for i in range(args.long_steps + 2)]
+                for b in batches[:2]:
+                    long.state, _ = long.step(long.state, b)
+                jax.block_until_ready(long.state)
+                t = time.perf_counter()
+                for b in batches[2:]:
+                    long.state, m = long.step(long.state, b)
+                jax.block_until_ready((long.state, m))
+                rows.append({**row, "long_samples_per_s": cfg.train.global_batch * args.long_steps / (time.perf_counter() - t)})
+            pick = exhaustive_pick(rows, d["threshold"])
+            same = pick["mesh"] == d["chosen"]["mesh"] and pick["n_devices"] == d["chosen"]["n_devices"]
+            report["triggers"].append({
+                "step": d["step"], "available_devices": d["available_devices"], "seconds": s,
+                "share": {k: v / whole for k, v in s.items()}, "rows": rows,
+                "adopted": d["chosen"]["mesh"], "adopted_devices": d["chosen"]["n_devices"],
+                "exhaustive_pick": pick["mesh"], "exhaustive_devices": pick["n_devices"], "agree": same,
+            })
+        (run_dir / "bench_tryrun.json").write_text(json.dumps(report, indent=1))
+        print(f"whole run {whole:.1f} s for {args.steps} steps")
+        print("| trigger | devices | checkpoint s | try-run compile s | try-run restore s | try-run measured s | restore s | total s (share of run) | adopted | exhaustive pick |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for tr in report["triggers"]:
+            s, sh = tr["seconds"], tr["share"]
+            cell = lambda k: f"{s[k]:.2f} ({sh[k]:.1%})"
+            mesh = lambda m, n: "x".join(str(v) for v in m.values()) + f" on {n}"
+            print(f"| step {tr['step']} | {tr['available_devices']} | {cell('checkpoint')} | {cell('tryrun_compile')} | "
+                  f"{cell('tryrun_restore')} | {cell('tryrun_measured')} | {cell('restore')} | {cell('total')} | "
+                  f"{mesh(tr['adopted'], tr['adopted_devices'])} | {mesh(tr['exhaustive_pick'], tr['exhaustive_devices'])} |")
+        for tr in report["triggers"]:
+            print(f"step {tr['step']}: " + "; ".join(
+                f"{r['kind']} {'x'.join(str(v) for v in r['mesh'].values())}/{r['n_devices']}: try-run {r['measured_samples_per_s']:.0f}, "
+                f"long {r['long_samples_per_s']:.0f} samples/s" for r in tr["rows"]))
+        agree = sum(tr["agree"] for tr in report["triggers"])
+        print(f"adopted == exhaustive pick at {agree} of {len(report['triggers'])} triggers")
+
+
+if __name__ == "__main__":
+    main()

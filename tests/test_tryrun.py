@@ -1,0 +1,207 @@
+"""Try-run controller: candidates, adoption, and elastic runs that lose no step and repeat none."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from framework.checkpoint import Checkpointer
+from framework.config import ConfigError
+from framework.trainer import Trainer
+from framework.tryrun import Trial, TryRunController, grad_accum_for, max_useful_devices
+from tests.helpers import TINY, run_script, tiny_config
+
+# A small model so each try-run compiles in seconds on 2 shared cores.
+SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_mlp=128", "train.seq_len=32",
+         "model.max_seq_len=32", "data.source=synthetic", "elastic.tryrun_steps=2"]
+
+
+def small(*overrides, steps=6):
+    return tiny_config(*SMALL, *overrides, steps=steps)
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "tryrun.jsonl").read_text().splitlines()]
+
+
+def n_devices(mesh: dict) -> int:
+    return math.prod(mesh.values())
+
+
+# ------------------------------------------------------------------ pure rules
+
+
+def test_grad_accum_keeps_global_batch_and_divides_data_parallel():
+    assert grad_accum_for(16, 8, 1) == 1
+    assert grad_accum_for(16, 8, 4) == 2  # micro-batch 4 cannot split over 8: the nearest that can
+    assert grad_accum_for(16, 4, 2) == 2  # the configured accumulation is kept when it works
+    assert grad_accum_for(16, 6, 1) is None  # 16 samples never split evenly over 6
+    assert grad_accum_for(24, 6, 1) == 1
+    assert grad_accum_for(16, 32, 1) is None
+
+
+def test_max_useful_devices_is_where_gains_stop_passing_threshold():
+    assert max_useful_devices({2: 100.0, 4: 190.0, 8: 195.0}, 0.05) == 4
+    assert max_useful_devices({2: 100.0, 4: 104.0, 8: 130.0}, 0.05) == 8
+    assert max_useful_devices({}, 0.05) is None
+
+
+def test_integer_multiple_rule_and_max_devices(tmp_path):
+    cfg = small("train.global_batch=24", "elastic.enabled=true", "elastic.min_devices=2", "elastic.max_devices=4")
+    ctl = TryRunController(Trainer(cfg, run_dir=tmp_path))
+
+    both = ctl.candidates(6, 2)  # 6 is a multiple of 2: horizontal and vertical
+    assert [(c.kind, c.mesh) for c in both] == [
+        ("horizontal", {"data": 3, "fsdp": 2, "tensor": 1}),
+        ("vertical", {"data": 2, "fsdp": 3, "tensor": 1}),
+        ("vertical", {"data": 1, "fsdp": 6, "tensor": 1}),
+    ]
+    only_vertical = ctl.candidates(6, 4)  # 6 is not a multiple of 4: the model is split over all 6
+    assert [(c.kind, c.mesh) for c in only_vertical] == [("vertical", {"data": 1, "fsdp": 6, "tensor": 1})]
+    assert all(c.grad_accum == 1 and n_devices(c.mesh) == 6 for c in both + only_vertical)
+
+    assert len(ctl.available_devices(0)) == 8 and len(ctl.usable_devices(0)) == 4  # elastic.max_devices=4
+    assert all(c.n_devices <= 4 for c in ctl.candidates(len(ctl.usable_devices(0)), 2))
+
+
+def test_candidates_adapt_accumulation_and_skip_what_the_batch_cannot_split(tmp_path):
+    cfg = small("train.grad_accum=4", "mesh.tensor=2", "elastic.enabled=true", "elastic.min_devices=1")
+    ctl = TryRunController(Trainer(cfg, run_dir=tmp_path))
+    got = {(c.kind, tuple(c.mesh.values()), c.grad_accum) for c in ctl.candidates(8, 1)}
+    # data=8 needs micro-batches of 8: accumulation drops from 4 to 2; the current tensor=2 is kept where it fits
+    assert got == {("horizontal", (8, 1, 1), 2), ("vertical", (4, 1, 2), 4), ("vertical", (2, 2, 2), 4),
+                   ("vertical", (1, 4, 2), 4)}
+    on_six = ctl.candidates(6, 1)  # global batch 16 over 6: only layouts whose batch split divides 16
+    assert all(16 % (c.mesh["data"] * c.mesh["fsdp"]) == 0 for c in on_six) and on_six
+
+
+def test_triggers(tmp_path):
+    cfg = small("elastic.enabled=true", "elastic.trigger=every_n_steps", "elastic.every_n_steps=5",
+                "elastic.device_schedule=[[0,8],[7,4]]")
+    ctl = TryRunController(Trainer(cfg, run_dir=tmp_path))
+    assert [s for s in range(12) if ctl.triggered(s)] == [5, 7, 8, 9, 10, 11]  # every 5th, and from 7 on: 4 != 8 devices
+    ctl._seen_available = 4  # as after the decision at step 7
+    assert [s for s in range(7, 16) if ctl.triggered(s)] == [10, 15]
+    assert [d.id for d in ctl.available_devices(7)] == [d.id for d in jax.devices()[:4]]
+
+
+def test_min_devices_auto_from_the_device_budget(tmp_path):
+    base = small("elastic.enabled=true")
+    trainer = Trainer(base, run_dir=tmp_path)
+    params = trainer.abstract.param_count * 4  # float32
+    whole = 4 * params + 8  # params, grads, two AdamW moments, two int32 counts (AdamW, schedule): on one device
+    for budget, expected in ((whole, 1), (whole - 1, 2), (1, 9)):  # 9: does not fit on the 8 there are
+        cfg = small("elastic.enabled=true", f"memory.device_budget_bytes={budget}")
+        assert TryRunController(Trainer(cfg, run_dir=tmp_path)).min_devices(8) == expected, budget
+    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]")
+    tight = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
+    tight.state = tight.init_state()
+    with pytest.raises(ConfigError, match="one model replica needs 5 devices, only 4 are available"):
+        TryRunController(tight).decide(tight, 0, "test")
+
+
+def test_elastic_config_errors():
+    with pytest.raises(ConfigError, match=r"elastic.device_schedule\[0\]"):
+        small("elastic.device_schedule=[[0]]")
+    with pytest.raises(ConfigError, match="elastic.min_devices=0"):
+        small("elastic.min_devices=0")
+
+
+# ------------------------------------------------------------------ adoption
+
+
+class FixedScore(TryRunController):
+    """Deterministic scores: the baseline 100 samples/s, every candidate 100 * (1 + gain)."""
+
+    gain = 0.0
+
+    def score(self, trial: Trial) -> float:
+        return 100.0 if trial.layout.kind == "baseline" else 100.0 * (1 + self.gain)
+
+
+def test_adoption_threshold_with_deterministic_score(tmp_path):
+    cfg = small("elastic.enabled=true", "elastic.min_devices=2", "elastic.threshold=0.05",
+                "elastic.device_schedule=[[0,4]]")
+    trainer = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
+    trainer.state = trainer.init_state()
+    ctl = FixedScore(trainer)
+
+    ctl.gain = 0.04  # below the threshold: keep the baseline
+    kept = ctl.decide(trainer, 0, "test")
+    ctl.gain = 0.10  # above: adopt the (only) candidate
+    adopted = ctl.decide(kept, 0, "test")
+
+    first, second = read_log(tmp_path)
+    assert first["adopted"] is False and kept is trainer and kept.axis_sizes == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert [c["kind"] for c in first["candidates"]] == ["horizontal"]
+    assert first["candidates"][0]["improvement"] == pytest.approx(0.04)
+    assert second["adopted"] is True and second["chosen"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert adopted.axis_sizes == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert second["candidates"][0]["compile_s"] < first["candidates"][0]["compile_s"]  # compiled step reused
+    # the adopted trainer holds the checkpointed state, not a try-run's
+    assert int(adopted.state.step) == 0 and int(adopted.state.data_pos) == 0
+    for key in ("trigger", "step", "available_devices", "min_devices", "integer_multiple", "baseline",
+                "candidates", "chosen", "adopted", "checkpoint_step", "seconds", "max_useful_devices"):
+        assert key in second
+    assert second["min_devices"] == 2 and second["integer_multiple"] is True and second["available_devices"] == 4
+
+
+# ------------------------------------------------------------------ elastic runs
+
+
+@pytest.mark.slow
+def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
+    steps = 12
+    fixed = Trainer(small(steps=steps)).fit()
+    cfg = small("elastic.enabled=true", "elastic.min_devices=4",
+                "elastic.device_schedule=[[0,8],[3,4],[6,6],[9,8]]", steps=steps)
+    trainer = Trainer(cfg, run_dir=tmp_path / "elastic")
+    elastic = trainer.fit()
+
+    assert [r["step"] for r in elastic] == list(range(1, steps + 1))  # none lost, none repeated
+    np.testing.assert_allclose([r["loss"] for r in elastic], [r["loss"] for r in fixed], rtol=1e-4, atol=1e-4)
+    available = {s: n for s, n in [(0, 8), (3, 4), (6, 6), (9, 8)]}
+    for r in elastic:
+        allowed = available[max(s for s in available if s < r["step"])]
+        assert n_devices(r["mesh"]) <= allowed, r
+
+    decisions = read_log(tmp_path / "elastic")
+    assert [(d["step"], d["available_devices"], d["integer_multiple"]) for d in decisions] == [
+        (3, 4, True), (6, 6, False), (9, 8, True)]
+    assert all(c["kind"] == "vertical" for c in decisions[1]["candidates"])  # 6 devices, 4 per replica
+    assert decisions[1]["candidates"] and {c["kind"] for c in decisions[2]["candidates"]} == {"horizontal", "vertical"}
+    for d in decisions:  # real timings: the adopted one is the best measured past the threshold
+        passing = [c for c in d["candidates"] if c["improvement"] > d["threshold"]]
+        if passing:
+            best = max(passing, key=lambda c: c["samples_per_s"])
+            assert d["adopted"] and d["chosen"]["mesh"] == best["mesh"] and d["chosen"]["n_devices"] == best["n_devices"]
+        else:
+            assert not d["adopted"] and d["chosen"] == d["baseline"]
+        assert d["checkpoint_step"] == d["step"]
+    assert int(trainer.state.step) == steps and int(trainer.state.data_pos) == steps
+    assert "try-run at step 6 (device_change): 6 devices available" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_devices_runs_the_controller_at_startup(tmp_path):
+    steps, saved_at = 8, 4
+    reference = Trainer(small(steps=steps))  # 8 devices, fsdp=8
+    first = reference.fit(saved_at)
+    store = Checkpointer(tmp_path / "checkpoints")
+    store.save(saved_at, reference.state)
+    store.close()
+    rest = reference.fit(steps)  # the uninterrupted run, for comparison
+
+    # 6 devices: the config's fsdp=-1 would split the batch of 16 six ways, which cannot work
+    r = run_script("train.py", "--config", TINY, "--run-dir", str(tmp_path), "--cpu-devices", "6",
+                   *SMALL, f"train.steps={steps}", "logging.progress=false", "elastic.enabled=true",
+                   "elastic.min_devices=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (decision,) = read_log(tmp_path)
+    assert (decision["trigger"], decision["step"], decision["available_devices"]) == ("startup", saved_at, 6)
+    resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in resumed] == list(range(saved_at + 1, steps + 1))
+    assert all(n_devices(rec["mesh"]) == 6 for rec in resumed)
+    np.testing.assert_allclose([rec["loss"] for rec in resumed], [rec["loss"] for rec in rest], rtol=1e-4, atol=1e-4)
+    assert len(first) == saved_at and f"done: step {steps}" in r.stdout
