@@ -64,6 +64,7 @@ class TrainConfig:
     param_dtype: str = "float32"
     grad_accum: int = 1  # micro-batches per step; global batch stays fixed
     log_every: int = 1
+    compilation_cache_dir: str = ""  # persistent XLA compilation cache (jax_compilation_cache_dir); empty: off
 
 
 @dataclass
