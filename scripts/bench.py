@@ -162,6 +162,8 @@ def bench(cfg, args) -> dict:
     t, host = cfg.train, merged(fw_clocks)
     step_s = host.pop("step_s")
     flops = model_flops(cfg, trainer.abstract.param_count)
+    cost = trainer.compiled_step.cost_analysis() or {}
+    xla_flops = cost.get("flops", 0.0) * n_dev  # XLA's count per device (all ops, remat included), summed
     achieved = flops.total / step_s["median"]
     report = {
         "config": args.config,
@@ -185,6 +187,7 @@ def bench(cfg, args) -> dict:
         "flops_dense": flops.dense,
         "flops_attention": flops.attention,
         "matmul_params": flops.matmul_params,
+        "xla_flops_per_step": xla_flops or None,
         "achieved_flops_per_s": achieved,
         "achieved_flops_per_s_per_device": achieved / n_dev,
         "peak_flops_per_device": peak_flops(device_kind),
@@ -224,7 +227,7 @@ def print_text(r: dict) -> None:
     print(f"  throughput: {r['tokens_per_s']:,.0f} tokens/s, {r['samples_per_s']:,.1f} samples/s")
     print(f"  model FLOPs/step: {r['flops_per_step']:.4g} = {r['flops_formula']}")
     print(f"    (matmul_params {r['matmul_params']:,}: embedding lookups excluded; dense {r['flops_dense']:.4g}, "
-          f"attention {r['flops_attention']:.4g})")
+          f"attention {r['flops_attention']:.4g}; XLA's own count {r['xla_flops_per_step'] or 0:.4g})")
     mfu = "n/a (no peak for this device)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_flops_per_device']:.4g} FLOP/s per device (bf16 dense)"
     print(f"  achieved {r['achieved_flops_per_s']:.4g} FLOP/s ({r['achieved_flops_per_s_per_device']:.4g} per device); MFU {mfu}")
     print(f"  host per step: data {_ms(h['host_data_s'])}, dispatch {_ms(h['host_dispatch_s'])}, "
