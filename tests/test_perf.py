@@ -163,3 +163,22 @@ def test_plot_without_tryrun_and_missing_dir(short_run, tmp_path):
     r = run_script("plot.py", str(tmp_path / "nowhere"))
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'nowhere' / 'metrics.jsonl'}: not found (expected a run directory written by scripts/train.py)"
+
+
+def test_scale_plot_llama2_7b(tmp_path):
+    from tests.helpers import ROOT
+
+    r = run_script("scale_plot.py", "--config", str(ROOT / "configs/llama2_7b.yaml"), "--out", str(tmp_path),
+                   "--min", "8", "--max", "16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in r.stdout.splitlines() if line.startswith("| 16 |")}
+    assert len(rows) == 3
+    cells = [c.strip().strip("*") for c in rows[("16", "fsdp")].split("|")[1:-1]]
+    param_bytes = 6_738_415_616 * 4
+    assert cells[2] == "(1, 16, 1)"
+    assert float(cells[3]) == round(param_bytes / 16 / 2**30, 2)  # params per device
+    assert float(cells[5]) == round(2 * param_bytes / 16 / 2**30, 2)  # AdamW mu + nu
+    assert float(cells[8]) == round(2 * param_bytes * 15 / 16 / 2**30, 2)  # gather forward + backward
+    assert float(cells[9]) == round(param_bytes * 15 / 16 / 2**30, 2)  # gradient reduce-scatter
+    assert (tmp_path / "scale_llama2_7b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 16 | fsdp | (1, 16, 1) |" in (tmp_path / "scale.md").read_text()
