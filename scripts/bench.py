@@ -196,10 +196,12 @@ def bench(cfg, args) -> dict:
         "fit": {"steps": fit_steps, "step_s_median": fit_step, "host_overhead_s": fit_step - step_s["median"]},
     }
     if ref is not None:
-        ref_step_s = merged(ref_clocks)["step_s"]
+        ref_host = merged(ref_clocks)
+        ref_step_s = ref_host.pop("step_s")
         report["reference"] = {
             "compile_s": ref_compile_s,
             "step_s": ref_step_s,
+            "host": ref_host,
             "ratio": step_s["median"] / ref_step_s["median"],
             "round_ratios": [
                 summarize(f.step_times())["median"] / summarize(r.step_times())["median"]
