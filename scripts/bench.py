@@ -10,7 +10,8 @@ MFU = FLOPs per step / step time / (devices * dense bf16 peak of the device); nu
 
 Steps are dispatched asynchronously and each step's metrics are awaited one step late (as
 ``Trainer.fit`` does), so the host never stalls the device; step times are the intervals
-between step completions. ``--reference`` alternates rounds of the framework's step with a
+between step completions. Rounds of ``Trainer.fit`` itself are interleaved to measure the real
+loop's host overhead against the timed loop. ``--reference`` alternates rounds of the framework's step with a
 hand-written plain-``jax.jit`` step of the same model, shardings and math
 (scripts/reference_lm.py) and reports framework/reference of the median step times.
 """
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (alternating with the reference; default 3)")
     p.add_argument("--fit-steps", type=int, default=0,
-                   help="also run Trainer.fit for this many steps and report its host overhead (default: --steps)")
+                   help="Trainer.fit steps per round, for its host overhead (default: --steps; at least 2)")
     p.add_argument("--reference", action="store_true", help="also time a hand-written plain-JAX step")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
@@ -139,7 +140,12 @@ def bench(cfg, args) -> dict:
     if ref is not None:
         ref_state, ref_losses = losses(ref_step, trainer.init_state(), trainer.loader, warm)
 
-    fw_clocks, ref_clocks = [], []
+    # Timed rounds, interleaved so that load changes on the machine hit all of them alike:
+    # the framework's step, the reference step, and Trainer.fit itself continuing the same state
+    # (the real loop: prefetch, metrics fetched one step late, records; its first step per call
+    # includes the loop's start-up and is dropped).
+    fit_steps = args.fit_steps or args.steps
+    fw_clocks, ref_clocks, fit_times = [], [], []
     pos = warm
     for _ in range(args.rounds):
         fw_state, clock = timed_run(trainer.step, fw_state, trainer.loader, pos, args.steps, cfg.data.prefetch)
@@ -148,16 +154,15 @@ def bench(cfg, args) -> dict:
             ref_state, clock = timed_run(ref_step, ref_state, trainer.loader, pos, args.steps, cfg.data.prefetch)
             ref_clocks.append(clock)
         pos += args.steps
+        trainer.state = fw_state
+        records = trainer.fit(int(jax.device_get(fw_state.step)) + fit_steps)
+        fit_times += [r["step_time_s"] for r in records[1:]]
+        fw_state = trainer.state
+    trainer.state = None
     del fw_state
     if ref is not None:
         del ref_state
-
-    # The real loop: Trainer.fit (prefetch, metrics fetched one step late, writers) on a fresh state.
-    fit_steps = args.fit_steps or args.steps
-    trainer.state = None
-    records = trainer.fit(fit_steps)
-    trainer.state = None
-    fit_step = summarize([r["step_time_s"] for r in records[2:]] or [records[-1]["step_time_s"]])["median"]
+    fit_step = summarize(fit_times)["median"]
 
     t, host = cfg.train, merged(fw_clocks)
     step_s = host.pop("step_s")
@@ -193,7 +198,7 @@ def bench(cfg, args) -> dict:
         "peak_flops_per_device": peak_flops(device_kind),
         "mfu": mfu(flops.total, step_s["median"], n_dev, device_kind),
         "host": host,
-        "fit": {"steps": fit_steps, "step_s_median": fit_step, "host_overhead_s": fit_step - step_s["median"]},
+        "fit": {"steps": fit_steps * args.rounds, "step_s_median": fit_step, "host_overhead_s": fit_step - step_s["median"]},
     }
     if ref is not None:
         ref_host = merged(ref_clocks)
@@ -256,6 +261,8 @@ def main(argv=None) -> None:
         for name, least in (("steps", 2), ("rounds", 1), ("warmup", 1)):
             if getattr(args, name) < least:
                 raise ConfigError(f"--{name}={getattr(args, name)}: expected at least {least}")
+        if args.fit_steps < 0 or args.fit_steps == 1:
+            raise ConfigError(f"--fit-steps={args.fit_steps}: expected 0 (same as --steps) or at least 2")
         cfg = load_config(args.config, [*args.overrides, "logging.progress=false", "logging.tensorboard=false"])
         report = bench(cfg, args)
     if args.json:
