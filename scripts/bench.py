@@ -104,6 +104,7 @@ def merged(clocks) -> dict:
 def bench(cfg, args) -> dict:
     import jax
 
+    from framework.config import ConfigError
     from framework.metrics import model_flops, mfu, peak_flops, summarize
     from framework.trainer import Trainer
 
@@ -124,7 +125,10 @@ def bench(cfg, args) -> dict:
     if args.reference:
         from reference_lm import ReferenceStep
 
-        ref = ReferenceStep(cfg, trainer.mesh, trainer.state_shardings, trainer.batch_sharding)
+        try:
+            ref = ReferenceStep(cfg, trainer.mesh, trainer.state_shardings, trainer.batch_sharding)
+        except ValueError as e:
+            raise ConfigError(f"--reference: {e}") from None
         t0 = time.perf_counter()
         shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               trainer.abstract.shapes, trainer.state_shardings)

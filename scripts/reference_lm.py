@@ -38,6 +38,8 @@ class ReferenceStep:
         m = cfg.model
         if cfg.train.grad_accum != 1:
             raise ValueError("reference step supports train.grad_accum=1 only")
+        if tuple(mesh.axis_names) != ("data", "fsdp", "tensor"):
+            raise ValueError(f"reference step expects mesh axes (data, fsdp, tensor), got {mesh.axis_names}")
         self.m, self.mesh = m, mesh
         self.dtype = jnp.dtype(cfg.train.dtype)
         self.sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
