@@ -173,10 +173,13 @@ class StepClock:
         self.wait_s: list[float] = []
         self.done_at: list[float] = []
         self.queued_behind: list[bool] = []  # next step dispatched while the previous still ran
+        self.cpu_s = 0.0  # process CPU time (all threads) from start() to the last completion
         self._t = time.perf_counter()
+        self._cpu0 = time.process_time()
 
     def start(self) -> None:
         self._t = time.perf_counter()
+        self._cpu0 = time.process_time()
 
     def data_ready(self) -> None:
         now = time.perf_counter()
@@ -194,6 +197,7 @@ class StepClock:
         now = time.perf_counter()
         self.wait_s.append(now - self._t)
         self.done_at.append(now)
+        self.cpu_s = time.process_time() - self._cpu0
         self._t = now
 
     def step_times(self) -> list[float]:
@@ -208,6 +212,9 @@ class StepClock:
             "host_dispatch_s": summarize(self.dispatch_s)["median"],
             "host_work_s": summarize(host)["median"],
             "host_wait_s": summarize(self.wait_s)["median"],
+            # CPU seconds the whole process spent per step: on a shared CPU machine, far less
+            # sensitive to other processes' load than wall time
+            "cpu_s_per_step": self.cpu_s / len(self.done_at),
             # the last step has no successor; the fraction is over the steps that do
             "gap_free_fraction": sum(self.queued_behind[:-1]) / max(len(self.queued_behind) - 1, 1),
         }

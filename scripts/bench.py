@@ -212,6 +212,8 @@ def bench(cfg, args) -> dict:
             "step_s": ref_step_s,
             "host": ref_host,
             "ratio": step_s["median"] / ref_step_s["median"],
+            "ratio_mean": step_s["mean"] / ref_step_s["mean"],
+            "cpu_ratio": host["cpu_s_per_step"] / ref_host["cpu_s_per_step"],
             "round_ratios": [
                 summarize(f.step_times())["median"] / summarize(r.step_times())["median"]
                 for f, r in zip(fw_clocks, ref_clocks)
@@ -242,7 +244,8 @@ def print_text(r: dict) -> None:
     mfu = "n/a (no peak for this device)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_flops_per_device']:.4g} FLOP/s per device (bf16 dense)"
     print(f"  achieved {r['achieved_flops_per_s']:.4g} FLOP/s ({r['achieved_flops_per_s_per_device']:.4g} per device); MFU {mfu}")
     print(f"  host per step: data {_ms(h['host_data_s'])}, dispatch {_ms(h['host_dispatch_s'])}, "
-          f"then waits {_ms(h['host_wait_s'])} for the device; device kept busy in {100 * h['gap_free_fraction']:.0f}% of steps")
+          f"then waits {_ms(h['host_wait_s'])} for the device; next step already queued in "
+          f"{100 * h['gap_free_fraction']:.0f}% of steps; {h['cpu_s_per_step']:.3f} CPU s/step")
     f = r["fit"]
     print(f"  Trainer.fit: median {_ms(f['step_s_median'])}/step over {f['steps']} steps "
           f"(host overhead {f['host_overhead_s'] * 1e3:+.2f} ms/step vs the timed loop)")
@@ -251,6 +254,8 @@ def print_text(r: dict) -> None:
         print(f"  reference (plain jax.jit): median {_ms(ref['step_s']['median'])}, compile {ref['compile_s']:.2f} s; "
               f"framework/reference = {ref['ratio']:.3f} (rounds {', '.join(f'{x:.3f}' for x in ref['round_ratios'])}); "
               f"losses max |diff| {ref['max_loss_diff']:.2e}")
+        print(f"    mean step times ratio {ref['ratio_mean']:.3f}; CPU seconds per step (all threads) "
+              f"{h['cpu_s_per_step']:.3f} vs {ref['host']['cpu_s_per_step']:.3f}, ratio {ref['cpu_ratio']:.3f}")
         same = "identical" if ref["hlo_identical"] else "DIFFERENT"
         print(f"    compiled programs {same}: {ref['hlo_instructions']['framework']} vs "
               f"{ref['hlo_instructions']['reference']} HLO instructions (names and metadata ignored)")
