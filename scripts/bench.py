@@ -151,10 +151,13 @@ def bench(cfg, args) -> dict:
     fit_steps = args.fit_steps or args.steps
     fw_clocks, ref_clocks, fit_times = [], [], []
     pos = warm
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
+        if ref is not None and r % 2:  # A B B A ...: neither step always runs first
+            ref_state, clock = timed_run(ref_step, ref_state, trainer.loader, pos, args.steps, cfg.data.prefetch)
+            ref_clocks.append(clock)
         fw_state, clock = timed_run(trainer.step, fw_state, trainer.loader, pos, args.steps, cfg.data.prefetch)
         fw_clocks.append(clock)
-        if ref is not None:
+        if ref is not None and not r % 2:
             ref_state, clock = timed_run(ref_step, ref_state, trainer.loader, pos, args.steps, cfg.data.prefetch)
             ref_clocks.append(clock)
         pos += args.steps
