@@ -88,7 +88,7 @@ class ReferenceStep:
     def _rope(self, x):
         h, t = x.shape[-1], x.shape[1]
         freqs = 1.0 / (self.m.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-        angles = jnp.arange(t).astype(jnp.float32)[:, None] * freqs[None, :]
+        angles = jnp.arange(t)[:, None].astype(jnp.float32) * freqs[None, :]
         sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
         x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
         return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -182,3 +182,16 @@ def test_scale_plot_llama2_7b(tmp_path):
     assert float(cells[9]) == round(param_bytes * 15 / 16 / 2**30, 2)  # gradient reduce-scatter
     assert (tmp_path / "scale_llama2_7b.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 16 | fsdp | (1, 16, 1) |" in (tmp_path / "scale.md").read_text()
+
+
+@pytest.mark.slow
+def test_reference_mirrors_llama_scan_remat_bf16():
+    """The GPU path (Llama style, scanned and rematerialised layers, bf16 compute) compiles like the reference."""
+    r = run_script("bench.py", "--config", TINY, "--json", "--reference", "--steps", "2", "--rounds", "1",
+                   "--warmup", "2", "--fit-steps", "2", "model.style=llama", "model.scan_layers=true",
+                   "model.remat=true", "train.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["dtype"] == "bfloat16" and rep["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert rep["reference"]["hlo_identical"] is True
+    assert rep["reference"]["max_loss_diff"] < 1e-5
