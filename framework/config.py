@@ -41,6 +41,12 @@ class ModelConfig:
     scan_layers: bool = False
     remat: bool = False
     attention: Literal["xla", "cudnn", "auto"] = "xla"
+    # CNN classifier (models/cnn.py, name: cnn): square images, 3x3 convs, one 2x2 max-pool, dense layers
+    image_size: int = 8
+    image_channels: int = 1
+    conv_channels: list[int] = field(default_factory=lambda: [16, 32])
+    dense_features: list[int] = field(default_factory=lambda: [256])
+    num_classes: int = 10
 
 
 @dataclass
@@ -84,7 +90,7 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["text", "synthetic"] = "text"
+    source: Literal["text", "synthetic", "images"] = "text"
     paths: list[str] = field(default_factory=list)  # text files or directories; empty: Python stdlib
     seed: int = 0
     prefetch: int = 2
@@ -145,7 +151,17 @@ class MemoryConfig:
 
 @dataclass
 class BroadcastConfig:
-    """Reserved for per-layer broadcast modes (issue 6)."""
+    """Per-layer broadcast modes (framework/broadcast.py).
+
+    ``mode``: ``none`` leaves every layer to XLA's sharding propagation; ``auto`` lets the cost
+    model choose kernel- or map-broadcast per layer; ``kernel``/``map`` force one mode.
+    ``overrides`` pins layers by name: ``{glob or "re:regex": auto|kernel|map}``, first match wins.
+    ``compress``: how kernels travel in kernel mode (int8 carries one scale per output channel).
+    """
+
+    mode: Literal["none", "auto", "kernel", "map"] = "none"
+    overrides: dict[str, Literal["auto", "kernel", "map"]] = field(default_factory=dict)
+    compress: Literal["none", "bf16", "int8"] = "none"
 
 
 @dataclass

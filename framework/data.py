@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from framework.config import ConfigError, DataConfig, TrainConfig
+from framework.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 
 MAX_CORPUS_BYTES = 16 << 20
 
@@ -77,10 +77,40 @@ class SyntheticSource:
         return ((start[:, None] + stride[:, None] * t) % self.vocab).astype(np.int32)
 
 
+class ImageSource:
+    """Synthetic 10-class images for the CNN: a fixed random blob pattern per class plus pixel noise.
+
+    No image set ships with the installed packages (scikit-learn's digits would need a new
+    dependency), so this one is synthetic but learnable. A row is ``size*size*channels``
+    pixel values in 0..16 followed by the label; ``train.seq_len`` must equal the pixel count.
+    """
+
+    CLASSES = 10
+
+    def __init__(self, cfg: DataConfig, seq_len: int, model):
+        pixels = model.image_size ** 2 * model.image_channels
+        if seq_len != pixels:
+            raise ConfigError(f"train.seq_len={seq_len}: data.source=images needs the pixel count {pixels} "
+                              f"(model.image_size**2 * model.image_channels)")
+        if model.num_classes < self.CLASSES:
+            raise ConfigError(f"model.num_classes={model.num_classes}: data.source=images has {self.CLASSES} classes")
+        self.seed, self.seq_len = cfg.seed, seq_len
+        self.templates = (np.random.default_rng([cfg.seed, 10_007]).random((self.CLASSES, pixels)) < 0.35) * 12.0
+
+    def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, position])
+        labels = rng.integers(0, self.CLASSES, size=global_rows)
+        noise = rng.normal(0.0, 3.0, size=(global_rows, self.seq_len))
+        pixels = np.clip(np.round(self.templates[labels] + noise), 0, 16)
+        return np.concatenate([pixels, labels[:, None]], axis=1)[row_ids].astype(np.int32)
+
+
 SOURCES = {"text": TextSource, "synthetic": SyntheticSource}
 
 
-def make_source(data: DataConfig, train: TrainConfig, vocab_size: int):
+def make_source(data: DataConfig, train: TrainConfig, vocab_size: int, model: ModelConfig | None = None):
+    if data.source == "images":  # image shape comes from the model section
+        return ImageSource(data, train.seq_len, model or ModelConfig())
     return SOURCES[data.source](data, train.seq_len, vocab_size)
 
 

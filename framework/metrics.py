@@ -49,6 +49,21 @@ class MetricsWriter:
             self._tb.close()
 
 
+def drop_records_after(run_dir: str | Path | None, step: int) -> None:
+    """On resume from ``step``: forget logged steps after it, which are about to be trained again."""
+    path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    if path is None or not path.is_file() or jax.process_index() != 0:
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed process
+            continue
+    path.write_text("".join(kept))
+
+
 class ProgressBar:
     """tqdm bar with loss and throughput; silent on processes other than 0 or when disabled."""
 

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from framework import sharding
+from framework import broadcast, sharding
 from framework.config import Config
 from framework.optimizer import build_optimizer
 from models import build_model
@@ -41,6 +41,7 @@ class AbstractState:
     specs: TrainState  # of PartitionSpec
     logical_axes: dict  # params' logical axis names
     tx: optax.GradientTransformation
+    broadcast_plan: Any = None  # framework.broadcast.BroadcastPlan, or None with broadcast.mode=none
 
     @property
     def param_count(self) -> int:
@@ -75,6 +76,9 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
     opt_state = jax.eval_shape(tx.init, params)
     rules = sharding.rules_table(cfg.sharding.param_rules)
     param_specs = sharding.param_specs(params, logical_axes, rules, axis_sizes)
+    broadcast_plan = broadcast.plan_model(cfg, graphdef, params, axis_sizes)  # issue 6: stores planned kernels split
+    if broadcast_plan is not None:
+        param_specs = broadcast.with_kernel_specs(broadcast_plan, param_specs)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     shapes = TrainState(
         step=scalar,
@@ -90,7 +94,7 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
         rng=PartitionSpec(),
         data_pos=PartitionSpec(),
     )
-    return AbstractState(graphdef, shapes, specs, logical_axes, tx)
+    return AbstractState(graphdef, shapes, specs, logical_axes, tx, broadcast_plan)
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, **model_kw) -> TrainState:

@@ -7,6 +7,7 @@ Subclass and override ``loss_fn``, ``train_step`` or ``on_step_end`` for researc
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,11 +19,12 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import sharding
+from framework import broadcast, sharding
+from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
 from framework.mesh import MeshManager, describe
-from framework.metrics import MetricsWriter, ProgressBar
+from framework.metrics import MetricsWriter, ProgressBar, drop_records_after
 from framework.optimizer import learning_rate_schedule
 from framework.state import TrainState, abstract_state, init_state
 
@@ -49,7 +51,7 @@ class Trainer:
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
 
         self.loader = BatchLoader(
-            make_source(cfg.data, cfg.train, cfg.model.vocab_size),
+            make_source(cfg.data, cfg.train, cfg.model.vocab_size, model=cfg.model),
             cfg.train.global_batch,
             cfg.train.grad_accum,
             self.batch_sharding,
@@ -63,6 +65,8 @@ class Trainer:
         self._compiled = None
         self.compile_seconds = 0.0
         self.state: TrainState | None = None
+        # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
+        self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
 
     # ------------------------------------------------------------------ set-up
 
@@ -84,6 +88,35 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shardings (no full copy on one device)."""
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=self.state_shardings)()
+
+    def restore_or_init(self) -> TrainState:
+        """Resume per ``checkpoint.resume``: never a silent fresh start over an earlier run."""
+        ck, resume = self.checkpointer, self.cfg.checkpoint.resume
+        if ck is None:
+            if resume is True:
+                raise ConfigError("checkpoint.resume=true needs a run dir or checkpoint.dir to resume from")
+            return self.init_state()
+        if resume is False:
+            moved = ck.set_aside_all()
+            if moved is not None:
+                warn(f"checkpoint.resume=false: starting over; earlier checkpoints moved to {moved}")
+            drop_records_after(self.run_dir, 0)
+            return self.init_state()
+        if ck.latest_good_step() is None:
+            metrics = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+            if resume is True:
+                raise CheckpointError(f"checkpoint.resume=true but {ck.directory} holds no checkpoint")
+            if metrics is not None and metrics.is_file() and metrics.stat().st_size:
+                raise CheckpointError(
+                    f"run dir {self.run_dir} holds an earlier run ({metrics.name}) but no checkpoint in {ck.directory}; "
+                    "set checkpoint.resume=false to start over"
+                )
+            return self.init_state()
+        state = ck.restore("latest", abstract_target(self.abstract.shapes, self.state_shardings))
+        step = int(jax.device_get(state.step))
+        drop_records_after(self.run_dir, step)  # steps after the checkpoint are trained again
+        print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
+        return state
 
     def compile(self) -> None:
         """Compile the step ahead of time (its cost is reported apart from step times)."""
@@ -111,8 +144,11 @@ class Trainer:
 
     def loss_fn(self, params, batch: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
         """Mean next-token cross-entropy of one micro-batch (B, T+1) of tokens."""
+        model = self.model(params)
+        if hasattr(model, "loss"):  # a model with its own objective (e.g. the CNN classifier)
+            return model.loss(batch), {}
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(params)(inputs)
+        logits = model(inputs)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return loss, {}
 
@@ -146,7 +182,8 @@ class Trainer:
         return new_state, metrics
 
     def _traced_step(self, state, batch):
-        with sharding.activation_sharding(self.mesh, self.activation_rules):
+        with sharding.activation_sharding(self.mesh, self.activation_rules), \
+                broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes (issue 6)
             return self.train_step(state, batch)
 
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
@@ -166,9 +203,9 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
-        self.write_config()
         if self.state is None:
-            self.state = self.init_state()
+            self.state = self.restore_or_init()
+        self.write_config()
         self.compile()
         start = int(jax.device_get(self.state.step))
         writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard)
@@ -184,9 +221,18 @@ class Trainer:
                 if pending is not None:
                     last_done = self._finish(pending, last_done, records, writer, bar)
                 pending = (step, metrics)
+                if self.checkpointer is not None and self.checkpointer.should_save(step + 1):
+                    # log the step before saving it: a run resumed from it has lost no metrics
+                    last_done = self._finish(pending, last_done, records, writer, bar)
+                    pending = None
+                    self.checkpointer.save(step + 1, self.state)
             if pending is not None:
                 self._finish(pending, last_done, records, writer, bar)
+            if self.checkpointer is not None and total > start and not self.checkpointer.should_save(total):
+                self.checkpointer.save(total, self.state)  # the final state is always kept
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
             prefetch.close()
             bar.close()
             writer.close()

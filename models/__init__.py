@@ -26,9 +26,11 @@ def build_model(cfg: ModelConfig, **kwargs):
 
 
 def _register_builtin() -> None:
+    from models.cnn import CNN
     from models.transformer import Transformer
 
     register("transformer")(Transformer)
+    register("cnn")(CNN)
 
 
 _register_builtin()

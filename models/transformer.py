@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from framework import broadcast
 from framework.config import ModelConfig
 from framework.sharding import constrain
 
@@ -25,11 +26,18 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init=nnx.initializers.normal(0.02
 
 
 class Dense(nnx.Module):
-    """``y = einsum(x, W) (+ b)`` with named kernel dimensions; computes in ``dtype``."""
+    """``y = einsum(x, W) (+ b)`` with named kernel dimensions; computes in ``dtype``.
+
+    Runs through ``framework.broadcast.dense`` (the kernel's leading dims contract with x's
+    trailing dims), so a broadcast plan can pick its mode by ``name`` (its module path).
+    """
 
     def __init__(self, spec: str, shape, axes, *, bias_axes=None, dtype, param_dtype, rngs, std=0.02):
         self.spec = spec
         self.dtype = dtype
+        x_dims, k_dims = spec.split("->")[0].split(",")
+        self.n_in = len(set(x_dims) & set(k_dims))
+        self.name = ""  # set by broadcast.name_layers once the model is built
         self.kernel = _param(rngs, shape, axes, param_dtype, nnx.initializers.normal(std))
         out_shape = [shape[i] for i, a in enumerate(axes) if a in (bias_axes or ())]
         self.bias = (
@@ -39,10 +47,8 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x):
-        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+        return broadcast.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), bias, name=self.name, n_in=self.n_in)
 
 
 class Norm(nnx.Module):
@@ -172,6 +178,7 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs) for _ in range(cfg.n_layers)])
         self.ln_f = Norm(cfg.d_model, "layer" if cfg.style == "gpt" else "rms", cfg.norm_eps, param_dtype, rngs)
         self.unembed = None if self.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+        broadcast.name_layers(self, Dense)
 
     def _block_fn(self):
         call = lambda block, x: block(x)

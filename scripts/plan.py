@@ -19,6 +19,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True)
     p.add_argument("--devices", type=int, default=None, help="devices to plan for (default: those present)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--measure", action="store_true",
+                   help="compile the step on the available devices and count its collective bytes (broadcast section)")
     p.add_argument("overrides", nargs="*")
     return p.parse_args(argv)
 
@@ -41,7 +43,38 @@ def build_report(cfg, n_devices: int) -> dict:
             "dtype": str(x.dtype),
             "spec": [None if a is None else a if isinstance(a, str) else list(a) for a in flat_specs[path]],
         })
-    return {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
+    report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
+    # ---- broadcast modes (issue 6): the per-layer job list
+    report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
+    return report
+
+
+def measure_broadcast(cfg, n_devices: int) -> dict:
+    """Compile the real step on ``n_devices`` devices; measured collective bytes next to the plan's."""
+    import jax
+
+    from framework.collectives import count_compiled
+    from framework.config import ConfigError
+    from framework.trainer import Trainer
+
+    if n_devices > jax.device_count():
+        raise ConfigError(f"--measure: --devices={n_devices} but only {jax.device_count()} devices are present")
+    trainer = Trainer(cfg, devices=jax.devices()[:n_devices])
+    trainer.compile()
+    report = count_compiled(trainer._compiled, n_devices)
+    plan = trainer.abstract.broadcast_plan
+    by_layer = report.by_layer()
+    layers = [] if plan is None else [
+        {"name": layer.name, "mode": layer.mode, "predicted": layer.predicted_bytes, "measured": by_layer.get(layer.name, 0)}
+        for layer in plan.layers
+    ]
+    return {
+        "devices": n_devices, "unit": "bytes per device per micro-batch (forward + backward)",
+        "predicted_total": None if plan is None else plan.total_bytes, "measured_total": report.total,
+        "predicted_layers": None if plan is None else plan.layer_bytes,
+        "measured_layers": sum(v for k, v in by_layer.items() if k is not None),
+        "measured_unattributed": by_layer.get(None, 0), "by_kind": report.by_kind(), "layers": layers,
+    }
 
 
 def print_text(report: dict) -> None:
@@ -51,6 +84,33 @@ def print_text(report: dict) -> None:
     for p in report["params"]:
         spec = "(" + ", ".join("None" if a is None else str(a) for a in p["spec"]) + ")"
         print(f"{p['name']:<{width}}  {str(tuple(p['shape'])):<22} {p['dtype']:<9} {spec}")
+    print_broadcast(report)
+
+
+def print_broadcast(report: dict) -> None:
+    """The broadcast job list, and measured next to predicted bytes when --measure ran."""
+    from framework.broadcast import BroadcastPlan, LayerPlan
+
+    plan = report.get("broadcast")
+    if plan is None:
+        print("broadcast: mode none (XLA decides every layer's collectives)")
+    else:
+        layers = [LayerPlan(**{k: tuple(v) if k == "kernel_shape" else v for k, v in layer.items() if k != "predicted_bytes"})
+                  for layer in plan["layers"]]
+        print(BroadcastPlan(plan["devices"], tuple(plan["axes"]), plan["compress"], layers, plan["other_param_bytes"]).table())
+    m = report.get("broadcast_measured")
+    if m is None:
+        return
+    print(f"measured on {m['devices']} devices (bytes per device per micro-batch):")
+    if m["layers"]:
+        width = max(len(layer["name"]) for layer in m["layers"])
+        print(f"  {'layer':<{width}}  {'mode':<6} {'predicted':>12} {'measured':>12}")
+        for layer in m["layers"]:
+            print(f"  {layer['name']:<{width}}  {layer['mode']:<6} {layer['predicted']:>12,} {layer['measured']:>12,}")
+    pred = "-" if m["predicted_total"] is None else f"{m['predicted_total']:,}"
+    print(f"  layers: predicted {m['predicted_layers'] or 0:,} measured {m['measured_layers']:,}; "
+          f"unattributed measured {m['measured_unattributed']:,}")
+    print(f"  total: predicted {pred} measured {m['measured_total']:,}; by kind {m['by_kind']}")
 
 
 def main(argv=None) -> None:
@@ -63,6 +123,8 @@ def main(argv=None) -> None:
 
         cfg = load_config(args.config, args.overrides)
         report = build_report(cfg, args.devices or jax.device_count())
+        if args.measure:
+            report["broadcast_measured"] = measure_broadcast(cfg, args.devices or jax.device_count())
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()

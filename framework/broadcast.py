@@ -1,0 +1,537 @@
+"""Per-layer broadcast modes: a cost model, a planner, and the shard_map layers that obey it.
+
+Across the P devices that split the batch, a layer with a kernel runs in one of two modes:
+
+- ``kernel``: the kernel is all-gathered to every device (optionally compressed), the
+  feature map stays split by batch; the kernel gradient is reduce-scattered.
+- ``map``: the feature map is all-gathered to every device, the kernel stays split by
+  output channel; the input gradient is reduce-scattered.
+
+Kernels are stored split by output channel in both modes, so a plan changes only what
+moves, never where parameters live. A ``map`` layer's output is split by channel; if the
+next layer of its chain is also ``map`` it gathers straight from that layout, otherwise an
+all-to-all returns it to the batch layout (the transition cost the planner weighs).
+
+Outside ``use_plan`` the layers are plain einsums/convolutions (the single-device
+reference and the ``broadcast.mode: none`` behaviour). Byte counts are per device per
+micro-batch (forward + backward), by the convention of ``framework.collectives``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import fnmatch
+import json
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from framework.collectives import layer_scope
+from framework.config import BroadcastConfig, ConfigError
+
+MODES = ("kernel", "map")
+
+
+# ------------------------------------------------------------------ what the cost model reads
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """One layer call as traced: global shapes of one micro-batch, and how it connects."""
+
+    name: str
+    kind: str  # "dense" or "conv"
+    kernel_shape: tuple[int, ...]
+    out_axis: int  # kernel dimension holding the (first) output channels
+    in_shape: tuple[int, ...]  # feature map entering the layer, batch first
+    out_shape: tuple[int, ...]
+    act_bytes: int  # bytes per activation element (compute dtype)
+    param_bytes: int  # bytes per kernel element (parameter dtype)
+    bias: bool
+    input_grad: bool  # False when the input is data: no input gradient is computed
+    chained: bool  # output reaches the next recorded layer through channel-wise ops only
+    input_group: int = 0  # consecutive layers reading the very same feature map share one group
+
+    @property
+    def out_channels(self) -> int:
+        return self.kernel_shape[self.out_axis]
+
+    @property
+    def bias_elements(self) -> int:
+        return math.prod(self.kernel_shape[self.out_axis:]) if self.bias else 0
+
+
+def _frac(p: int) -> float:
+    return (p - 1) / p
+
+
+def splittable(layer: LayerShape, p: int) -> bool:
+    """Output channels divide over P: the kernel can be stored split and ``map`` mode is possible."""
+    return p > 1 and layer.out_channels % p == 0
+
+
+def compressed_kernel_bytes(layer: LayerShape, compress: str) -> int:
+    """Bytes of the whole kernel (+ bias) as it travels in ``kernel`` mode."""
+    n = math.prod(layer.kernel_shape)
+    per_channel = math.prod(layer.kernel_shape[layer.out_axis:])
+    bias = layer.bias_elements * layer.param_bytes
+    if compress == "bf16":
+        return n * 2 + bias
+    if compress == "int8":
+        return n + per_channel * 4 + bias  # int8 values + one float32 scale per output channel
+    return n * layer.param_bytes + bias
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeCost:
+    forward: int
+    backward: int
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
+def mode_costs(layer: LayerShape, p: int, compress: str = "none") -> dict[str, ModeCost | None]:
+    """Bytes one device moves for this layer in each mode (None: mode impossible)."""
+    f = _frac(p)
+    kernel_full = (math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes
+    x_bytes = math.prod(layer.in_shape) * layer.act_bytes
+    if p == 1:
+        return {"kernel": ModeCost(0, 0), "map": None}
+    if not splittable(layer, p):  # replicated kernel: nothing to gather, gradients all-reduced
+        return {"kernel": ModeCost(0, round(2 * f * kernel_full)), "map": None}
+    return {
+        "kernel": ModeCost(round(f * compressed_kernel_bytes(layer, compress)), round(f * kernel_full)),
+        "map": ModeCost(round(f * x_bytes), round(f * x_bytes) if layer.input_grad else 0),
+    }
+
+
+def transition_bytes(layer: LayerShape, p: int) -> int:
+    """All-to-all returning a ``map`` layer's channel-split output to the batch layout (fwd + bwd)."""
+    y_local = math.prod(layer.out_shape) * layer.act_bytes / p
+    return 2 * round(_frac(p) * y_local)
+
+
+# ------------------------------------------------------------------ the plan ("job list")
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    name: str
+    kind: str
+    kernel_shape: tuple[int, ...]
+    kernel_bytes: int  # uncompressed kernel + bias
+    map_bytes: int  # the input feature map, one micro-batch, global
+    devices: int  # P
+    kernel_mode_bytes: int
+    map_mode_bytes: int | None  # None: output channels do not divide over P
+    transition_bytes: int  # paid when a map layer hands on in the batch layout
+    shared_gather_bytes: int  # map-mode input gather done by a later layer of the same input group
+    mode: str
+    in_layout: str  # "batch" or "channel": how the input arrives
+    out_layout: str  # how the output leaves
+    compress: str  # applies to the kernel gather of kernel-mode layers
+    pinned: str  # "auto", or the config key that fixed the mode
+    split_kernel: bool  # kernel stored split by output channel (else replicated)
+    out_axis: int
+
+    @property
+    def predicted_bytes(self) -> int:
+        own = self.kernel_mode_bytes if self.mode == "kernel" else self.map_mode_bytes - self.shared_gather_bytes
+        return own + (self.transition_bytes if self.mode == "map" and self.out_layout == "batch" else 0)
+
+
+@dataclasses.dataclass
+class BroadcastPlan:
+    devices: int
+    axes: tuple[str, ...]  # mesh axes that split the batch: the P devices
+    compress: str
+    layers: list[LayerPlan]
+    other_param_bytes: int = 0  # parameters outside the plan (embeddings, norms): XLA syncs their gradients
+
+    @property
+    def other_sync_bytes(self) -> int:
+        """Their gradient sync, as an all-reduce or a gather + reduce-scatter: 2(P-1)/P of their bytes."""
+        return round(2 * _frac(self.devices) * self.other_param_bytes)
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(layer.predicted_bytes for layer in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.layer_bytes + self.other_sync_bytes
+
+    def get(self, name: str) -> LayerPlan | None:
+        return next((layer for layer in self.layers if layer.name == name), None)
+
+    def modes(self) -> dict[str, str]:
+        return {layer.name: layer.mode for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        layers = []
+        for layer in self.layers:
+            d = dataclasses.asdict(layer)
+            d["kernel_shape"] = list(layer.kernel_shape)
+            d["predicted_bytes"] = layer.predicted_bytes
+            layers.append(d)
+        return {"devices": self.devices, "axes": list(self.axes), "compress": self.compress,
+                "unit": "bytes per device per micro-batch (forward + backward)",
+                "layer_bytes": self.layer_bytes, "other_param_bytes": self.other_param_bytes,
+                "other_sync_bytes": self.other_sync_bytes, "total_bytes": self.total_bytes, "layers": layers}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def table(self) -> str:
+        """The job list as a text table (bytes per device per micro-batch)."""
+        w = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        head = (f"{'layer':<{w}}  {'kind':<5} {'kernel':>10} {'map':>10} {'kernel-mode':>12} {'map-mode':>10} "
+                f"{'transition':>10}  {'mode':<6} {'in->out':<15} {'compress':<8} pinned")
+        rows = [f"broadcast plan over P={self.devices} devices {self.axes}", head]
+        for layer in self.layers:
+            mm = "-" if layer.map_mode_bytes is None else f"{layer.map_mode_bytes:,}"
+            rows.append(
+                f"{layer.name:<{w}}  {layer.kind:<5} {layer.kernel_bytes:>10,} {layer.map_bytes:>10,} "
+                f"{layer.kernel_mode_bytes:>12,} {mm:>10} {layer.transition_bytes:>10,}  {layer.mode:<6} "
+                f"{layer.in_layout + '->' + layer.out_layout:<15} {layer.compress:<8} {layer.pinned}"
+            )
+        rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,} "
+                    f"= predicted total {self.total_bytes:,} bytes per device per micro-batch")
+        return "\n".join(rows)
+
+
+def _pin(name: str, cfg: BroadcastConfig) -> tuple[str, str]:
+    """(requested mode, where it came from): the first matching override wins, else ``broadcast.mode``.
+
+    Patterns are fnmatch globs (``blocks.*.mlp.*``) or, prefixed ``re:``, regular expressions.
+    """
+    for pattern, mode in cfg.overrides.items():
+        hit = re.fullmatch(pattern[3:], name) if pattern.startswith("re:") else fnmatch.fnmatchcase(name, pattern)
+        if hit:
+            return mode, f"broadcast.overrides.{pattern}"
+    return cfg.mode, ("auto" if cfg.mode == "auto" else "broadcast.mode")
+
+
+def check_overrides(cfg: BroadcastConfig) -> None:
+    for pattern in cfg.overrides:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ConfigError(f"broadcast.overrides: pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
+              other_param_bytes: int = 0) -> BroadcastPlan:
+    """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
+
+    A pinned layer keeps its mode; a layer whose output channels do not divide over P can
+    only run in ``kernel`` mode (a pin to ``map`` falls back and says so in ``pinned``).
+    The chain state is the previous layer's mode: a ``map`` layer pays the all-to-all back
+    to the batch layout unless the next layer of its chain is ``map`` too.
+    """
+    check_overrides(cfg)
+    costs = [mode_costs(layer, devices, cfg.compress) for layer in layers]
+    trans = [transition_bytes(layer, devices) for layer in layers]
+    allowed, pins = [], []
+    for layer, cost in zip(layers, costs):
+        want, source = _pin(layer.name, cfg)
+        feasible = [m for m in MODES if cost[m] is not None]
+        if want in MODES and want not in feasible:
+            allowed.append(feasible)
+            pins.append(f"{source} (map impossible: {layer.out_channels} channels over P={devices})")
+        else:
+            allowed.append([want] if want in MODES else feasible)
+            pins.append(source)
+
+    # Dynamic programming over the call order. State (mode, gathered): this layer's mode, and
+    # whether its input group's feature map is already gathered by a map-mode member. A map
+    # layer's hand-off (all-to-all back to the batch layout) is paid once the next mode is known.
+    n = len(layers)
+    best: list[dict[tuple[str, bool], float]] = []
+    back: list[dict[tuple[str, bool], tuple[str, bool] | None]] = []
+    for i in range(n):
+        best.append({})
+        back.append({})
+        prev_states = best[i - 1].items() if i else [(None, 0.0)]
+        for m in allowed[i]:
+            for prev, so_far in prev_states:
+                same_group = prev is not None and layers[i].input_group == layers[i - 1].input_group
+                gathered = same_group and prev[1]
+                own = costs[i][m].total - (costs[i][m].forward if m == "map" and gathered else 0)
+                hand_off = 0
+                if prev is not None and prev[0] == "map" and not (m == "map" and layers[i - 1].chained):
+                    hand_off = trans[i - 1]
+                state, total = (m, gathered or m == "map"), so_far + hand_off + own
+                if state not in best[i] or total < best[i][state]:
+                    best[i][state], back[i][state] = total, prev
+    states: list[tuple[str, bool]] = []
+    if n:
+        final = {s: v + (trans[-1] if s[0] == "map" else 0) for s, v in best[-1].items()}
+        states = [min(final, key=lambda s: (final[s], s[0] != "kernel"))]
+        for i in range(n - 1, 0, -1):
+            states.insert(0, back[i][states[0]])
+    modes = [s[0] for s in states]
+
+    plans = []
+    for i, (layer, cost) in enumerate(zip(layers, costs)):
+        channel_in = i > 0 and modes[i] == "map" and modes[i - 1] == "map" and layers[i - 1].chained
+        channel_out = i + 1 < n and modes[i] == "map" and modes[i + 1] == "map" and layer.chained
+        # XLA merges the group's identical gathers into one; charge it to the group's last map layer
+        later_map_in_group = any(modes[j] == "map" and layers[j].input_group == layer.input_group for j in range(i + 1, n))
+        plans.append(LayerPlan(
+            name=layer.name, kind=layer.kind, kernel_shape=tuple(layer.kernel_shape),
+            kernel_bytes=(math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes,
+            map_bytes=math.prod(layer.in_shape) * layer.act_bytes, devices=devices,
+            kernel_mode_bytes=cost["kernel"].total,
+            map_mode_bytes=None if cost["map"] is None else cost["map"].total,
+            transition_bytes=trans[i],
+            shared_gather_bytes=cost["map"].forward if modes[i] == "map" and later_map_in_group else 0,
+            mode=modes[i],
+            in_layout="channel" if channel_in else "batch", out_layout="channel" if channel_out else "batch",
+            compress=cfg.compress if modes[i] == "kernel" and splittable(layer, devices) else "none",
+            pinned=pins[i], split_kernel=splittable(layer, devices), out_axis=layer.out_axis,
+        ))
+    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes)
+
+
+# ------------------------------------------------------------------ recording layer shapes
+
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("meshpilot_broadcast_recorder", default=None)
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("meshpilot_broadcast_plan", default=None)
+
+
+def trace_layers(fn: Callable, *abstract_args) -> list[LayerShape]:
+    """The broadcast layers ``fn`` calls, in call order, with their shapes (abstract trace, no FLOPs).
+
+    Consecutive layers reading the same traced value (attention's query/key/value) get one
+    ``input_group``: XLA gathers that feature map once for all of them.
+    """
+    calls: list[tuple[LayerShape, Any]] = []
+    token = _RECORDER.set(calls)
+    try:
+        jax.eval_shape(lambda *a: fn(*a), *abstract_args)  # a fresh function: a cached trace would record nothing
+    finally:
+        _RECORDER.reset(token)
+    layers, group = [], 0
+    for i, (layer, x) in enumerate(calls):
+        if any(layer.name == other.name for other in layers):
+            raise ValueError(f"broadcast layer name {layer.name!r} is used twice; layer names must be unique")
+        group += i > 0 and x is not calls[i - 1][1]
+        layers.append(dataclasses.replace(layer, input_group=group))
+    return layers
+
+
+@contextlib.contextmanager
+def use_plan(plan: BroadcastPlan | None, mesh):
+    """While tracing a step, run the layers named in ``plan`` in their planned modes on ``mesh``."""
+    token = _ACTIVE.set(None if plan is None else (plan, mesh))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+# ------------------------------------------------------------------ kernel transfer, compressed or not
+
+
+def _quantize_int8(w, out_axis: int):
+    """Symmetric int8 with one scale per output channel (reduced over the input dimensions)."""
+    reduce_axes = tuple(range(out_axis))
+    scale = jnp.max(jnp.abs(w), axis=reduce_axes) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale).astype(jnp.float32)
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def _gather_kernel(w, axes, out_axis: int, compress: str):
+    """All-gather a kernel split by output channel; compressed on the wire, float again on arrival.
+
+    The backward pass reduce-scatters the float gradient (straight-through: the gradient of
+    the dequantised kernel is the gradient of the stored one).
+    """
+    if compress == "none":
+        return jax.lax.all_gather(w, axes, axis=out_axis, tiled=True)
+
+    @jax.custom_vjp
+    def gather(w):
+        if compress == "bf16":  # sent as raw 16-bit words, so XLA cannot hoist the cast past the gather
+            bits = jax.lax.bitcast_convert_type(w.astype(jnp.bfloat16), jnp.uint16)
+            bits = jax.lax.all_gather(bits, axes, axis=out_axis, tiled=True)
+            return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(w.dtype)
+        q, scale = _quantize_int8(w, out_axis)
+        q = jax.lax.all_gather(q, axes, axis=out_axis, tiled=True)
+        scale = jax.lax.all_gather(scale, axes, axis=0, tiled=True)
+        return (q.astype(jnp.float32) * scale).astype(w.dtype)
+
+    def fwd(w):
+        return gather(w), None
+
+    def bwd(_, g):
+        return (jax.lax.psum_scatter(g, axes, scatter_dimension=out_axis, tiled=True),)
+
+    gather.defvjp(fwd, bwd)
+    return gather(w)
+
+
+# ------------------------------------------------------------------ the layers
+
+
+def _spec(ndim: int, axis: int, axes) -> PartitionSpec:
+    parts = [None] * ndim
+    parts[axis] = axes
+    return PartitionSpec(*parts)
+
+
+def broadcast_apply(
+    compute: Callable,
+    x,
+    kernel,
+    bias,
+    *,
+    name: str,
+    kind: str,
+    out_axis: int,
+    input_grad: bool = True,
+    chained: bool = False,
+):
+    """``compute(x, kernel) (+ bias)`` in the mode the active plan gives layer ``name``.
+
+    ``kernel`` holds output channels from dimension ``out_axis`` on; ``bias`` has the shape of
+    those trailing dimensions. With no plan active this is the plain computation; while
+    ``trace_layers`` records, the call is recorded as well.
+    """
+    def plain(x, kernel, bias):
+        y = compute(x, kernel)
+        return y if bias is None else y + bias
+
+    calls = _RECORDER.get()
+    if calls is not None:
+        y = jax.eval_shape(plain, x, kernel, bias)
+        calls.append((LayerShape(
+            name=name, kind=kind, kernel_shape=tuple(kernel.shape), out_axis=out_axis, in_shape=tuple(x.shape),
+            out_shape=tuple(y.shape), act_bytes=jnp.dtype(x.dtype).itemsize,
+            param_bytes=jnp.dtype(kernel.dtype).itemsize, bias=bias is not None,
+            input_grad=input_grad, chained=chained,
+        ), x))
+    active = _ACTIVE.get()
+    layer = None if active is None else active[0].get(name)
+    if layer is None:
+        return plain(x, kernel, bias)
+    plan, mesh = active
+    axes = plan.axes
+    y_ndim = jax.eval_shape(plain, x, kernel, bias).ndim
+    y_channel_axis = y_ndim - (kernel.ndim - out_axis)  # first output-channel dimension of y
+
+    def body(x, kernel, bias):
+        with layer_scope(name):
+            if layer.mode == "kernel":
+                if layer.split_kernel:
+                    kernel = _gather_kernel(kernel, axes, out_axis, layer.compress)
+                    if bias is not None:
+                        bias = jax.lax.all_gather(bias, axes, axis=0, tiled=True)
+                return plain(x, kernel, bias)
+            x = jax.lax.all_gather(x, axes, axis=0 if layer.in_layout == "batch" else x.ndim - 1, tiled=True)
+            y = plain(x, kernel, bias)
+            if layer.out_layout == "batch":
+                y = jax.lax.all_to_all(y, axes, 0, y_channel_axis, tiled=True)
+            return y
+
+    channel_split = layer.split_kernel
+    x_spec = PartitionSpec(axes) if layer.in_layout == "batch" else _spec(x.ndim, x.ndim - 1, axes)
+    k_spec = _spec(kernel.ndim, out_axis, axes) if channel_split else PartitionSpec()
+    b_spec = PartitionSpec(axes) if channel_split else PartitionSpec()
+    y_spec = PartitionSpec(axes) if layer.out_layout == "batch" else _spec(y_ndim, y_ndim - 1, axes)
+    if bias is None:
+        fn = jax.shard_map(lambda x, k: body(x, k, None), mesh=mesh, in_specs=(x_spec, k_spec), out_specs=y_spec,
+                           axis_names=set(axes))
+        return fn(x, kernel)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec, axis_names=set(axes))
+    return fn(x, kernel, bias)
+
+
+def dense(x, kernel, bias=None, *, name: str, n_in: int = 1, input_grad: bool = True, chained: bool = False):
+    """Contract the last ``n_in`` dims of ``x`` with the first ``n_in`` dims of ``kernel``."""
+    compute = lambda x, k: jnp.tensordot(x, k, axes=n_in)
+    return broadcast_apply(compute, x, kernel, bias, name=name, kind="dense", out_axis=n_in,
+                           input_grad=input_grad, chained=chained)
+
+
+def conv(x, kernel, bias=None, *, name: str, input_grad: bool = True, chained: bool = False):
+    """NHWC x HWIO, stride 1, SAME padding."""
+    compute = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return broadcast_apply(compute, x, kernel, bias, name=name, kind="conv", out_axis=3,
+                           input_grad=input_grad, chained=chained)
+
+
+# ------------------------------------------------------------------ storage layout of planned kernels
+
+
+def kernel_specs(plan: BroadcastPlan) -> dict[str, tuple[PartitionSpec, PartitionSpec]]:
+    """Layer name -> (kernel spec, bias spec): split by output channel over the plan's axes, or replicated."""
+    out = {}
+    for layer in plan.layers:
+        if layer.split_kernel:
+            out[layer.name] = (_spec(len(layer.kernel_shape), layer.out_axis, plan.axes), PartitionSpec(plan.axes))
+        else:
+            out[layer.name] = (PartitionSpec(), PartitionSpec())
+    return out
+
+
+def name_layers(root, layer_type: type | tuple[type, ...]) -> None:
+    """Name every ``layer_type`` module by its path in ``root`` (``blocks.0.mlp.fc_in``): plans and configs use it."""
+    for path, node in nnx.iter_graph(root):
+        if isinstance(node, layer_type):
+            node.name = ".".join(str(k) for k in path)
+
+
+def batch_axes(cfg, axis_sizes: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes the activation rules split the batch over: the P devices of every plan."""
+    for logical, axes in cfg.sharding.activation_rules:
+        if logical == "batch":
+            axes = [] if axes is None else [axes] if isinstance(axes, str) else axes
+            return tuple(a for a in axes if a in axis_sizes)
+    return ()
+
+
+def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int]) -> BroadcastPlan | None:
+    """Trace the model's forward on one abstract micro-batch and plan its layers (None with mode ``none``)."""
+    b = cfg.broadcast
+    if b.mode == "none":
+        return None
+    if cfg.model.scan_layers:
+        raise ConfigError("broadcast.mode: per-layer broadcast modes need model.scan_layers=false (layers must be distinct)")
+    axes = batch_axes(cfg, axis_sizes)
+    devices = math.prod(axis_sizes[a] for a in axes)
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if devices < 2:
+        return None  # one device: nothing to broadcast
+    if micro % devices:
+        raise ConfigError(f"broadcast.mode={b.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
+                          f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
+    tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
+    layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params))
+    planned = sum((math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes for layer in layers)
+    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned)
+
+
+def with_kernel_specs(plan: BroadcastPlan, param_specs: dict) -> dict:
+    """``param_specs`` with each planned layer's ``kernel``/``bias`` stored as the plan needs them."""
+    out = jax.tree.map(lambda s: s, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for name, (k_spec, b_spec) in kernel_specs(plan).items():
+        node = out
+        for key in name.split("."):
+            node = node[int(key)] if key.isdigit() and int(key) in node else node[key]
+        node["kernel"] = k_spec
+        if "bias" in node:
+            node["bias"] = b_spec
+    return out
