@@ -71,6 +71,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; global batch stays fixed
     micro_batch: Union[int, Literal["auto"], None] = None  # rows per micro-batch (sets grad_accum); auto: largest that fits memory.device_budget_bytes
     log_every: int = 1
+    compilation_cache_dir: str = ""  # persistent XLA compilation cache (jax_compilation_cache_dir); empty: off
 
 
 @dataclass

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Plot a run: loss, throughput and (when RUN_DIR/tryrun.jsonl exists) try-run decisions over steps.
+
+python scripts/plot.py RUN_DIR [--out DIR]
+Reads RUN_DIR/metrics.jsonl (written by Trainer.fit) and writes loss.png, throughput.png and
+tryrun.png to DIR (default RUN_DIR/plots). Mesh changes are marked on the throughput plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import _cli  # noqa: F401  (puts the repository on sys.path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="where the PNGs go (default RUN_DIR/plots)")
+    return p.parse_args(argv)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    from framework.config import ConfigError
+
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}:{i}: not a JSON object") from None
+    return records
+
+
+def mesh_changes(records: list[dict]) -> list[tuple[int, dict]]:
+    """(step, new mesh) wherever the mesh differs from the previous record's."""
+    out = []
+    for prev, rec in zip(records, records[1:]):
+        if rec.get("mesh") != prev.get("mesh"):
+            out.append((rec["step"], rec.get("mesh")))
+    return out
+
+
+def plot_loss(records: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.set(xlabel="step", ylabel="loss", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_throughput(records: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["tokens_per_s"] for r in records], lw=1, label="tokens/s")
+    for step, mesh in mesh_changes(records):
+        ax.axvline(step, color="gray", ls="--", lw=0.8)
+        ax.annotate(str(mesh), (step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", ha="right")
+    ax.set(xlabel="step", ylabel="tokens/s", title="throughput (first step includes start-up)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_tryrun(records: list[dict], decisions: list[dict], path: Path) -> None:
+    """The run's samples/s, and at each decision the baseline, every candidate, and the choice."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["samples_per_s"] for r in records], lw=1, color="C0", label="run samples/s")
+    for i, d in enumerate(decisions):
+        step = d["step"]
+        first = i == 0
+        ax.scatter([step], [d["baseline"]["samples_per_s"]], marker="s", color="C1", label="baseline" if first else None)
+        cands = d.get("candidates", [])
+        ax.scatter([step] * len(cands), [c["samples_per_s"] for c in cands], marker="o", facecolors="none",
+                   edgecolors="C2", label="candidates" if first else None)
+        chosen = d["chosen"]
+        ax.scatter([step], [chosen["samples_per_s"]], marker="*", s=120, color="C3" if d.get("adopted") else "gray",
+                   label="chosen (red: adopted)" if first else None)
+        ax.annotate(str(chosen.get("mesh", "")), (step, chosen["samples_per_s"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="step", ylabel="samples/s", title="try-run decisions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def make_plots(run_dir: Path, out: Path) -> list[Path]:
+    from framework.config import ConfigError
+
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(f"{metrics}: not found (expected a run directory written by scripts/train.py)")
+    records = read_jsonl(metrics)
+    if not records:
+        raise ConfigError(f"{metrics}: no records")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "loss.png", out / "throughput.png"]
+    plot_loss(records, written[0])
+    plot_throughput(records, written[1])
+    tryrun = run_dir / "tryrun.jsonl"
+    if tryrun.is_file():
+        decisions = read_jsonl(tryrun)
+        try:
+            plot_tryrun(records, decisions, out / "tryrun.png")
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{tryrun}: a decision lacks {e} (expected step, baseline, candidates, chosen)") from None
+        written.append(out / "tryrun.png")
+    return written
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with _cli.user_errors():
+        run_dir = Path(args.run_dir)
+        for path in make_plots(run_dir, Path(args.out) if args.out else run_dir / "plots"):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
