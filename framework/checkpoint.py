@@ -92,6 +92,18 @@ def check_step_dir(step_dir: Path) -> str | None:
     return None
 
 
+def barrier(name: str) -> None:
+    """Wait for every process at the coordinator, not with a device collective.
+
+    orbax's default barrier is a compiled all-gather; run from the seal thread while the
+    main thread trains, it deadlocks multi-process runs. Naming the processes makes orbax
+    use the distributed runtime's key-value barrier instead (a no-op for one process).
+    """
+    ocp.multihost.sync_global_processes(
+        ocp.multihost.unique_barrier_key(name), processes=set(range(jax.process_count()))
+    )
+
+
 class Checkpointer:
     """Save a train-state pytree every N steps (async), keep K, restore the newest good one.
 
@@ -160,7 +172,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         if self._primary:
             write_manifest(self.directory / str(step))
-        ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key("meshpilot_checkpoint_sealed"))
+        barrier("meshpilot_checkpoint_sealed")
         self._prune()
 
     def _prune(self) -> None:
@@ -296,7 +308,7 @@ class Checkpointer:
                     if dst.exists():
                         dst = self.directory / f"{s}{DAMAGED_SUFFIX}-{time.time_ns()}"
                     src.rename(dst)
-        ocp.multihost.sync_global_processes("meshpilot_checkpoint_set_aside")
+        barrier("meshpilot_checkpoint_set_aside")
         for s, _ in problems:
             self._checked.pop(s, None)
         self._manager.reload()
@@ -310,7 +322,7 @@ class Checkpointer:
         dst = self.directory.with_name(f"{self.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         if self._primary:
             self.directory.rename(dst)
-        ocp.multihost.sync_global_processes("meshpilot_checkpoint_set_aside_all")
+        barrier("meshpilot_checkpoint_set_aside_all")
         self._checked.clear()
         self._manager = self._open()
         return dst

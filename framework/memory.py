@@ -55,7 +55,8 @@ def resolve_budget(cfg: MemoryConfig, devices: Sequence[jax.Device] | None, micr
     """``memory.device_budget_bytes``, else the device's reported capacity; an error if ``auto`` needs one and none is known."""
     if cfg.device_budget_bytes is not None:
         return cfg.device_budget_bytes
-    capacity = device_capacity(devices[0]) if devices else None
+    local = [d for d in devices or () if d.process_index == jax.process_index()]  # only these report memory_stats
+    capacity = device_capacity(local[0]) if local else None
     if capacity is None and needs_budget(cfg, micro_batch):
         platform = devices[0].platform if devices else "an abstract mesh"
         raise ConfigError(
@@ -313,17 +314,21 @@ def format_plan(plan: dict) -> list[str]:
 # ------------------------------------------------------------------ the run's needs (config -> model -> bytes)
 
 
-def lm_loss(graphdef, params, tokens):
-    """Next-token cross-entropy of a (B, T+1) token batch: the step's forward pass, for tracing residuals."""
+def model_loss(graphdef, params, batch):
+    """The step's objective on a (B, T+1) batch, for tracing residuals: the model's own ``loss``
+    when it has one (the CNN), else next-token cross-entropy (as ``Trainer.loss_fn``)."""
     from flax import nnx
 
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    model = nnx.merge(graphdef, params)
+    if hasattr(model, "loss"):
+        return model.loss(batch)
+    logits = model(batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
 def model_tags(cfg: Config, abstract: AbstractState, micro_batch: int = 1) -> list[str]:
     tokens = jax.ShapeDtypeStruct((micro_batch, cfg.train.seq_len + 1), jnp.int32)
-    return tagged_names(functools.partial(lm_loss, abstract.graphdef), abstract.shapes.params, tokens)
+    return tagged_names(functools.partial(model_loss, abstract.graphdef), abstract.shapes.params, tokens)
 
 
 def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
@@ -342,7 +347,7 @@ def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str
     activations = {}
     for mode in ACTIVATION_MODES:
         graphdef = abstract_state(cfg, axis_sizes, remat_policy=layer_policy(cfg, abstract, mode)).graphdef
-        activations[mode] = residual_bytes(functools.partial(lm_loss, graphdef), abstract.shapes.params, tokens,
+        activations[mode] = residual_bytes(functools.partial(model_loss, graphdef), abstract.shapes.params, tokens,
                                            micro_batch=micro, batch_shards=dp, n_devices=math.prod(axis_sizes.values()))
     return MemoryNeeds(
         params=params,

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from framework import broadcast
-from framework.config import ModelConfig
+from framework.config import ConfigError, ModelConfig
 
 PIXEL_MAX = 16.0
 
@@ -50,8 +50,12 @@ class DenseLayer(nnx.Module):
 class CNN(nnx.Module):
     """pixels (B, H*W*C) int32 -> logits (B, classes) float32."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat_policy=None, stream_params: bool = False):
+        if stream_params:
+            raise ConfigError("memory.params=pinned_host: model.name=cnn does not stream its weights; use device")
         self.cfg, self.dtype = cfg, dtype
+        self.remat_policy = remat_policy  # memory tiers: each layer is a remat unit when a policy is set
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         widths = [cfg.image_channels, *cfg.conv_channels]
         self.convs = nnx.List([ConvLayer(a, b, first=i == 0, **kw) for i, (a, b) in enumerate(zip(widths, widths[1:]))])
@@ -64,11 +68,14 @@ class CNN(nnx.Module):
     def __call__(self, pixels):
         c, s = self.cfg.image_channels, self.cfg.image_size
         x = pixels.reshape(pixels.shape[0], s, s, c).astype(self.dtype) / PIXEL_MAX
+        call = (lambda layer, h: layer(h))
+        if self.remat_policy is not None:
+            call = nnx.remat(call, policy=self.remat_policy)
         for conv in self.convs:
-            x = jax.nn.relu(conv(x))
+            x = jax.nn.relu(call(conv, x))
         x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
         for i, dense in enumerate(self.denses):
-            x = dense(x)
+            x = call(dense, x)
             if i + 1 < len(self.denses):
                 x = jax.nn.relu(x)
         return x.astype(jnp.float32)

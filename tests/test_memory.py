@@ -83,7 +83,7 @@ def test_model_offload_policy_reaches_the_hlo(scan):
     assert tags == ["decoder_layer_input", "query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_hidden", "mlp_out"]
     graphdef = abstract_state(cfg, axis_sizes, remat_policy=memory.layer_policy(cfg, base, "offload")).graphdef
     tokens = jax.ShapeDtypeStruct((16, cfg.train.seq_len + 1), jnp.int32)
-    grad = jax.grad(lambda p, t: memory.lm_loss(graphdef, p, t))
+    grad = jax.grad(lambda p, t: memory.model_loss(graphdef, p, t))
     check = memory.verify_offload(grad, base.shapes.params, tokens)
     # 7 of the 8 tags per layer are residuals (one is only added to the residual stream, which backward never needs):
     # offloaded in each of the 4 unrolled layers, or once in the scan body
