@@ -167,13 +167,13 @@ class Checkpointer:
             self._sealer.start()
         else:
             self._seal(step)
+            self._prune()
 
     def _seal(self, step: int) -> None:
         self._manager.wait_until_finished()
         if self._primary:
             write_manifest(self.directory / str(step))
         barrier("meshpilot_checkpoint_sealed")
-        self._prune()
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` sealed steps: older steps go only once newer ones are sealed."""
@@ -198,6 +198,10 @@ class Checkpointer:
         if self._sealer is not None:
             self._sealer.join()
             self._sealer = None
+            if self._seal_error is None:
+                # Pruning runs here, on the caller's thread: orbax's delete synchronises processes,
+                # which must not happen on the seal thread while the main thread trains.
+                self._prune()
         if self._seal_error is not None:
             error, self._seal_error = self._seal_error, None
             raise error

@@ -92,6 +92,13 @@ def _signal_group(p: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
+def first_failure(procs: list[subprocess.Popen]) -> int | None:
+    """Index of the process that failed, preferring one killed by a signal: when a process dies,
+    its peers fail moments later on the broken connection, often within the same poll."""
+    failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+    return min(failed, key=lambda i: (procs[i].returncode > 0, i), default=None)
+
+
 def launch(processes: int, devices: int, command: list[str]) -> int:
     address = f"127.0.0.1:{free_port()}"
     script, rest = command[0], command[1:]
@@ -122,9 +129,9 @@ def launch(processes: int, devices: int, command: list[str]) -> int:
     failed = None
     while failed is None and any(p.poll() is None for p in procs):
         time.sleep(POLL_S)
-        failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        failed = first_failure(procs)
     if failed is None:
-        failed = next((i for i, p in enumerate(procs) if p.returncode != 0), None)
+        failed = first_failure(procs)
     if failed is not None:
         terminate(procs)
     for t in forwarders:
