@@ -1,6 +1,7 @@
 """Shared start-up for the scripts: emulated CPU devices before jax loads, one-line errors."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -29,3 +30,12 @@ def user_errors():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def print_report(report: dict, as_json: bool, print_text) -> None:
+    """The script's report on stdout: JSON for machines (``--json``), else ``print_text(report)``."""
+    if as_json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print_text(report)

@@ -18,9 +18,7 @@ hand-written plain-``jax.jit`` step of the same model, shardings and math
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 import time
 
 import _cli
@@ -282,11 +280,7 @@ def main(argv=None) -> None:
             raise ConfigError(f"--fit-steps={args.fit_steps}: expected 0 (same as --steps) or at least 2")
         cfg = load_config(args.config, [*args.overrides, "logging.progress=false", "logging.tensorboard=false"])
         report = bench(cfg, args)
-    if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        print()
-    else:
-        print_text(report)
+    _cli.print_report(report, args.json, print_text)
 
 
 if __name__ == "__main__":

@@ -93,10 +93,16 @@ def _signal_group(p: subprocess.Popen, sig: signal.Signals) -> None:
 
 
 def first_failure(procs: list[subprocess.Popen]) -> int | None:
-    """Index of the process that failed, preferring one killed by a signal: when a process dies,
-    its peers fail moments later on the broken connection, often within the same poll."""
+    """Index of the process that caused the failure. When one process dies its peers fail moments
+    later, often within the same poll, and JAX's coordination client aborts them (SIGABRT). So the
+    cause is, in order: a process killed from outside (any other signal), one that exited with an
+    error, and only then one that aborted."""
+    def rank(i: int) -> tuple[int, int]:
+        code = procs[i].returncode
+        return (0 if code < 0 and -code != signal.SIGABRT else 1 if code > 0 else 2), i
+
     failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-    return min(failed, key=lambda i: (procs[i].returncode > 0, i), default=None)
+    return min(failed, key=rank, default=None)
 
 
 def launch(processes: int, devices: int, command: list[str]) -> int:

@@ -8,8 +8,6 @@ AbstractMesh of any size, so what it prints is what training will do.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import _cli
 
@@ -147,11 +145,7 @@ def main(argv=None) -> None:
         report = build_report(cfg, args.devices or jax.device_count())
         if args.measure:
             report["broadcast_measured"] = measure_broadcast(cfg, args.devices or jax.device_count())
-    if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        print()
-    else:
-        print_text(report)
+    _cli.print_report(report, args.json, print_text)
 
 
 if __name__ == "__main__":
