@@ -2,6 +2,7 @@
 drawn from data training never sees, logged during fit, validated at start."""
 import dataclasses
 import json
+import sys
 
 import jax
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 from framework.config import ConfigError, DataConfig, load_config
 from framework.data import SyntheticSource, TextSource, make_source
 from framework.trainer import Trainer
-from tests.helpers import TINY, run_script, tiny_config
+from tests.helpers import ROOT, TINY, run_script, tiny_config
+from tests.test_distributed import run
 from tests.test_perf import read_event_scalars
 
 SMALL = ["model.n_layers=2", "train.global_batch=8", "train.seq_len=32"]
@@ -109,6 +111,23 @@ def test_fit_evaluates_every_n_steps_and_eval_loss_falls(tmp_path):
     r = run_script("plot.py", str(tmp_path), "--out", str(tmp_path / "plots"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(tmp_path):
+    """Each process builds only its rows of the eval batches; 2 x 4 devices with grad_accum=2 give the 1 x 8 numbers."""
+    overrides = [*SMALL, "train.eval_every=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    r = run([sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--processes", "2", "--devices-per-process", "4",
+             "--", str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(tmp_path), "train.steps=6",
+             "logging.progress=false", "logging.tensorboard=false", "train.grad_accum=2", *overrides], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [rec for rec in logged if "eval_loss" in rec]
+    single = Recording(tiny_config(*overrides, steps=6))
+    single.fit()
+    assert [rec["step"] for rec in evals] == [3, 6]
+    np.testing.assert_allclose([rec["eval_loss"] for rec in evals], [rec["eval_loss"] for rec in single.eval_records],
+                               rtol=1e-5)
 
 
 def test_config_validation():
