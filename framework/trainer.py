@@ -278,7 +278,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def eval_step(self, params, batch: jax.Array) -> dict:
-        """Metrics of one (accum, micro, seq+1) batch, no gradient: by default the mean ``loss_fn`` over its micro-batches.
+        """Metrics of one (accum, micro, seq+1) held-out batch, no gradient: the mean ``loss_fn`` of its micro-batches.
 
         The rng is fixed so that an evaluation is a pure function of params and batch.
         """
