@@ -72,6 +72,8 @@ class TrainConfig:
     micro_batch: Union[int, Literal["auto"], None] = None  # rows per micro-batch (sets grad_accum); auto: largest that fits memory.device_budget_bytes
     log_every: int = 1
     compilation_cache_dir: str = ""  # persistent XLA compilation cache (jax_compilation_cache_dir); empty: off
+    eval_every: int = 0  # steps between evaluations on held-out data (and after the last step); 0: off
+    eval_batches: int = 4  # global batches per evaluation: always eval positions 0..eval_batches-1
 
 
 @dataclass
@@ -95,6 +97,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # text files or directories; empty: Python stdlib
     seed: int = 0
     prefetch: int = 2
+    eval_fraction: float = 0.05  # text: the corpus tail held out for evaluation; training never reads it
 
 
 @dataclass
@@ -370,11 +373,15 @@ def validate(cfg: Config) -> None:
         "train.steps": t.steps, "train.global_batch": t.global_batch, "train.seq_len": t.seq_len,
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
         "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
-        "model.vocab_size": m.vocab_size, "checkpoint.keep": cfg.checkpoint.keep,
+        "model.vocab_size": m.vocab_size, "checkpoint.keep": cfg.checkpoint.keep, "train.eval_batches": t.eval_batches,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: expected a positive integer")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: expected an integer >= 0 (0: no evaluation)")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction}: expected a fraction in [0, 1)")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     kv = m.n_kv_heads or m.n_heads

@@ -45,19 +45,41 @@ def _read_corpus(paths: list[str]) -> np.ndarray:
     return corpus
 
 
-class TextSource:
-    """Byte-level tokens (vocab 256) from local text; windows drawn at seeded random offsets."""
+SPLITS = ("train", "eval")
+EVAL_STREAM = 1  # seeds the eval split's rows of the synthetic and image sources
 
-    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int):
+
+def _rng(seed: int, position: int, split: str) -> np.random.Generator:
+    """The random stream of batch ``position``; eval rows come from a stream training never draws.
+
+    The eval tag goes last: SeedSequence pads short entropy with zeros, so ``[seed, position]``
+    equals ``[seed, position, 0]`` and only a nonzero last word keeps the streams apart.
+    """
+    return np.random.default_rng([seed, position] if split == "train" else [seed, position, EVAL_STREAM])
+
+
+class TextSource:
+    """Byte-level tokens (vocab 256) from local text; windows drawn at seeded random offsets.
+
+    The corpus is split once: train windows lie in its first ``1 - data.eval_fraction``,
+    eval windows in the rest, so evaluation measures text training never saw.
+    """
+
+    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int, split: str = "train"):
         if vocab_size < 256:
             raise ConfigError(f"model.vocab_size={vocab_size}: data.source=text needs at least 256 (bytes)")
-        self.corpus = _read_corpus(cfg.paths)
-        self.seed, self.seq_len = cfg.seed, seq_len
+        corpus = _read_corpus(cfg.paths)
+        self.seed, self.seq_len, self.split = cfg.seed, seq_len, split
+        if len(corpus) < seq_len + 2:
+            raise ConfigError(f"data.paths: corpus has {len(corpus)} bytes, need more than train.seq_len={seq_len}")
+        boundary = int(len(corpus) * (1 - cfg.eval_fraction))
+        self.corpus = corpus[:boundary] if split == "train" else corpus[boundary:]
         if len(self.corpus) < seq_len + 2:
-            raise ConfigError(f"data.paths: corpus has {len(self.corpus)} bytes, need more than train.seq_len={seq_len}")
+            raise ConfigError(f"data.eval_fraction={cfg.eval_fraction}: the {split} split of the {len(corpus)}-byte corpus "
+                              f"has {len(self.corpus)} bytes, need more than train.seq_len+1={seq_len + 1}")
 
     def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, position])
+        rng = _rng(self.seed, position, self.split)
         starts = rng.integers(0, len(self.corpus) - self.seq_len - 1, size=global_rows)[row_ids]
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         return self.corpus[idx].astype(np.int32)
@@ -66,11 +88,11 @@ class TextSource:
 class SyntheticSource:
     """Learnable synthetic tokens: arithmetic sequences with a random start and stride per row."""
 
-    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int):
-        self.seed, self.seq_len, self.vocab = cfg.seed, seq_len, vocab_size
+    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int, split: str = "train"):
+        self.seed, self.seq_len, self.vocab, self.split = cfg.seed, seq_len, vocab_size, split
 
     def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, position])
+        rng = _rng(self.seed, position, self.split)
         start = rng.integers(0, self.vocab, size=global_rows)[row_ids]
         stride = rng.integers(1, 4, size=global_rows)[row_ids]
         t = np.arange(self.seq_len + 1)[None, :]
@@ -87,18 +109,18 @@ class ImageSource:
 
     CLASSES = 10
 
-    def __init__(self, cfg: DataConfig, seq_len: int, model):
+    def __init__(self, cfg: DataConfig, seq_len: int, model, split: str = "train"):
         pixels = model.image_size ** 2 * model.image_channels
         if seq_len != pixels:
             raise ConfigError(f"train.seq_len={seq_len}: data.source=images needs the pixel count {pixels} "
                               f"(model.image_size**2 * model.image_channels)")
         if model.num_classes < self.CLASSES:
             raise ConfigError(f"model.num_classes={model.num_classes}: data.source=images has {self.CLASSES} classes")
-        self.seed, self.seq_len = cfg.seed, seq_len
+        self.seed, self.seq_len, self.split = cfg.seed, seq_len, split
         self.templates = (np.random.default_rng([cfg.seed, 10_007]).random((self.CLASSES, pixels)) < 0.35) * 12.0
 
     def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, position])
+        rng = _rng(self.seed, position, self.split)
         labels = rng.integers(0, self.CLASSES, size=global_rows)
         noise = rng.normal(0.0, 3.0, size=(global_rows, self.seq_len))
         pixels = np.clip(np.round(self.templates[labels] + noise), 0, 16)
@@ -108,10 +130,14 @@ class ImageSource:
 SOURCES = {"text": TextSource, "synthetic": SyntheticSource}
 
 
-def make_source(data: DataConfig, train: TrainConfig, vocab_size: int, model: ModelConfig | None = None):
+def make_source(data: DataConfig, train: TrainConfig, vocab_size: int, model: ModelConfig | None = None,
+                split: str = "train"):
+    """The source of ``split``: "train" or "eval" (held-out rows, disjoint from training's)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS}")
     if data.source == "images":  # image shape comes from the model section
-        return ImageSource(data, train.seq_len, model or ModelConfig())
-    return SOURCES[data.source](data, train.seq_len, vocab_size)
+        return ImageSource(data, train.seq_len, model or ModelConfig(), split)
+    return SOURCES[data.source](data, train.seq_len, vocab_size, split)
 
 
 class BatchLoader:

@@ -17,7 +17,11 @@ import jax
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (and TensorBoard scalars)."""
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (and TensorBoard scalars).
+
+    Evaluation records share the file: ``{"step": s, "eval_loss": ...}``, told apart by their
+    ``eval_`` keys (they have no ``loss``).
+    """
 
     def __init__(self, run_dir: str | Path | None, tensorboard: bool = True):
         self.enabled = run_dir is not None and jax.process_index() == 0
@@ -40,7 +44,9 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+                    # evaluation records' keys (eval_loss, ...) become eval/loss, ...
+                    tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         if self._file:

@@ -2,7 +2,7 @@
 
 config -> mesh -> abstract model and PartitionSpecs -> NamedShardings -> one compiled
 train step (in/out shardings, donated state) -> loop: batch -> step -> metrics.
-Subclass and override ``loss_fn``, ``train_step`` or ``on_step_end`` for research.
+Subclass and override ``loss_fn``, ``train_step``, ``eval_step``, ``on_step_end`` or ``on_eval_end`` for research.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import yaml
 from flax import nnx
@@ -72,16 +73,17 @@ class Trainer:
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
+        self._jitted_eval = jax.jit(  # params are read, not donated: training goes on from them
+            self._traced_eval,
+            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
         self._compiled = None
         self.compile_seconds = 0.0
         if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
             self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
-        self.loader = BatchLoader(
-            make_source(cfg.data, cfg.train, cfg.model.vocab_size, model=cfg.model),
-            cfg.train.global_batch,
-            cfg.train.grad_accum,
-            self.batch_sharding,
-        )
+        self.loader = self._loader("train")
+        self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
         self.state: TrainState | None = None
         self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
         # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
@@ -103,6 +105,12 @@ class Trainer:
                 f"train.global_batch={t.global_batch} (micro-batch {micro} with train.grad_accum={t.grad_accum}) "
                 f"is not divisible by the data-parallel size {dp} ({axes})"
             )
+
+    def _loader(self, split: str) -> BatchLoader:
+        """Batches of ``split`` in the train step's layout: same global batch, micro-batches and sharding."""
+        c = self.cfg
+        source = make_source(c.data, c.train, c.model.vocab_size, model=c.model, split=split)
+        return BatchLoader(source, c.train.global_batch, c.train.grad_accum, self.batch_sharding)
 
     def _with_grad_accum(self, grad_accum: int) -> Config:
         return dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
@@ -267,10 +275,45 @@ class Trainer:
         self.compile()
         return self._compiled(state, batch)
 
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_step(self, params, batch: jax.Array) -> dict:
+        """Metrics of one (accum, micro, seq+1) held-out batch, no gradient: the mean ``loss_fn`` of its micro-batches.
+
+        The rng is fixed so that an evaluation is a pure function of params and batch.
+        """
+        rng = jax.random.key_data(jax.random.key(self.cfg.train.seed))
+        losses = jax.lax.map(lambda micro: self.loss_fn(params, micro, rng)[0], batch)
+        return {"loss": losses.mean()}
+
+    def _traced_eval(self, params, batch):
+        # params stay in their memory kind (pinned_host ones stream per layer), as in _traced_step
+        with sharding.activation_sharding(self.mesh, self.activation_rules), \
+                broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):
+            return self.eval_step(params, batch)
+
+    def evaluate(self, state: TrainState | None = None) -> dict:
+        """``eval_step``'s metrics averaged over eval batches 0..``train.eval_batches``-1, keyed ``eval_<name>``.
+
+        Always the same held-out batches, so evaluations compare across steps, runs and meshes.
+        """
+        state = self.state if state is None else state
+        if state is None:
+            raise ValueError("Trainer.evaluate: no state yet; pass one or call fit() first")
+        if self._eval_loader is None:
+            self._eval_loader = self._loader("eval")
+        per_batch = [self._jitted_eval(state.params, self._eval_loader.batch(pos))
+                     for pos in range(self.cfg.train.eval_batches)]
+        per_batch = jax.device_get(per_batch)
+        return {f"eval_{key}": float(np.mean([m[key] for m in per_batch])) for key in per_batch[0]}
+
     # ------------------------------------------------------------------ the loop
 
     def on_step_end(self, step: int, record: dict) -> None:
         """Called on every process after each step's metrics arrive (``record`` is a plain dict)."""
+
+    def on_eval_end(self, step: int, record: dict) -> None:
+        """Called on every process after each evaluation; ``record`` is ``{"step": step, "eval_loss": ...}``."""
 
     def write_config(self) -> None:
         if self.run_dir is not None and jax.process_index() == 0:
@@ -280,6 +323,7 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
+        eval_every = self.cfg.train.eval_every
         if self.cfg.elastic.enabled and self.elastic is None:  # elastic remeshing: the controller runs the loop in segments
             from framework.tryrun import TryRunController
 
@@ -304,10 +348,17 @@ class Trainer:
                 if pending is not None:
                     last_done = self._finish(pending, last_done, records, writer, bar)
                 pending = (step, metrics)
-                if self.checkpointer is not None and self.checkpointer.should_save(step + 1):
-                    # log the step before saving it: a run resumed from it has lost no metrics
+                evaluate = eval_every and ((step + 1) % eval_every == 0 or step + 1 == total)
+                save = self.checkpointer is not None and self.checkpointer.should_save(step + 1)
+                if evaluate or save:
+                    # log the step first: metrics.jsonl stays in step order and a run resumed
+                    # from the checkpoint has lost no metrics
                     last_done = self._finish(pending, last_done, records, writer, bar)
                     pending = None
+                if evaluate:
+                    self._log_eval(step + 1, writer)
+                    last_done = time.perf_counter()  # evaluation time is no step's time
+                if save:
                     self.checkpointer.save(step + 1, self.state)
             if pending is not None:
                 self._finish(pending, last_done, records, writer, bar)
@@ -321,6 +372,11 @@ class Trainer:
             bar.close()
             writer.close()
         return records
+
+    def _log_eval(self, step: int, writer: MetricsWriter) -> None:
+        record = {"step": step, **self.evaluate()}
+        writer.write(record)
+        self.on_eval_end(step, record)
 
     def _finish(self, pending, last_done: float, records, writer, bar) -> float:
         step, metrics = pending

@@ -3,7 +3,8 @@
 
 python scripts/plot.py RUN_DIR [--out DIR]
 Reads RUN_DIR/metrics.jsonl (written by Trainer.fit) and writes loss.png, throughput.png and
-tryrun.png to DIR (default RUN_DIR/plots). Mesh changes are marked on the throughput plot.
+tryrun.png to DIR (default RUN_DIR/plots). Mesh changes are marked on the throughput plot;
+evaluation records (``eval_loss``, with ``train.eval_every``) are drawn on the loss plot.
 """
 from __future__ import annotations
 
@@ -44,11 +45,14 @@ def mesh_changes(records: list[dict]) -> list[tuple[int, dict]]:
     return out
 
 
-def plot_loss(records: list[dict], path: Path) -> None:
+def plot_loss(records: list[dict], evals: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, lw=1, label="eval (held out)")
+        ax.legend(fontsize=8)
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -103,7 +107,9 @@ def make_plots(run_dir: Path, out: Path) -> list[Path]:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"{metrics}: not found (expected a run directory written by scripts/train.py)")
-    records = read_jsonl(metrics)
+    logged = read_jsonl(metrics)
+    records = [r for r in logged if "loss" in r]  # training steps; evaluation records carry eval_* keys instead
+    evals = [r for r in logged if "eval_loss" in r]
     if not records:
         raise ConfigError(f"{metrics}: no records")
     import matplotlib
@@ -111,7 +117,7 @@ def make_plots(run_dir: Path, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "loss.png", out / "throughput.png"]
-    plot_loss(records, written[0])
+    plot_loss(records, evals, written[0])
     plot_throughput(records, written[1])
     tryrun = run_dir / "tryrun.jsonl"
     if tryrun.is_file():
