@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -176,16 +177,21 @@ class Checkpointer:
         barrier("meshpilot_checkpoint_sealed")
 
     def _prune(self) -> None:
-        """Keep the newest ``keep`` sealed steps: older steps go only once newer ones are sealed."""
-        final, _ = self._listing()
-        sealed = [s for s in final if (self.directory / str(s) / MANIFEST).is_file()]
-        if len(sealed) <= self.keep:
-            return
-        cutoff = sealed[self.keep - 1]
-        known = set(self._manager.all_steps())
-        for s in final:
-            if s < cutoff and s in known:
-                self._manager.delete(s)
+        """Keep the newest ``keep`` sealed steps: older steps go only once newer ones are sealed.
+
+        Only the primary process looks and deletes; the others wait at the barrier and reload.
+        Letting each process list the directory itself races with the primary's deletions: a
+        process that looks late sees fewer steps, deletes nothing, and the processes' barriers
+        no longer pair up.
+        """
+        if self._primary:
+            final, _ = self._listing()
+            sealed = [s for s in final if (self.directory / str(s) / MANIFEST).is_file()]
+            for s in final:
+                if len(sealed) > self.keep and s < sealed[self.keep - 1]:
+                    shutil.rmtree(self.directory / str(s))
+        barrier("meshpilot_checkpoint_pruned")
+        self._manager.reload()
 
     def _seal_in_background(self, step: int) -> None:
         try:
@@ -301,11 +307,9 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def _set_aside_newer(self, step: int) -> None:
-        problems = self._problems_newer_than(step)
-        if not problems:
-            return
+        """Move damaged or incomplete steps newer than ``step`` aside (primary only; every process waits)."""
         if self._primary:
-            for s, _ in problems:
+            for s, _ in self._problems_newer_than(step):
                 src = self.directory / str(s)
                 if src.is_dir():
                     dst = self.directory / f"{s}{DAMAGED_SUFFIX}"
@@ -313,23 +317,24 @@ class Checkpointer:
                         dst = self.directory / f"{s}{DAMAGED_SUFFIX}-{time.time_ns()}"
                     src.rename(dst)
         barrier("meshpilot_checkpoint_set_aside")
-        for s, _ in problems:
-            self._checked.pop(s, None)
+        self._checked = {s: why for s, why in self._checked.items() if s <= step}
         self._manager.reload()
 
     def set_aside_all(self) -> Path | None:
-        """Start over (``checkpoint.resume=false``): move the whole directory to ``<dir>.old-<time>``."""
+        """Start over (``checkpoint.resume=false``): move the whole directory to ``<dir>.old-<time>``.
+
+        Returns where it went on the primary process; None on the others and when there was nothing.
+        """
         self.wait()
-        if not self.has_checkpoints():
-            return None
         self._manager.close()
-        dst = self.directory.with_name(f"{self.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        if self._primary:
-            self.directory.rename(dst)
+        moved = None
+        if self._primary and self.has_checkpoints():
+            moved = self.directory.with_name(f"{self.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.directory.rename(moved)
         barrier("meshpilot_checkpoint_set_aside_all")
         self._checked.clear()
         self._manager = self._open()
-        return dst
+        return moved
 
 
 def abstract_target(shapes: Any, shardings: Any) -> Any:

@@ -46,6 +46,17 @@ def test_checkpoint_restores_with_another_process_count_bit_for_bit(tmp_path, wr
     assert_same_state(tmp_path / "saved.npz", tmp_path / "restored.npz")
 
 
+@pytest.mark.slow
+def test_processes_agree_on_pruning_and_setting_aside_when_one_arrives_late(tmp_path):
+    # keep=2: every save from step 3 on deletes a step; the second process reaches each pruning, and
+    # the resume past a damaged newest step, a second after the first has already changed the directory.
+    r = run([*LAUNCH, "--processes", "2", "--devices-per-process", "4", "--",
+             CKPT_WORKER, "rotate", "--ckpt-dir", str(tmp_path / "ckpt"), "--steps", "4"], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[p0] rotate ok: resumed from step 3" in r.stdout and "[p1] rotate ok: resumed from step 3" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "4.damaged"]
+
+
 TRAIN_SMALL = ["model.n_layers=2", "data.source=synthetic", "mesh.fsdp=8", "checkpoint.every_steps=5",
                "logging.progress=false", "logging.tensorboard=false"]
 KILL_STEPS = 30
