@@ -15,11 +15,12 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 
 from framework.config import ConfigError
 
@@ -169,3 +170,37 @@ def fail_fast() -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def from_primary(values: Sequence[float]) -> list[float]:
+    """Process 0's ``values`` on every process (as float32 when there are several).
+
+    Decisions taken from what each process measures (step times, free memory) must be the
+    same everywhere, or the processes run different programs and their collectives never
+    pair up. A device collective: call it from the main thread on every process.
+    """
+    if jax.process_count() == 1:
+        return list(values)
+    from jax.experimental import multihost_utils
+
+    return [float(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values, np.float32)))]
+
+
+def spread_over_processes(devices: Sequence[jax.Device], n: int) -> list[jax.Device]:
+    """The first ``n`` of ``devices``, as many from each process, in their given order.
+
+    Every process must own devices of a multi-process mesh (each one drives its own), so a
+    subset takes the same number from each; with one process it is ``devices[:n]``.
+    """
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) == 1:
+        return list(devices[:n])
+    if n % len(processes):
+        raise ConfigError(f"{n} devices cannot be shared evenly by {len(processes)} processes: "
+                          f"expected a multiple of {len(processes)}")
+    per = n // len(processes)
+    taken = {pid: [d for d in devices if d.process_index == pid][:per] for pid in processes}
+    if any(len(ds) < per for ds in taken.values()):
+        raise ConfigError(f"{n} devices need {per} from each of {len(processes)} processes; some have fewer")
+    chosen = {d for ds in taken.values() for d in ds}
+    return [d for d in devices if d in chosen]

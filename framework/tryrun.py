@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from framework import memory, sharding
+from framework.distributed import from_primary, spread_over_processes
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError
 from framework.metrics import drop_records_after
@@ -157,12 +158,18 @@ class TryRunController:
                 n = count
         if n > len(devices):
             raise ConfigError(f"elastic.device_schedule asks for {n} devices at step {step}, only {len(devices)} exist")
-        return devices[:n]
+        try:
+            return spread_over_processes(devices, n)
+        except ConfigError as e:
+            raise ConfigError(f"elastic.device_schedule at step {step}: {e}") from None
 
     def usable_devices(self, step: int) -> list[jax.Device]:
         """The available devices, at most ``elastic.max_devices`` of them."""
         available = self.available_devices(step)
-        return available[: self.elastic.max_devices or len(available)]
+        try:
+            return spread_over_processes(available, min(self.elastic.max_devices or len(available), len(available)))
+        except ConfigError as e:
+            raise ConfigError(f"elastic.max_devices={self.elastic.max_devices}: {e}") from None
 
     def min_devices(self, n_available: int) -> int:
         """Devices one model replica needs: ``elastic.min_devices``, or (auto) the fewest over which the model
@@ -231,7 +238,7 @@ class TryRunController:
 
     def trainer_for(self, layout: Layout, devices: Sequence[jax.Device]):
         """A Trainer of the same class and config on ``layout`` (cached with its compiled step)."""
-        devices = list(devices)[: layout.n_devices]
+        devices = spread_over_processes(devices, layout.n_devices)
         key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
         if key not in self._trainers:
             self._trainers[key] = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
@@ -305,7 +312,7 @@ class TryRunController:
         checkpoint_s = time.perf_counter() - t0
         trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
 
-        min_devices = self.min_devices(n)
+        min_devices = int(from_primary([self.min_devices(n)])[0])  # free memory may differ between processes
         if min_devices > n:
             raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
         layouts = self.candidates(n, min_devices)
@@ -323,6 +330,10 @@ class TryRunController:
         trials = [self.try_run(c, usable, step) for c in layouts if c.key != baseline.layout.key]
         for trial in trials:
             trial.samples_per_s = self.score(trial)
+        # Each process timed its own steps: all decide on process 0's scores, or they would remesh differently.
+        baseline.samples_per_s, *scores = from_primary([baseline.samples_per_s, *(tr.samples_per_s for tr in trials)])
+        for trial, score in zip(trials, scores):
+            trial.samples_per_s = score
             trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1
         for trial in (baseline, *trials):
             count = trial.layout.n_devices

@@ -1,4 +1,5 @@
 """Multi-process start-up and the local launcher, with real processes, sockets and signals."""
+import collections
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from framework.config import ConfigError
-from framework.distributed import DistributedArgs, plan_join
+from framework.distributed import DistributedArgs, plan_join, spread_over_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "scripts" / "launch_local.py")]
@@ -39,6 +40,17 @@ def run(cmd, timeout=120):
 
 
 # --- where the processes come from (no processes started) ---------------------------------
+
+def test_device_subsets_take_as_many_from_each_process():
+    Device = collections.namedtuple("Device", "id process_index")  # what a 2-process x 4-device run lists
+    devices = [Device(i, i // 4) for i in range(8)]
+    assert [d.id for d in spread_over_processes(devices, 4)] == [0, 1, 4, 5]
+    assert [d.id for d in spread_over_processes(devices, 8)] == list(range(8))
+    with pytest.raises(ConfigError, match="^5 devices cannot be shared evenly by 2 processes: expected a multiple of 2$"):
+        spread_over_processes(devices, 5)
+    assert [d.id for d in spread_over_processes(devices[:4], 3)] == [0, 1, 2]  # one process: the first n
+
+
 
 def test_explicit_args_give_coordinator_count_and_id():
     plan = plan_join(DistributedArgs("10.0.0.1:1234", 4, 3), environ={})

@@ -1,6 +1,7 @@
 """Try-run controller: candidates, adoption, and elastic runs that lose no step and repeat none."""
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -10,7 +11,8 @@ from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
 from framework.trainer import Trainer
 from framework.tryrun import Trial, TryRunController, grad_accum_for, max_useful_devices
-from tests.helpers import TINY, run_script, tiny_config
+from tests.helpers import ROOT, TINY, run_script, tiny_config
+from tests.test_distributed import run
 
 # A small model so each try-run compiles in seconds on 2 shared cores.
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_mlp=128", "train.seq_len=32",
@@ -205,3 +207,27 @@ def test_resume_on_fewer_devices_runs_the_controller_at_startup(tmp_path):
     assert all(n_devices(rec["mesh"]) == 6 for rec in resumed)
     np.testing.assert_allclose([rec["loss"] for rec in resumed], [rec["loss"] for rec in rest], rtol=1e-4, atol=1e-4)
     assert len(first) == saved_at and f"done: step {steps}" in r.stdout
+
+
+@pytest.mark.slow
+def test_processes_follow_process_0_decisions_when_their_scores_differ(tmp_path):
+    # 2 processes x 4 devices; from step 2 only 4 devices (2 from each process). On its own, process 0
+    # would adopt the horizontal candidate and process 1 keep the baseline (tests/tryrun_worker.py).
+    steps, schedule = 4, "elastic.device_schedule=[[0,8],[2,4]]"
+    overrides = [*SMALL, "elastic.enabled=true", "elastic.min_devices=2", "elastic.threshold=0.5", schedule]
+    r = run([sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--processes", "2", "--devices-per-process", "4",
+             "--", str(ROOT / "tests" / "tryrun_worker.py"), "--run-dir", str(tmp_path / "elastic"),
+             "--steps", str(steps), *overrides], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = {p: json.loads(line.split("result ", 1)[1]) for p in ("p0", "p1")
+               for line in r.stdout.splitlines() if line.startswith(f"[{p}] result ")}
+    assert results["p0"] == results["p1"]
+    (decision,) = read_log(tmp_path / "elastic")
+    assert (decision["step"], decision["available_devices"], decision["adopted"]) == (2, 4, True)
+    assert decision["baseline"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert decision["chosen"]["kind"] == "horizontal" and decision["chosen"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert results["p1"]["chosen"] == [decision["chosen"]["mesh"]]
+    assert results["p1"]["meshes"] == [{"data": 1, "fsdp": 8, "tensor": 1}] * 2 + [{"data": 2, "fsdp": 2, "tensor": 1}] * 2
+
+    fixed = Trainer(small(steps=steps)).fit()
+    np.testing.assert_allclose(results["p0"]["losses"], [rec["loss"] for rec in fixed], rtol=1e-4, atol=1e-4)
