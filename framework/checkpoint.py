@@ -187,9 +187,11 @@ class Checkpointer:
         if self._primary:
             final, _ = self._listing()
             sealed = [s for s in final if (self.directory / str(s) / MANIFEST).is_file()]
-            for s in final:
-                if len(sealed) > self.keep and s < sealed[self.keep - 1]:
-                    shutil.rmtree(self.directory / str(s))
+            if len(sealed) > self.keep:
+                cutoff = sealed[self.keep - 1]
+                for s in final:
+                    if s < cutoff:
+                        shutil.rmtree(self.directory / str(s))
         barrier("meshpilot_checkpoint_pruned")
         self._manager.reload()
 

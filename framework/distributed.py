@@ -175,7 +175,7 @@ def fail_fast() -> Iterator[None]:
 def from_primary(values: Sequence[float]) -> list[float]:
     """Process 0's ``values`` on every process (as float32 when there are several).
 
-    Decisions taken from what each process measures (step times, free memory) must be the
+    Decisions taken from what each process measures (step times, device capacity) must be the
     same everywhere, or the processes run different programs and their collectives never
     pair up. A device collective: call it from the main thread on every process.
     """

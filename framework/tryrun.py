@@ -29,9 +29,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from framework import memory, sharding
-from framework.distributed import from_primary, spread_over_processes
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError
+from framework.distributed import from_primary, spread_over_processes
 from framework.metrics import drop_records_after
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
@@ -312,7 +312,7 @@ class TryRunController:
         checkpoint_s = time.perf_counter() - t0
         trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
 
-        min_devices = int(from_primary([self.min_devices(n)])[0])  # free memory may differ between processes
+        min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
         if min_devices > n:
             raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
         layouts = self.candidates(n, min_devices)
@@ -325,13 +325,10 @@ class TryRunController:
         else:
             base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
             baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
-        baseline.samples_per_s = self.score(baseline)
 
         trials = [self.try_run(c, usable, step) for c in layouts if c.key != baseline.layout.key]
-        for trial in trials:
-            trial.samples_per_s = self.score(trial)
         # Each process timed its own steps: all decide on process 0's scores, or they would remesh differently.
-        baseline.samples_per_s, *scores = from_primary([baseline.samples_per_s, *(tr.samples_per_s for tr in trials)])
+        baseline.samples_per_s, *scores = from_primary([self.score(baseline), *map(self.score, trials)])
         for trial, score in zip(trials, scores):
             trial.samples_per_s = score
             trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1

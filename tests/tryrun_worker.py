@@ -1,9 +1,9 @@
 """An elastic run in several processes whose try-run scores differ by process, for tests/test_tryrun.py.
 
 Run through scripts/launch_local.py. Scores are fixed, not timed: process 0 scores horizontal
-layouts 3x the rest, the others vertical ones, so each would adopt a different mesh on its own; the run only finishes
-if every process follows process 0's decisions. Each process prints the meshes it chose and
-its losses.
+layouts 3x the rest, the others vertical ones, so each would adopt a different mesh on its own;
+the run only finishes if every process follows process 0's decisions. Each process prints the
+meshes it chose and its losses.
 """
 import argparse
 import json
