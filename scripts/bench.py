@@ -7,6 +7,9 @@ Model FLOPs per step = 6 * matmul_params * tokens + 12 * n_layers * d_model * se
 (forward + backward; embedding lookups excluded, a tied embedding counted once as the output
 projection; attention over the full seq_len^2 scores, remat recompute not counted).
 MFU = FLOPs per step / step time / (devices * dense bf16 peak of the device); null on CPU.
+Memory: the compiled step's ``memory_analysis()`` (device bytes: arguments less the state placed in
+pinned_host, unaliased outputs, temporaries), the planner's optimizer-state bytes per device, and
+the process's peak device bytes from ``memory_stats()`` (GPU/TPU; null on CPU), read after the run.
 
 Steps are dispatched asynchronously and each step's metrics are awaited one step late (as
 ``Trainer.fit`` does), so the host never stalls the device; step times are the intervals
@@ -208,6 +211,7 @@ def bench(cfg, args) -> dict:
         "host": host,
         "fit": {"steps": fit_steps * args.rounds, "step_s_median": fit_step, "host_overhead_s": fit_step - step_s["median"]},
     }
+    report["memory"] = memory_report(trainer)
     if ref is not None:
         ref_host = merged(ref_clocks)
         ref_step_s = ref_host.pop("step_s")
@@ -231,6 +235,25 @@ def bench(cfg, args) -> dict:
     return report
 
 
+def memory_report(trainer) -> dict:
+    """Device bytes of the compiled step and the process's peak so far (``memory_stats``; None on CPU)."""
+    from framework import memory, sharding
+
+    ma = trainer.compiled_step.memory_analysis()
+    host_state = memory.host_state_bytes(trainer.abstract, trainer.placement, trainer.axis_sizes)
+    a = trainer.abstract
+    stats = trainer.devices[0].memory_stats()
+    return {
+        "placement": {**trainer.placement.kinds(), "activations": trainer.placement.activations},
+        "opt_state_bytes_per_device": sharding.bytes_per_device(a.shapes.opt_state, a.specs.opt_state, trainer.axis_sizes),
+        "host_state_bytes_per_device": host_state,
+        "compiled_device_bytes": memory.compiled_device_bytes(ma, host_state),
+        "memory_analysis": {k: getattr(ma, k) for k in dir(ma) if k.endswith("_in_bytes")},
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use") if stats else None,
+        "bytes_limit": stats.get("bytes_limit") if stats else None,
+    }
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:.2f} ms"
 
@@ -251,6 +274,10 @@ def print_text(r: dict) -> None:
     print(f"  host per step: data {_ms(h['host_data_s'])}, dispatch {_ms(h['host_dispatch_s'])}, "
           f"then waits {_ms(h['host_wait_s'])} for the device; next step already queued in "
           f"{100 * h['gap_free_fraction']:.0f}% of steps; {h['cpu_s_per_step']:.3f} CPU s/step")
+    m, mib = r["memory"], lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+    print(f"  device memory: compiled step {mib(m['compiled_device_bytes'])} (memory_analysis), "
+          f"process peak {mib(m['peak_bytes_in_use'])} of {mib(m['bytes_limit'])} (memory_stats); "
+          f"optimizer state {mib(m['opt_state_bytes_per_device'])} per device in {m['placement']['opt_state']}")
     f = r["fit"]
     print(f"  Trainer.fit: median {_ms(f['step_s_median'])}/step over {f['steps']} steps "
           f"(host overhead {f['host_overhead_s'] * 1e3:+.2f} ms/step vs the timed loop)")

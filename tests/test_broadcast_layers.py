@@ -10,6 +10,8 @@ from framework.collectives import count_compiled
 from framework.config import BroadcastConfig
 
 AXES = ("data", "fsdp")
+# on a GPU machine the layers run where the collectives are real; every test needs a 2 x 4 mesh
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")]
 
 
 def mesh_2x4():
