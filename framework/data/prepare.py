@@ -264,7 +264,7 @@ class SplitAssigner:
 
 def prepare(inputs: list[str], out: str | Path, *, tokenizer: str | None = None, train_bpe: int | None = None,
             text_field: str = "text", eval_fraction: float = 0.0, workers: int = 1, eos: str | None = None,
-            shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict:
+            shard_tokens: int = SHARD_TOKENS, task_bytes: int = TASK_BYTES, progress: bool = True) -> dict:
     """Tokenize ``inputs`` into a token store at ``out``; returns its metadata."""
     from framework.data import tokenizer as tok
 
@@ -276,7 +276,7 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str | None = None,
         raise ConfigError(f"--workers {workers}: expected at least 1")
     check_out(out)  # before the input is read
     files = expand_inputs(inputs)
-    tasks = plan_tasks(files, text_field)
+    tasks = plan_tasks(files, text_field, task_bytes)
     total = sum(t.size for t in tasks)
     if train_bpe is not None:
         if train_bpe < tok.MIN_BPE_VOCAB:  # before reading the input
@@ -313,6 +313,7 @@ def _run_tasks(tasks, tokenizer_json: str, eos: int, text_field: str, workers: i
         _init_worker(tokenizer_json, eos, text_field)
         yield from map(_tokenize, tasks)
         return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process, and no fork warning
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_json, eos, text_field)) as pool:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    # spawn, not fork: the caller may have started threads (JAX's, tokenizers' own) that fork would copy mid-work
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_json, eos, text_field)) as pool:
         yield from pool.imap(_tokenize, tasks)
