@@ -7,11 +7,14 @@ The store (random ids below GPT-2's vocab 50257, uint16, an EOS every ~1000 toke
 shards) goes to a fresh directory under --dir and is deleted afterwards unless --keep. The
 read side runs in a fresh process (``--read DIR``), so its memory is the reader's alone:
   open_s           TokenSource for the train split: metadata, tokenizer hash, shard stats
-  rss_*            VmRSS / RssAnon / RssFile from /proc/self/status (kB): after open, and after
-                   reading --batches batches whose windows are spread over the whole store
+  rss_kb           VmRSS / RssAnon / RssFile from /proc/self/status (kB): before and after open, after
+                   the two rows passes (2 x --batches batches of windows spread over the whole store),
+                   and after the loader pass (which adds jax's device buffers)
   rows_tokens_per_s       source.rows() for the whole global batch, one thread (cold: the
                    shards' pages evicted from the page cache with posix_fadvise first; warm: again)
   loader_tokens_per_s     Prefetcher.next() on one device: grain prefetch threads + the host->device copy
+Rates are per wall second and per CPU second of the reading process (all its threads): on a
+shared machine (see load_average) the CPU-second rate is what the loader costs.
 Tokens are counted as the training step counts them, global_batch * seq_len per batch, at
 ``configs/gpt2_124m.yaml``'s batch (32 x 1024) unless overridden. ``step_tokens_per_s_bound``
 is what that step could consume on one H100 at 100% MFU (model FLOPs per token from
@@ -103,26 +106,29 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
         for fd in source.store.fds:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def rows_rate(first: int) -> float:
-        tic = time.perf_counter()
+    tokens = batches * t.global_batch * t.seq_len
+
+    def rates(run) -> dict:
+        """Tokens per wall second, and per CPU second of this process (all threads): the machine is shared."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        return {"wall": round(tokens / (time.perf_counter() - wall)), "cpu": round(tokens / (time.process_time() - cpu))}
+
+    def read_rows(first: int) -> None:
         for p in range(first, first + batches):
             source.rows(p, rows, t.global_batch)
-        return batches * t.global_batch * t.seq_len / (time.perf_counter() - tic)
 
     evict()
-    cold = rows_rate(0)
-    warm = rows_rate(0)
+    cold = rates(lambda: read_rows(0))
+    warm = rates(lambda: read_rows(0))
+    after_rows = proc_status()
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     loader = BatchLoader(source, t.global_batch, t.grad_accum, NamedSharding(mesh, P(None, ("data", "fsdp"))))
     prefetch = Prefetcher(loader, batches, cfg.data.prefetch)
     prefetch.next()[1].block_until_ready()  # the pool's start is no batch's time
-    tic = time.perf_counter()
-    for _ in range(batches):
-        prefetch.next()[1].block_until_ready()
-    loader_rate = batches * t.global_batch * t.seq_len / (time.perf_counter() - tic)
+    loader_rate = rates(lambda: [prefetch.next()[1].block_until_ready() for _ in range(batches)])
     prefetch.close()
     after_read = proc_status()
-    read_bytes = 3 * batches * t.global_batch * (t.seq_len + 1) * source.store.dtype.itemsize
 
     param_count = abstract_state(cfg, {"data": 1, "fsdp": 1, "tensor": 1}).param_count
     flops = metrics.model_flops(cfg, param_count)
@@ -130,13 +136,13 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
     return {
         "config": "configs/gpt2_124m.yaml", "global_batch": t.global_batch, "seq_len": t.seq_len,
         "prefetch": cfg.data.prefetch, "windows": windows, "open_s": round(open_s, 4),
-        "rss_kb": {"before_open": before, "after_open": after_open, "after_reading": after_read},
-        "bytes_read": read_bytes,
-        "rows_tokens_per_s": {"cold": round(cold), "warm": round(warm)},
-        "loader_tokens_per_s": round(loader_rate),
+        "rss_kb": {"before_open": before, "after_open": after_open, "after_rows": after_rows, "after_loader": after_read},
+        "windows_read": 3 * batches * t.global_batch,
+        "rows_tokens_per_s": {"cold": cold, "warm": warm}, "loader_tokens_per_s": loader_rate,
         "step_tokens_per_s_bound": round(bound), "step_bound_basis": "GPT-2 124M on one H100 SXM at 100% MFU "
         f"({flops.total / flops.tokens / 1e6:.0f} MFLOP/token, 989 TFLOP/s bf16 dense)",
-        "loader_over_step_bound": round(loader_rate / bound, 1),
+        "loader_over_step_bound": {k: round(v / bound, 1) for k, v in loader_rate.items()},
+        "load_average": os.getloadavg(),
     }
 
 

@@ -117,22 +117,20 @@ class TokenStore:
         self.tokens = self.offsets[-1]
 
     def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Tokens ``[start, start + length)`` of the stream (across shard ends), into ``out`` if given."""
+        """Tokens ``[start, start + length)`` of the stream (across shard ends), read straight into
+        ``out`` (contiguous, the store's dtype) if given."""
         if start < 0 or start + length > self.tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside the {self.split} split's {self.tokens}")
-        buf = np.empty(length, self.dtype)
+        out = np.empty(length, self.dtype) if out is None else out
         done = 0
         while done < length:
             k = bisect_right(self.offsets, start + done) - 1
             local = start + done - self.offsets[k]
             n = min(length - done, self.sizes[k] - local)
-            view = memoryview(buf[done:done + n]).cast("B")
+            view = memoryview(out[done:done + n]).cast("B")
             if os.preadv(self.fds[k], [view], local * self.dtype.itemsize) != view.nbytes:
                 raise OSError(f"{self.path / self.meta['shards'][self.split][k]['file']}: short read")
             done += n
-        if out is None:
-            return buf
-        out[:] = buf
         return out
 
     def close(self) -> None:
