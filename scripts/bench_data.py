@@ -12,7 +12,8 @@ read side runs in a fresh process (``--read DIR``), so its memory is the reader'
                    and after the loader pass (which adds jax's device buffers)
   rows_tokens_per_s       source.rows() for the whole global batch, one thread (cold: the
                    shards' pages evicted from the page cache with posix_fadvise first; warm: again)
-  loader_tokens_per_s     Prefetcher.next() on one device: grain prefetch threads + the host->device copy
+  loader_tokens_per_s     Prefetcher.next() on one device: grain prefetch threads + the host->device copy,
+                   over the warm pass's positions
 Rates are per wall second and per CPU second of the reading process (all its threads): on a
 shared machine (see load_average) the CPU-second rate is what the loader costs.
 Tokens are counted as the training step counts them, global_batch * seq_len per batch, at
@@ -124,7 +125,7 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
     after_rows = proc_status()
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     loader = BatchLoader(source, t.global_batch, t.grad_accum, NamedSharding(mesh, P(None, ("data", "fsdp"))))
-    prefetch = Prefetcher(loader, batches, cfg.data.prefetch)
+    prefetch = Prefetcher(loader, 0, cfg.data.prefetch)  # the warm pass's positions: its pages are cached
     prefetch.next()[1].block_until_ready()  # the pool's start is no batch's time
     loader_rate = rates(lambda: [prefetch.next()[1].block_until_ready() for _ in range(batches)])
     prefetch.close()
