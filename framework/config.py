@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,13 +23,15 @@ class ConfigError(Exception):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+TOKEN_METADATA = "metadata.json"  # a token store's description (framework/data/prepare.py writes it)
+VOCAB_MULTIPLE = 128  # model.vocab_size: auto pads the store's vocabulary up to a multiple of this
 
 
 @dataclass
 class ModelConfig:
     name: str = "transformer"
     style: Literal["gpt", "llama"] = "gpt"
-    vocab_size: int = 256
+    vocab_size: Union[int, Literal["auto"]] = 256  # auto: data.source=tokens, the store's vocab padded up to a multiple of 128
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 8
@@ -93,8 +96,9 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["text", "synthetic", "images"] = "text"
+    source: Literal["text", "synthetic", "images", "tokens"] = "text"
     paths: list[str] = field(default_factory=list)  # text files or directories; empty: Python stdlib
+    path: str = ""  # tokens: a token store directory written by scripts/prepare_data.py
     seed: int = 0
     prefetch: int = 2
     eval_fraction: float = 0.05  # text: the corpus tail held out for evaluation; training never reads it
@@ -359,8 +363,36 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     cfg = _build(Config, data, "")
+    resolve_vocab_size(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_vocab_size(cfg: Config) -> None:
+    """With ``data.source: tokens`` the store fixes the vocabulary: ``auto`` becomes its vocab size
+    padded up to a multiple of 128 (GPT-2's 50257 -> 50304: whole tiles for the embedding and
+    logits matmuls); an integer must hold every token id. Resolved here, once, so every later
+    stage (models, planner, plan.py, the saved config.yaml) sees an integer."""
+    m, d = cfg.model, cfg.data
+    if d.source != "tokens":
+        if m.vocab_size == "auto":
+            raise ConfigError(f"model.vocab_size=auto needs data.source=tokens (the vocabulary comes from the "
+                              f"token store); data.source={d.source!r} needs an integer")
+        return
+    if not d.path:
+        raise ConfigError("data.path is empty: data.source=tokens needs a token store (scripts/prepare_data.py --out DIR)")
+    meta_file = Path(d.path) / TOKEN_METADATA
+    try:
+        store_vocab = json.loads(meta_file.read_text())["vocab_size"]
+    except FileNotFoundError:
+        raise ConfigError(f"data.path={d.path}: no {TOKEN_METADATA} (write a token store with scripts/prepare_data.py)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"data.path={d.path}: {TOKEN_METADATA} is unreadable or has no vocab_size") from None
+    if m.vocab_size == "auto":
+        m.vocab_size = -(-store_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif m.vocab_size < store_vocab:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the token store's vocab {store_vocab} "
+                          f"(data.path={d.path}); use at least {store_vocab}, or auto")
 
 
 def validate(cfg: Config) -> None:
@@ -380,6 +412,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: expected a positive integer")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every={t.eval_every}: expected an integer >= 0 (0: no evaluation)")
+    if cfg.data.prefetch < 0:
+        raise ConfigError(f"data.prefetch={cfg.data.prefetch}: expected an integer >= 0 (0: no prefetch)")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction}: expected a fraction in [0, 1)")
     if m.d_model % m.n_heads:

@@ -1,22 +1,19 @@
-"""Data sources with a resumable position, and global batch assembly per process.
+"""Data sources: the rows of batch ``position``, as a pure function of (seed, position).
 
-A batch is a pure function of (seed, position): resuming at position ``p`` replays no
-batch and skips none, and every process can build its own rows without talking to the
-others. Batches have shape (grad_accum, micro_batch, seq_len + 1): micro-batches are the
-leading axis so each one is spread over all data-parallel devices.
+Every source has ``seq_len`` and ``rows(position, row_ids, global_rows)``: the rows
+``row_ids`` (of ``global_rows``) of that batch, int32 (rows, seq_len + 1). Resuming at
+position ``p`` replays no batch and skips none, and every process builds its own rows
+without talking to the others (framework/data/loader.py assembles them).
 """
 from __future__ import annotations
 
-import queue
 import sysconfig
-import threading
 from pathlib import Path
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from framework.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from framework.data.tokens import TokenSource
 
 MAX_CORPUS_BYTES = 16 << 20
 
@@ -127,7 +124,7 @@ class ImageSource:
         return np.concatenate([pixels, labels[:, None]], axis=1)[row_ids].astype(np.int32)
 
 
-SOURCES = {"text": TextSource, "synthetic": SyntheticSource}
+SOURCES = {"text": TextSource, "synthetic": SyntheticSource, "tokens": TokenSource}
 
 
 def make_source(data: DataConfig, train: TrainConfig, vocab_size: int, model: ModelConfig | None = None,
@@ -138,65 +135,3 @@ def make_source(data: DataConfig, train: TrainConfig, vocab_size: int, model: Mo
     if data.source == "images":  # image shape comes from the model section
         return ImageSource(data, train.seq_len, model or ModelConfig(), split)
     return SOURCES[data.source](data, train.seq_len, vocab_size, split)
-
-
-class BatchLoader:
-    """Builds this process's rows of batch ``position`` and assembles the global jax.Array.
-
-    ``sharding`` is the NamedSharding of the (accum, micro, seq+1) batch; the rows a process
-    builds are those its addressable devices hold, so the same code runs on one host or many.
-    """
-
-    def __init__(self, source, global_batch: int, grad_accum: int, sharding: NamedSharding):
-        self.source, self.sharding = source, sharding
-        self.global_shape = (grad_accum, global_batch // grad_accum, source.seq_len + 1)
-        index_map = sharding.addressable_devices_indices_map(self.global_shape)
-        lo = min(idx[1].start or 0 for idx in index_map.values())
-        hi = max(idx[1].stop or self.global_shape[1] for idx in index_map.values())
-        self.micro_rows = slice(lo, hi)
-
-    def host_batch(self, position: int) -> np.ndarray:
-        """This process's part: (accum, local micro rows, seq+1); row r of micro-batch a is global row a*M + r."""
-        accum, micro, _ = self.global_shape
-        local = np.arange(self.micro_rows.start, self.micro_rows.stop)
-        row_ids = (np.arange(accum)[:, None] * micro + local[None, :]).reshape(-1)
-        rows = self.source.rows(position, row_ids, accum * micro)
-        return rows.reshape(accum, len(local), -1)
-
-    def to_global(self, host: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(self.sharding, host, self.global_shape)
-
-    def batch(self, position: int) -> jax.Array:
-        return self.to_global(self.host_batch(position))
-
-
-class Prefetcher:
-    """Builds host batches for the next positions on a background thread, so the step never waits on data."""
-
-    def __init__(self, loader: BatchLoader, start: int, depth: int = 2):
-        self.loader, self.next_pos = loader, start
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(start,), daemon=True)
-        self._thread.start()
-
-    def _fill(self, pos: int) -> None:
-        while not self._stop.is_set():
-            item = (pos, self.loader.host_batch(pos))
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            pos += 1
-
-    def next(self) -> tuple[int, jax.Array]:
-        pos, host = self._queue.get()
-        assert pos == self.next_pos, (pos, self.next_pos)
-        self.next_pos += 1
-        return pos, self.loader.to_global(host)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -1,0 +1,164 @@
+"""The token store on disk: its format, the writer (prepare.py feeds it) and the reader.
+
+A store is a directory: ``metadata.json``, the ``tokenizer.json`` that made the tokens, and
+per split (train, eval) flat shards of uint16 (vocab <= 65536) or uint32 token ids
+(``train-00000.bin`` ...) that together are one stream with an EOS id after every document.
+Reads are positional (``os.preadv`` into the caller's array): opening costs a few stat calls
+whatever the size, and no page of a shard becomes this process's memory (as a memory map's
+touched pages would), so resident memory stays flat however much of the store training reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+
+from framework.config import TOKEN_METADATA, ConfigError
+
+TOKENIZER_FILE = "tokenizer.json"
+DTYPES = ("uint16", "uint32")
+SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB of uint16)
+FORMAT = "meshpilot token store"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.bin"
+
+
+def check_out(out: str | Path) -> None:
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty directory")
+
+
+class StoreWriter:
+    """Writes a token store: shards as tokens arrive, ``tokenizer.json`` first and ``metadata.json``
+    last, so a directory with metadata.json holds a complete store."""
+
+    def __init__(self, out: str | Path, tokenizer_json: str, vocab_size: int, eos_id: int,
+                 shard_tokens: int = SHARD_TOKENS):
+        self.out = Path(out)
+        check_out(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+        self.vocab_size, self.eos_id, self.shard_tokens = vocab_size, eos_id, shard_tokens
+        self.dtype = np.dtype(DTYPES[0] if vocab_size <= 1 << 16 else DTYPES[1])
+        self.shards: dict[str, list[dict]] = {"train": [], "eval": []}
+        self.documents = {"train": 0, "eval": 0}
+        self._open: dict = {}
+
+    def write(self, split: str, tokens: np.ndarray, documents: int = 0) -> None:
+        tokens = np.asarray(tokens).astype(self.dtype, copy=False)
+        self.documents[split] += documents
+        while len(tokens):
+            shards = self.shards[split]
+            if not shards or shards[-1]["tokens"] == self.shard_tokens:
+                if split in self._open:
+                    self._open.pop(split).close()
+                shards.append({"file": shard_name(split, len(shards)), "tokens": 0})
+                self._open[split] = open(self.out / shards[-1]["file"], "wb")
+            part = tokens[: self.shard_tokens - shards[-1]["tokens"]]
+            self._open[split].write(part.tobytes())
+            shards[-1]["tokens"] += len(part)
+            tokens = tokens[len(part):]
+
+    def finish(self, **extra) -> dict:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+        meta = {
+            "format": FORMAT,
+            "tokenizer_sha256": sha256_file(self.out / TOKENIZER_FILE),
+            "vocab_size": self.vocab_size, "eos_id": self.eos_id, "dtype": self.dtype.name,
+            "tokens": {split: sum(s["tokens"] for s in shards) for split, shards in self.shards.items()},
+            "documents": self.documents, "shards": self.shards, **extra,
+        }
+        tmp = self.out / (TOKEN_METADATA + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.out / TOKEN_METADATA)
+        return meta
+
+
+class TokenStore:
+    """One split of a token store, its shards read as one stream by position, never loaded whole."""
+
+    def __init__(self, path: str | Path, split: str):
+        self.path, self.split, self.fds = Path(path), split, []
+        self.meta = read_metadata(self.path)
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.vocab_size, self.eos_id = self.meta["vocab_size"], self.meta["eos_id"]
+        shards = self.meta["shards"].get(split, [])
+        sizes = []
+        for shard in shards:
+            f = self.path / shard["file"]
+            want = shard["tokens"] * self.dtype.itemsize
+            have = f.stat().st_size if f.is_file() else None
+            if have != want:
+                self.close()
+                state = "is missing" if have is None else f"has {have} bytes"
+                raise ConfigError(f"data.path={path}: shard {shard['file']} {state}, metadata.json says {want} "
+                                  f"(an unfinished or damaged token store; prepare it again)")
+            self.fds.append(os.open(f, os.O_RDONLY))
+            sizes.append(shard["tokens"])
+        self.sizes = sizes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()  # shard k holds [offsets[k], offsets[k+1])
+        self.tokens = self.offsets[-1]
+
+    def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the stream (across shard ends), read straight into
+        ``out`` (contiguous, the store's dtype) if given."""
+        if start < 0 or start + length > self.tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside the {self.split} split's {self.tokens}")
+        out = np.empty(length, self.dtype) if out is None else out
+        done = 0
+        while done < length:
+            k = bisect_right(self.offsets, start + done) - 1
+            local = start + done - self.offsets[k]
+            n = min(length - done, self.sizes[k] - local)
+            view = memoryview(out[done:done + n]).cast("B")
+            if os.preadv(self.fds[k], [view], local * self.dtype.itemsize) != view.nbytes:
+                raise OSError(f"{self.path / self.meta['shards'][self.split][k]['file']}: short read")
+            done += n
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __del__(self):
+        self.close()
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The store's metadata.json, checked for the keys readers rely on, and its tokenizer's hash."""
+    path = Path(path)
+    meta_file = path / TOKEN_METADATA
+    if not meta_file.is_file():
+        raise ConfigError(f"data.path={path}: no {TOKEN_METADATA} (write a token store with scripts/prepare_data.py)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"data.path={path}: {TOKEN_METADATA} is not valid JSON") from None
+    missing = [k for k in ("vocab_size", "eos_id", "dtype", "tokenizer_sha256", "tokens", "shards") if k not in meta]
+    if missing:
+        raise ConfigError(f"data.path={path}: {TOKEN_METADATA} lacks {', '.join(missing)}")
+    if meta["dtype"] not in DTYPES:
+        raise ConfigError(f"data.path={path}: {TOKEN_METADATA} dtype={meta['dtype']!r}: expected one of {', '.join(DTYPES)}")
+    tokenizer = path / TOKENIZER_FILE
+    if not tokenizer.is_file() or sha256_file(tokenizer) != meta["tokenizer_sha256"]:
+        raise ConfigError(f"data.path={path}: {TOKENIZER_FILE} is missing or is not the tokenizer that made these "
+                          f"tokens (sha256 differs from {TOKEN_METADATA})")
+    return meta

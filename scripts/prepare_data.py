@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Tokenize text into a token store for ``data.source: tokens`` (``data.path: OUT``).
+
+python scripts/prepare_data.py (--tokenizer TOKENIZER | --train-bpe VOCAB) --input PATHS... --out DIR
+    [--text-field text] [--eval-fraction F] [--workers N] [--eos TOKEN]
+
+Inputs: .txt (any other suffix too: one file, one document), .jsonl (a text field per line),
+.parquet (a text column), directories and globs of them. OUT gets metadata.json, the
+tokenizer as tokenizer.json, and flat token shards; an EOS token ends every document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import _cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tokenizer", help="a Hugging Face tokenizers tokenizer.json, or a directory holding one")
+    which.add_argument("--train-bpe", type=int, metavar="VOCAB", help="train a byte-level BPE of this vocab size on the input")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories, globs (quote them)")
+    p.add_argument("--out", required=True, help="the token store directory to write (new or empty)")
+    p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column holding the text (default text)")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="share of tokens held out as the eval split (default 0)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes (default: CPUs, at most 8)")
+    p.add_argument("--eos", default=None, help="the end-of-document token (default: the tokenizer's own, e.g. <|endoftext|>)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default 2**28)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with _cli.user_errors():
+        from framework.data.prepare import prepare
+        from framework.data.store import SHARD_TOKENS
+
+        meta = prepare(args.input, args.out, tokenizer=args.tokenizer, train_bpe=args.train_bpe,
+                       text_field=args.text_field, eval_fraction=args.eval_fraction, workers=args.workers,
+                       eos=args.eos, shard_tokens=args.shard_tokens or SHARD_TOKENS, progress=not args.no_progress)
+    summary = {k: meta[k] for k in ("vocab_size", "eos_id", "dtype", "tokens", "documents")}
+    print(f"wrote {args.out}: {json.dumps(summary)}")
+
+
+if __name__ == "__main__":
+    main()
