@@ -186,12 +186,14 @@ def check_model(m: ModelConfig, hf_dir: str | Path) -> dict:
     return hf
 
 
-def hf_config(m: ModelConfig, eos_id: int | None = None) -> dict:
-    """config.json for ``transformers``' from_pretrained (both styles)."""
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_config(m: ModelConfig, token_ids: dict | None = None) -> dict:
+    """config.json for ``transformers``' from_pretrained (both styles); ``token_ids``: bos/eos/pad ids to record."""
     e = _effective(m)
     common = dict(vocab_size=m.vocab_size, tie_word_embeddings=e["tie_embeddings"], torch_dtype="float32")
-    if eos_id is not None:
-        common.update(bos_token_id=eos_id, eos_token_id=eos_id)
+    common.update({k: v for k, v in (token_ids or {}).items() if k in TOKEN_IDS and v is not None})
     if m.style == "gpt":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=m.d_model, n_layer=m.n_layers,
                     n_head=m.n_heads, n_inner=m.d_mlp, n_positions=m.max_seq_len, n_ctx=m.max_seq_len,

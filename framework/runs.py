@@ -55,15 +55,17 @@ def tokenizer_file(run_dir: str | Path, cfg: Config) -> Path | None:
     return None
 
 
-def eos_id(run_dir: str | Path, cfg: Config) -> int | None:
+def token_ids(run_dir: str | Path, cfg: Config) -> dict:
+    """Special token ids as config.json names them (``eos_token_id``...): the imported model's, or the data's EOS."""
     imported = Path(run_dir) / HF_CONFIG
     if imported.is_file():
-        return json.loads(imported.read_text()).get("eos_token_id")
+        hf = json.loads(imported.read_text())
+        return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     if getattr(cfg.data, "source", "") == "tokens":
         meta = Path(getattr(cfg.data, "path", "")) / "metadata.json"
         if meta.is_file():
-            return json.loads(meta.read_text()).get("eos_id")
-    return None
+            return {"eos_token_id": json.loads(meta.read_text()).get("eos_id")}
+    return {}
 
 
 def gather(params) -> dict:

@@ -163,3 +163,15 @@ def llama_forward(t: dict, cfg: dict, tokens: np.ndarray) -> np.ndarray:
     h = rms(h, t["model.norm.weight"])
     head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     return h @ head.T
+
+
+def write_tokenizer(hf_dir: Path, vocab_size: int) -> list[str]:
+    """A word-level tokenizer.json over ``vocab_size`` words ("w0".."w{V-1}"), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(hf_dir / "tokenizer.json"))
+    return words
