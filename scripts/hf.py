@@ -21,10 +21,12 @@ COMMANDS = ("import", "export")
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
+    commands = [a for a in argv if a in COMMANDS]  # the command may stand anywhere among flags and overrides
+    if not commands:
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).error(
             f"expected a command: {' or '.join(COMMANDS)}")
-    cmd = argv.pop(0)
+    cmd = commands[0]
+    argv.remove(cmd)
     p = argparse.ArgumentParser(prog=f"hf.py {cmd}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="the meshpilot run dir (written by import, read by export)")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
@@ -45,9 +47,10 @@ def parse_args(argv=None):
 def run_import(args) -> None:
     from framework import hf, runs
     from framework.config import ConfigError
+
+    cfg = hf.run_config(args.hf_dir, args.config, args.overrides)  # checked before the heavy imports
     from framework.trainer import Trainer
 
-    cfg = hf.run_config(args.hf_dir, args.config, args.overrides)
     trainer = Trainer(cfg, run_dir=args.run_dir)
     if trainer.checkpointer.latest_good_step() is not None:
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; import into a new run dir")
