@@ -102,16 +102,18 @@ class Attention(nnx.Module):
         self.out = Dense("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
                          bias_axes=("embed",) if bias else None, std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
 
-    def _qkv(self, x, positions):
+    def _qkv(self, x, positions=None):
+        """Projected q, k, v (RoPE applied in llama style) of tokens at ``positions`` (default 0..T-1)."""
         q = checkpoint_name(constrain(self.query(x), ("batch", "length", "heads", "head_dim")), "query_proj")
         k = checkpoint_name(constrain(self.key(x), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
         v = checkpoint_name(constrain(self.value(x), ("batch", "length", "kv_heads", "head_dim")), "value_proj")
         if self.cfg.style == "llama":
+            positions = jnp.arange(x.shape[1]) if positions is None else positions
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         return q, k, v
 
     def __call__(self, x):
-        q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
+        q, k, v = self._qkv(x)
         impl = {"xla": "xla", "cudnn": "cudnn", "auto": None}[self.cfg.attention]
         ctx = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         ctx = checkpoint_name(constrain(ctx, ("batch", "length", "heads", "head_dim")), "context")
