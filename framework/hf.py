@@ -121,6 +121,13 @@ def architecture(hf: dict, where: str) -> str:
 
 def model_fields(hf: dict, where: str) -> dict[str, Any]:
     """The meshpilot ``model.*`` values a Hugging Face config.json implies (one-line error if unsupported)."""
+    try:
+        return _model_fields(hf, where)
+    except KeyError as e:
+        raise ConfigError(f"{where}: {e.args[0]} missing") from None
+
+
+def _model_fields(hf: dict, where: str) -> dict[str, Any]:
     arch = architecture(hf, where)
 
     def unsupported(key, value, expected):
@@ -193,7 +200,7 @@ def hf_config(m: ModelConfig, token_ids: dict | None = None) -> dict:
     """config.json for ``transformers``' from_pretrained (both styles); ``token_ids``: bos/eos/pad ids to record."""
     e = _effective(m)
     common = dict(vocab_size=m.vocab_size, tie_word_embeddings=e["tie_embeddings"], torch_dtype="float32")
-    common.update({k: v for k, v in (token_ids or {}).items() if k in TOKEN_IDS and v is not None})
+    common.update({k: (token_ids or {}).get(k) for k in TOKEN_IDS})  # null, not GPT2Config's 50256, when unknown
     if m.style == "gpt":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=m.d_model, n_layer=m.n_layers,
                     n_head=m.n_heads, n_inner=m.d_mlp, n_positions=m.max_seq_len, n_ctx=m.max_seq_len,

@@ -171,7 +171,7 @@ def test_import_mismatch_exit_2(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["gpt2", "llama-gqa"])
 def test_cli_import_train_export(tmp_path, case):
-    """import -> a run dir train.py resumes from step 0; export of step 0 is the original checkpoint, bit for bit."""
+    """import -> a run dir train.py resumes from step 0 and generate.py reads; export of step 0 is the original, bit for bit."""
     hf_dir, cfg, tensors, forward = fixture(tmp_path, case)
     fx.write_tokenizer(hf_dir, 64)
     run = tmp_path / "run"
@@ -204,3 +204,7 @@ def test_cli_import_train_export(tmp_path, case):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     expected = -np.take_along_axis(logp, batch[:, 1:, None], -1).mean()
     assert abs(records[0]["loss"] - expected) < 1e-4 * expected, (records[0]["loss"], expected)
+    r = run_script("generate.py", "--run-dir", str(run), "--prompt", "w3 w7", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)  # the run's tokenizer is the one import copied
+    assert out["prompt_ids"] == [3, 7] and len(out["ids"]) == 4 and out["text"] == " ".join(f"w{i}" for i in out["ids"])
