@@ -97,10 +97,14 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
     return AbstractState(graphdef, shapes, specs, logical_axes, tx, broadcast_plan)
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation, **model_kw) -> TrainState:
-    """Fresh state; call under ``jax.jit(out_shardings=...)`` so params are born sharded."""
-    _, param_state = build_params(cfg, cfg.train.seed, **model_kw)
-    params = nnx.to_pure_dict(param_state)
+def init_state(cfg: Config, tx: optax.GradientTransformation, params: Any = None, **model_kw) -> TrainState:
+    """Fresh state; call under ``jax.jit(out_shardings=...)`` so params are born sharded.
+
+    ``params``: start from these (e.g. imported from Hugging Face) instead of the random init.
+    """
+    if params is None:
+        _, param_state = build_params(cfg, cfg.train.seed, **model_kw)
+        params = nnx.to_pure_dict(param_state)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

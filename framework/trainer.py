@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import broadcast, memory, sharding
+from framework import broadcast, hf, memory, sharding
 from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
@@ -161,7 +161,16 @@ class Trainer:
                                  memory.category_bytes(needs, self.placement), needs.activation_source)
 
     def init_state(self) -> TrainState:
-        """Fresh state, created directly in its shardings (no full copy on one device)."""
+        """Fresh state, created directly in its shardings (no full copy on one device).
+
+        With ``model.init_from`` the params are a Hugging Face checkpoint's, each read straight
+        into its device sharding (framework/hf.py); the optimizer state starts fresh.
+        """
+        if self.cfg.model.init_from:
+            params = hf.load_params(self.cfg.model.init_from, self.cfg.model, self.abstract.shapes.params,
+                                    self.abstract.logical_axes, self.device_state_shardings.params)
+            return jax.jit(lambda p: init_state(self.cfg, self.tx, params=p), out_shardings=self.state_shardings,
+                           donate_argnums=0)(params)
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=self.state_shardings)()
 
     def restore_or_init(self) -> TrainState:

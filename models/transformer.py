@@ -7,6 +7,7 @@ rematerialised) block, so remat/offload policies can name them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -101,23 +102,41 @@ class Attention(nnx.Module):
         self.out = Dense("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
                          bias_axes=("embed",) if bias else None, std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
 
-    def __call__(self, x):
+    def _qkv(self, x, positions=None):
+        """Projected q, k, v (RoPE applied in llama style) of tokens at ``positions`` (default 0..T-1)."""
         q = checkpoint_name(constrain(self.query(x), ("batch", "length", "heads", "head_dim")), "query_proj")
         k = checkpoint_name(constrain(self.key(x), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
         v = checkpoint_name(constrain(self.value(x), ("batch", "length", "kv_heads", "head_dim")), "value_proj")
         if self.cfg.style == "llama":
-            pos = jnp.arange(x.shape[1])
-            q, k = rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta)
+            positions = jnp.arange(x.shape[1]) if positions is None else positions
+            q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        return q, k, v
+
+    def __call__(self, x):
+        q, k, v = self._qkv(x)
         impl = {"xla": "xla", "cudnn": "cudnn", "auto": None}[self.cfg.attention]
         ctx = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         ctx = checkpoint_name(constrain(ctx, ("batch", "length", "heads", "head_dim")), "context")
         return checkpoint_name(self.out(ctx), "out_proj")
 
+    def decode(self, x, cache_k, cache_v, start):
+        """Attention of ``x`` (tokens ``start``.. ``start+T-1``) over the KV cache, after writing x's keys and values into it."""
+        positions = start + jnp.arange(x.shape[1])
+        q, k, v = self._qkv(x, positions)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+        cache_k = constrain(cache_k, ("batch", "length", "kv_heads", "head_dim"))
+        cache_v = constrain(cache_v, ("batch", "length", "kv_heads", "head_dim"))
+        visible = jnp.arange(cache_k.shape[1])[None, :] <= positions[:, None]  # (T, S): causal over the cache
+        ctx = jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=visible[None, None],
+                                           implementation="xla")
+        return self.out(constrain(ctx, ("batch", "length", "heads", "head_dim"))), cache_k, cache_v
+
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
         d, f = cfg.d_model, cfg.d_mlp
-        self.style = cfg.style
+        self.style, self.gelu_approximate = cfg.style, cfg.gelu == "tanh"
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.style == "gpt":
             self.fc_in = Dense("btd,df->btf", (d, f), ("embed", "mlp"), bias_axes=("mlp",), **kw)
@@ -131,7 +150,7 @@ class MLP(nnx.Module):
     def __call__(self, x):
         h = self.fc_in(x)
         if self.gate is None:
-            h = jax.nn.gelu(h)
+            h = jax.nn.gelu(h, approximate=self.gelu_approximate)
         else:
             h = jax.nn.silu(checkpoint_name(self.gate(x), "mlp_gate")) * h
         h = checkpoint_name(constrain(h, ("batch", "length", "mlp")), "mlp_hidden")
@@ -151,6 +170,21 @@ class Block(nnx.Module):
         x = x + self.attn(self.ln_attn(x))
         x = x + self.mlp(self.ln_mlp(x))
         return constrain(x, BLC)
+
+    def decode(self, x, cache_k, cache_v, start):
+        h, cache_k, cache_v = self.attn.decode(self.ln_attn(constrain(x, BLC)), cache_k, cache_v, start)
+        x = x + h
+        x = x + self.mlp(self.ln_mlp(x))
+        return constrain(x, BLC), cache_k, cache_v
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer at every position so far: (layers, batch, length, kv_heads, head_dim) each."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 def _to_device(module: nnx.Module) -> nnx.Module:
@@ -217,6 +251,36 @@ class Transformer(nnx.Module):
             for block in self.blocks:
                 x = call(block, x)
         x = (_to_device(self.ln_f) if self.stream_params else self.ln_f)(x)
+        return self._logits(x)
+
+    def _logits(self, x):
         w = self._fetch(self.embed[...]).T if self.tied else self._fetch(self.unembed[...])
         logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
+
+    # ------------------------------------------------------------------ generation (framework/generate.py)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for ``length`` positions: keys and values of every layer, in the compute dtype."""
+        c = self.cfg
+        shape = (c.n_layers, batch, length, c.n_kv_heads or c.n_heads, c.d_model // c.n_heads)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def decode(self, tokens, cache: KVCache, start) -> tuple[jax.Array, KVCache]:
+        """Logits of ``tokens`` (B, T) at positions ``start``.. given the cache of earlier positions; the cache, extended.
+
+        Prefill is one call with the prompt (start 0); each later call adds one token. The training
+        path (``__call__``) is untouched. Layers must be distinct modules (``model.scan_layers=false``;
+        framework/generate.py unstacks scanned params).
+        """
+        if self.cfg.scan_layers or self.stream_params:
+            raise ValueError("Transformer.decode needs model.scan_layers=false and device-resident params")
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        if self.pos_embed is not None:
+            x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, tokens.shape[1]).astype(self.dtype)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.decode(x, cache.k[i], cache.v[i], start)
+            ks.append(k)
+            vs.append(v)
+        return self._logits(self.ln_f(x)), KVCache(jnp.stack(ks), jnp.stack(vs))

@@ -1,0 +1,177 @@
+"""Hand-built Hugging Face checkpoints (names and shapes as transformers' GPT-2 and Llama code
+define them, random values) and an independent numpy forward pass written from the Hugging Face
+equations: no meshpilot code is used here, so the two can check each other.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+GPT2_CONFIG = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=64, n_positions=32, n_embd=32,
+                   n_layer=2, n_head=4, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                   tie_word_embeddings=True)
+LLAMA_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
+                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=500000.0, hidden_act="silu",
+                    tie_word_embeddings=False)
+
+
+def gpt2_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel's state dict as save_pretrained writes it (Conv1D weights are (in, out))."""
+    r = np.random.default_rng(seed)
+    d, f, v = cfg["n_embd"], cfg["n_inner"] or 4 * cfg["n_embd"], cfg["vocab_size"]
+    w = lambda *s: (0.3 * r.standard_normal(s)).astype(np.float32)  # noqa: E731
+    gain = lambda n: (1 + 0.1 * r.standard_normal(n)).astype(np.float32)  # noqa: E731
+    t = {"transformer.wte.weight": w(v, d), "transformer.wpe.weight": w(cfg["n_positions"], d)}
+    for i in range(cfg["n_layer"]):
+        p = f"transformer.h.{i}."
+        t.update({
+            p + "ln_1.weight": gain(d), p + "ln_1.bias": w(d),
+            p + "attn.c_attn.weight": w(d, 3 * d), p + "attn.c_attn.bias": w(3 * d),
+            p + "attn.c_proj.weight": w(d, d), p + "attn.c_proj.bias": w(d),
+            p + "ln_2.weight": gain(d), p + "ln_2.bias": w(d),
+            p + "mlp.c_fc.weight": w(d, f), p + "mlp.c_fc.bias": w(f),
+            p + "mlp.c_proj.weight": w(f, d), p + "mlp.c_proj.bias": w(d),
+        })
+    t["transformer.ln_f.weight"], t["transformer.ln_f.bias"] = gain(d), w(d)
+    if not cfg.get("tie_word_embeddings", True):
+        t["lm_head.weight"] = w(v, d)
+    return t
+
+
+def llama_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """LlamaForCausalLM's state dict (nn.Linear weights are (out, in))."""
+    r = np.random.default_rng(seed)
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    n, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = d // n
+    w = lambda *s: (0.3 * r.standard_normal(s)).astype(np.float32)  # noqa: E731
+    gain = lambda n_: (1 + 0.1 * r.standard_normal(n_)).astype(np.float32)  # noqa: E731
+    t = {"model.embed_tokens.weight": w(v, d)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({
+            p + "input_layernorm.weight": gain(d),
+            p + "self_attn.q_proj.weight": w(n * hd, d), p + "self_attn.k_proj.weight": w(kv * hd, d),
+            p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, n * hd),
+            p + "post_attention_layernorm.weight": gain(d),
+            p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f),
+        })
+    t["model.norm.weight"] = gain(d)
+    if not cfg.get("tie_word_embeddings", False):
+        t["lm_head.weight"] = w(v, d)
+    return t
+
+
+def write(hf_dir: Path, cfg: dict, tensors: dict[str, np.ndarray], shards: int = 1) -> Path:
+    """config.json + model.safetensors, or ``shards`` files with model.safetensors.index.json."""
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    if shards == 1:
+        save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+        return hf_dir
+    names = list(tensors)
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(hf_dir / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return hf_dir
+
+
+# ------------------------------------------------------------------ numpy forward from the Hugging Face equations
+
+
+def _softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _causal_attention(q, k, v):
+    """q (n, T, hd), k/v (n, T, hd) -> (T, n*hd)."""
+    t, hd = q.shape[1], q.shape[2]
+    scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    return (_softmax(scores) @ v).transpose(1, 0, 2).reshape(t, -1)
+
+
+def _layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def gpt2_forward(t: dict, cfg: dict, tokens: np.ndarray) -> np.ndarray:
+    """GPT2LMHeadModel logits (T, vocab) for one sequence, float64."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    d, n, eps = cfg["n_embd"], cfg["n_head"], cfg["layer_norm_epsilon"]
+    gelu_new = lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))  # noqa: E731
+    T = len(tokens)
+    h = t["transformer.wte.weight"][tokens] + t["transformer.wpe.weight"][:T]
+    for i in range(cfg["n_layer"]):
+        p = f"transformer.h.{i}."
+        a = _layer_norm(h, t[p + "ln_1.weight"], t[p + "ln_1.bias"], eps)
+        qkv = a @ t[p + "attn.c_attn.weight"] + t[p + "attn.c_attn.bias"]  # Conv1D: x @ W, W (in, out)
+        q, k, v = (x.reshape(T, n, d // n).transpose(1, 0, 2) for x in np.split(qkv, 3, axis=-1))
+        h = h + _causal_attention(q, k, v) @ t[p + "attn.c_proj.weight"] + t[p + "attn.c_proj.bias"]
+        m = _layer_norm(h, t[p + "ln_2.weight"], t[p + "ln_2.bias"], eps)
+        h = h + gelu_new(m @ t[p + "mlp.c_fc.weight"] + t[p + "mlp.c_fc.bias"]) @ t[p + "mlp.c_proj.weight"] \
+            + t[p + "mlp.c_proj.bias"]
+    h = _layer_norm(h, t["transformer.ln_f.weight"], t["transformer.ln_f.bias"], eps)
+    head = t.get("lm_head.weight", t["transformer.wte.weight"])
+    return h @ head.T
+
+
+def llama_forward(t: dict, cfg: dict, tokens: np.ndarray) -> np.ndarray:
+    """LlamaForCausalLM logits (T, vocab) for one sequence, float64 (rotate_half RoPE, repeat_kv for GQA)."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    d, n, kv, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    hd = d // n
+    T = len(tokens)
+    inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    emb = np.concatenate([np.outer(np.arange(T), inv_freq)] * 2, axis=-1)  # (T, hd)
+    cos, sin = np.cos(emb), np.sin(emb)
+
+    def rotate_half(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return np.concatenate([-x2, x1], axis=-1)
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    silu = lambda x: x / (1 + np.exp(-x))  # noqa: E731
+    h = t["model.embed_tokens.weight"][tokens]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = rms(h, t[p + "input_layernorm.weight"])
+        q = (a @ t[p + "self_attn.q_proj.weight"].T).reshape(T, n, hd).transpose(1, 0, 2)  # nn.Linear: x @ W.T
+        k = (a @ t[p + "self_attn.k_proj.weight"].T).reshape(T, kv, hd).transpose(1, 0, 2)
+        v = (a @ t[p + "self_attn.v_proj.weight"].T).reshape(T, kv, hd).transpose(1, 0, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, n // kv, axis=0), np.repeat(v, n // kv, axis=0)  # repeat_kv
+        h = h + _causal_attention(q, k, v) @ t[p + "self_attn.o_proj.weight"].T
+        m = rms(h, t[p + "post_attention_layernorm.weight"])
+        h = h + (silu(m @ t[p + "mlp.gate_proj.weight"].T) * (m @ t[p + "mlp.up_proj.weight"].T)) \
+            @ t[p + "mlp.down_proj.weight"].T
+    h = rms(h, t["model.norm.weight"])
+    head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
+    return h @ head.T
+
+
+def write_tokenizer(hf_dir: Path, vocab_size: int) -> list[str]:
+    """A word-level tokenizer.json over ``vocab_size`` words ("w0".."w{V-1}"), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(hf_dir / "tokenizer.json"))
+    return words

@@ -1,0 +1,210 @@
+"""Hugging Face import/export (framework/hf.py, scripts/hf.py) against hand-built HF-layout checkpoints.
+
+The fixtures' names and shapes are those of transformers' GPT-2 and Llama code; the reference
+logits come from a numpy forward pass written from the Hugging Face equations (tests/hf_fixtures.py).
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+
+from framework import hf, runs, sharding
+from framework.config import ConfigError
+from framework.mesh import MeshManager, describe
+from framework.state import abstract_state
+from tests import hf_fixtures as fx
+from tests.helpers import TINY, run_script
+
+GPT2_UNTIED = {**fx.GPT2_CONFIG, "tie_word_embeddings": False, "n_inner": 48}
+LLAMA_TIED_MHA = {**fx.LLAMA_CONFIG, "num_key_value_heads": 4, "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+CASES = {
+    "gpt2": (fx.GPT2_CONFIG, fx.gpt2_tensors, fx.gpt2_forward),
+    "gpt2-untied": (GPT2_UNTIED, fx.gpt2_tensors, fx.gpt2_forward),
+    "llama-gqa": (fx.LLAMA_CONFIG, fx.llama_tensors, fx.llama_forward),
+    "llama-tied": (LLAMA_TIED_MHA, fx.llama_tensors, fx.llama_forward),
+}
+TOKENS = np.random.default_rng(7).integers(0, 64, (2, 16)).astype(np.int32)
+
+
+def fixture(tmp_path, case, shards=1):
+    cfg, make, forward = CASES[case]
+    tensors = make(cfg)
+    return fx.write(tmp_path / case, cfg, tensors, shards), cfg, tensors, forward
+
+
+def import_logits(hf_dir, *overrides, devices=None):
+    """Params loaded from ``hf_dir`` onto the mesh the overrides describe, and the model's logits of TOKENS."""
+    cfg = hf.run_config(hf_dir, None, overrides)
+    mesh = MeshManager(cfg.mesh).build(devices)
+    a = abstract_state(cfg, describe(mesh))
+    shardings = sharding.named(mesh, a.specs.params)
+    params = hf.load_params(hf_dir, cfg.model, a.shapes.params, a.logical_axes, shardings)
+    assert jax.tree.all(jax.tree.map(lambda p, s: p.sharding == s, params, shardings))  # placed, not resharded later
+    logits = jax.jit(lambda p, x: nnx.merge(a.graphdef, p)(x))(params, TOKENS)
+    return np.asarray(logits), params, cfg, a
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_matches_independent_numpy_forward(tmp_path, case):
+    hf_dir, cfg, tensors, forward = fixture(tmp_path, case)
+    logits, _, _, _ = import_logits(hf_dir, "mesh.fsdp=8", *(["model.scan_layers=true"] if case == "llama-gqa" else []))
+    ref = np.stack([forward(tensors, cfg, row) for row in TOKENS])
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa"])
+def test_fsdp8_and_data2_tensor2_give_the_same_logits(tmp_path, case):
+    hf_dir, *_ = fixture(tmp_path, case)
+    a, _, _, _ = import_logits(hf_dir, "mesh.fsdp=8")
+    b, params, _, _ = import_logits(hf_dir, "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", devices=jax.devices()[:4])
+    q = params["blocks"][0]["attn"]["query"]["kernel"]
+    assert q.sharding.spec[1] == "tensor" and len(q.sharding.device_set) == 4  # heads split over tensor=2
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_each_device_holds_only_its_slice(tmp_path):
+    hf_dir, cfg, tensors, _ = fixture(tmp_path, "llama-gqa")
+    _, params, _, _ = import_logits(hf_dir, "mesh.fsdp=8")
+    up = params["blocks"][1]["mlp"]["fc_in"]["kernel"]  # HF up_proj (f, d) -> (d, f), d split over fsdp=8
+    full = tensors["model.layers.1.mlp.up_proj.weight"].T
+    for shard in up.addressable_shards:
+        assert shard.data.shape == (4, 48)
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_bit_identical_and_same_config(tmp_path, case):
+    hf_dir, cfg, tensors, _ = fixture(tmp_path, case)
+    _, params, mcfg, a = import_logits(hf_dir, "mesh.fsdp=8")
+    out = tmp_path / "out"
+    hf.save(hf.hf_tensors(runs.gather(params), mcfg.model, a.logical_axes), hf.hf_config(mcfg.model), out)
+    with safe_open(out / "model.safetensors", framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name in tensors:
+            back = f.get_tensor(name)
+            assert back.dtype == tensors[name].dtype and np.array_equal(back, tensors[name]), name
+        assert f.metadata() == {"format": "pt"}
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["architectures"] == cfg["architectures"]
+    assert hf.model_fields(exported, "out") == hf.model_fields(cfg, "in")
+
+
+def test_sharded_index_in_and_out(tmp_path):
+    hf_dir, cfg, tensors, _ = fixture(tmp_path, "llama-gqa", shards=3)
+    assert not (hf_dir / "model.safetensors").exists()
+    sharded, params, mcfg, a = import_logits(hf_dir, "mesh.fsdp=8")
+    single, *_ = import_logits(fixture(tmp_path / "single", "llama-gqa")[0], "mesh.fsdp=8")
+    np.testing.assert_array_equal(sharded, single)
+    out = tmp_path / "out"
+    files = hf.save(hf.hf_tensors(runs.gather(params), mcfg.model, a.logical_axes), hf.hf_config(mcfg.model), out,
+                    max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(files) > 1 and sorted({f.name for f in files}) == sorted(set(index["weight_map"].values()))
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    again, *_ = import_logits(out, "mesh.fsdp=8")
+    np.testing.assert_array_equal(again, single)
+
+
+def test_hub_gpt2_names_without_transformer_prefix(tmp_path):
+    cfg, tensors = fx.GPT2_CONFIG, fx.gpt2_tensors(fx.GPT2_CONFIG)
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    bare["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))  # old checkpoints carry the causal mask
+    logits, *_ = import_logits(fx.write(tmp_path / "bare", cfg, bare), "mesh.fsdp=8")
+    ref, *_ = import_logits(fx.write(tmp_path / "full", cfg, tensors), "mesh.fsdp=8")
+    np.testing.assert_array_equal(logits, ref)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    cfg, tensors = fx.LLAMA_CONFIG, fx.llama_tensors(fx.LLAMA_CONFIG)
+    missing = fx.write(tmp_path / "missing", cfg, {k: v for k, v in tensors.items() if "layers.1.mlp.up" not in k})
+    with pytest.raises(ConfigError, match=r"tensor model.layers.1.mlp.up_proj.weight missing"):
+        import_logits(missing, "mesh.fsdp=8")
+    wrong = fx.write(tmp_path / "wrong", cfg, {**tensors, "model.norm.weight": np.ones(16, np.float32)})
+    with pytest.raises(ConfigError, match=r"tensor model.norm.weight has shape \[16\], expected \[32\]"):
+        import_logits(wrong, "mesh.fsdp=8")
+    biased = fx.write(tmp_path / "biased", cfg, {**tensors, "model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32)})
+    with pytest.raises(ConfigError, match=r"1 tensors the LlamaForCausalLM layout does not have.*q_proj.bias"):
+        import_logits(biased, "mesh.fsdp=8")
+    with pytest.raises(ConfigError, match=r"rope_scaling=.*llama3.*default RoPE"):
+        hf.model_fields({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "x")
+
+
+def test_model_init_from_in_trainer(tmp_path):
+    """``model.init_from``: the Trainer's fresh state has the imported params and a fresh optimizer state."""
+    from framework.trainer import Trainer
+
+    hf_dir, cfg, tensors, _ = fixture(tmp_path, "gpt2")
+    tcfg = hf.run_config(hf_dir, None, ["data.source=synthetic", "logging.progress=false", "train.seq_len=16"])
+    trainer = Trainer(tcfg)
+    state = trainer.init_state()
+    assert int(state.step) == 0
+    np.testing.assert_array_equal(np.asarray(state.params["embed"]), tensors["transformer.wte.weight"])
+    np.testing.assert_array_equal(np.asarray(state.params["blocks"][1]["attn"]["value"]["kernel"]).reshape(32, 32),
+                                  tensors["transformer.h.1.attn.c_attn.weight"][:, 64:])
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))  # fresh moments and counts
+
+
+def test_import_mismatch_exit_2(tmp_path):
+    hf_dir, *_ = fixture(tmp_path, "llama-gqa")
+    r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(tmp_path / "run"), "--config", TINY)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: model config does not match {hf_dir}/config.json: ")
+    for key in ("model.style='gpt' (config.json: 'llama')", "model.vocab_size=256 (config.json: 64)",
+                "model.d_model=128 (config.json: 32)", "model.n_kv_heads=8 (config.json: 2)",
+                "model.tie_embeddings=True (config.json: False)", "model.norm_eps=1e-05 (config.json: 1e-06)",
+                "model.rope_theta=10000.0 (config.json: 500000.0)"):
+        assert key in r.stderr, key
+    r = run_script("hf.py", "--run-dir", str(tmp_path / "run"), "import", "--hf-dir", str(hf_dir), "model.n_layers=3")
+    assert r.returncode == 2 and "model.n_layers=3 (config.json: 2)" in r.stderr, r.stderr[-2000:]
+    (hf_dir / "config.json").write_text(json.dumps({**fx.LLAMA_CONFIG, "architectures": ["BertModel"]}))
+    r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr == (f"error: {hf_dir}/config.json: architectures=['BertModel']: "
+                        "expected one of GPT2LMHeadModel, LlamaForCausalLM\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa"])
+def test_cli_import_train_export(tmp_path, case):
+    """import -> a run dir train.py resumes from step 0 and generate.py reads; export of step 0 is the original, bit for bit."""
+    hf_dir, cfg, tensors, forward = fixture(tmp_path, case)
+    fx.write_tokenizer(hf_dir, 64)
+    run = tmp_path / "run"
+    r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(run), "data.source=synthetic",
+                   "logging.progress=false", "train.seq_len=16", "train.steps=2", "checkpoint.async=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "tokenizer.json").is_file() and (run / "checkpoints" / "0").is_dir()
+    out = tmp_path / "out"
+    r = run_script("hf.py", "export", "--run-dir", str(run), "--step", "0", "--out", str(out), "--max-shard-bytes", "30000")
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    for name, file in index["weight_map"].items():
+        with safe_open(out / file, framework="numpy") as f:
+            assert np.array_equal(f.get_tensor(name), tensors[name]), name
+    assert hf.model_fields(json.loads((out / "config.json").read_text()), "out") == hf.model_fields(cfg, "in")
+    assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    r = run_script("train.py", "--config", str(run / "config.yaml"), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step 0" in r.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [1, 2]
+    # step 1's loss is the imported model's on batch 0: the independent numpy forward gives it too
+    from framework.data import make_source
+
+    tcfg = runs.load_run_config(run)
+    batch = make_source(tcfg.data, tcfg.train, 64).rows(0, np.arange(16), 16)
+    logits = np.stack([forward(tensors, cfg, row[:-1]) for row in batch])
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, batch[:, 1:, None], -1).mean()
+    assert abs(records[0]["loss"] - expected) < 1e-4 * expected, (records[0]["loss"], expected)
+    r = run_script("generate.py", "--run-dir", str(run), "--prompt", "w3 w7", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)  # the run's tokenizer is the one import copied
+    assert out["prompt_ids"] == [3, 7] and len(out["ids"]) == 4 and out["text"] == " ".join(f"w{i}" for i in out["ids"])
