@@ -111,9 +111,9 @@ class FileTokenizer:
     """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` library)."""
 
     def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer
+        from framework.data.tokenizer import load_tokenizer  # imports tokenizers only when a run has one
 
-        self.tok = Tokenizer.from_file(str(path))
+        self.tok = load_tokenizer(path)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids

@@ -47,8 +47,8 @@ def tokenizer_file(run_dir: str | Path, cfg: Config) -> Path | None:
     own = Path(run_dir) / "tokenizer.json"
     if own.is_file():
         return own
-    if getattr(cfg.data, "source", "") == "tokens":  # data.path: the tokenized data set (scripts/prepare_data.py)
-        path = Path(getattr(cfg.data, "path", "")) / "tokenizer.json"
+    if cfg.data.source == "tokens":  # data.path: the tokenized data set (scripts/prepare_data.py)
+        path = Path(cfg.data.path) / "tokenizer.json"
         if not path.is_file():
             raise ConfigError(f"data.path={cfg.data.path!r}: no tokenizer.json")
         return path
@@ -61,8 +61,8 @@ def token_ids(run_dir: str | Path, cfg: Config) -> dict:
     if imported.is_file():
         hf = json.loads(imported.read_text())
         return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-    if getattr(cfg.data, "source", "") == "tokens":
-        meta = Path(getattr(cfg.data, "path", "")) / "metadata.json"
+    if cfg.data.source == "tokens":
+        meta = Path(cfg.data.path) / "metadata.json"
         if meta.is_file():
             return {"eos_token_id": json.loads(meta.read_text()).get("eos_id")}
     return {}

@@ -282,6 +282,13 @@ def test_real_data_demo_prepares_and_trains_offline(tmp_path):
     losses = [rec["loss"] for rec in records if "loss" in rec]
     assert [rec["step"] for rec in records if "eval_loss" in rec] == [4, 8]
     assert abs(losses[0] - np.log(512)) < 0.5 and losses[-1] < losses[0] - 0.5, losses
+    # the generation script detokenizes with the data's tokenizer.json (framework/runs.py)
+    r = run_script("generate.py", "--run-dir", str(run_dir), "--prompt", "import os", "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    assert out["prompt_ids"] == tok.encode("import os").ids and 1 <= len(out["ids"]) <= 6
+    assert out["text"] == tok.decode(out["ids"])
     r = run_script("plan.py", "--config", DEMO, "--devices", "16", "--json", f"data.path={data}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert {p["name"]: p["shape"] for p in json.loads(r.stdout)["params"]}["embed"] == [512, 128]
