@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import broadcast, memory, sharding
+from framework import broadcast, memory, preemption, sharding
 from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
@@ -323,11 +323,15 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
-        eval_every = self.cfg.train.eval_every
-        if self.cfg.elastic.enabled and self.elastic is None:  # elastic remeshing: the controller runs the loop in segments
-            from framework.tryrun import TryRunController
+        with preemption.watching():  # SIGTERM/SIGINT: stop at a step boundary with a checkpoint (framework/preemption.py)
+            if self.cfg.elastic.enabled and self.elastic is None:  # elastic remeshing: the controller runs the loop in segments
+                from framework.tryrun import TryRunController
 
-            return TryRunController(self).fit(total)
+                return TryRunController(self).fit(total)
+            return self._fit(total)
+
+    def _fit(self, total: int) -> list[dict]:
+        eval_every = self.cfg.train.eval_every
         if self.state is None:
             self.state = self.restore_or_init()
         self.write_config()
@@ -339,8 +343,12 @@ class Trainer:
         records: list[dict] = []
         pending = None  # metrics of the step in flight: fetched one step late so dispatch never blocks
         last_done = time.perf_counter()
+        preempted_at = None
         try:
             for step in range(start, total):
+                if preemption.requested(step):
+                    preempted_at = step  # the step in flight finishes below; this one never starts
+                    break
                 if self.elastic is not None and step > start and self.elastic.triggered(step):
                     break  # the controller remeshes at this step boundary, then calls fit() again
                 _, batch = prefetch.next()
@@ -363,7 +371,11 @@ class Trainer:
             if pending is not None:
                 self._finish(pending, last_done, records, writer, bar)
             reached = int(jax.device_get(self.state.step))  # below total when the try-run controller stopped the loop
-            if self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
+            if self.checkpointer is not None and preempted_at is not None:
+                if self.checkpointer.latest_good_step() != reached:
+                    self.checkpointer.save(reached, self.state)
+                self.checkpointer.wait()  # synchronous: the process may be gone soon after
+            elif self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
                 self.checkpointer.save(total, self.state)  # the final state is always kept
         finally:
             if self.checkpointer is not None:
@@ -371,6 +383,9 @@ class Trainer:
             prefetch.close()
             bar.close()
             writer.close()
+        if preempted_at is not None:
+            raise preemption.Preempted(preempted_at, preemption.received(),
+                                       self.checkpointer.directory if self.checkpointer is not None else None)
         return records
 
     def _log_eval(self, step: int, writer: MetricsWriter) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 
 TERMINATE_GRACE_S = 5  # JAX's preemption notifier catches SIGTERM in joined processes, so SIGKILL follows
+PREEMPT_GRACE_S = 300  # the launcher itself signalled: time for the processes to save a checkpoint
 POLL_S = 0.1
 
 
@@ -71,12 +72,13 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def terminate(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every running process group, then SIGKILL what is left after a grace period."""
+def terminate(procs: list[subprocess.Popen], grace_s: float = TERMINATE_GRACE_S,
+              sig: signal.Signals = signal.SIGTERM) -> None:
+    """``sig`` to every running process group, then SIGKILL what is left after ``grace_s``."""
     for p in procs:
         if p.poll() is None:
-            _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + TERMINATE_GRACE_S
+            _signal_group(p, sig)
+    deadline = time.monotonic() + grace_s
     for p in procs:
         try:
             p.wait(timeout=max(deadline - time.monotonic(), 0))
@@ -126,8 +128,12 @@ def launch(processes: int, devices: int, command: list[str]) -> int:
           file=sys.stderr, flush=True)
 
     def on_signal(signum, _frame):
-        terminate(procs)
-        sys.exit(128 + signum)
+        # preempted: pass the signal on; the processes agree on a step, save it and exit (train.py: 0 / 130)
+        terminate(procs, PREEMPT_GRACE_S, signal.Signals(signum))
+        for t in forwarders:
+            t.join(timeout=5)
+        codes = [p.returncode for p in procs]
+        sys.exit(next((c if c > 0 else 128 - c for c in codes if c), 0))
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
