@@ -24,7 +24,6 @@ import jax
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
 
 _received: signal.Signals | None = None  # the first signal while watching (this process)
-_depth = 0  # watching() nests: the try-run controller's segments run inside the outer fit
 
 
 class Preempted(Exception):
@@ -58,23 +57,17 @@ def watching() -> Iterator[None]:
 
     Signal handlers can only be set from the main thread; elsewhere nothing is caught.
     """
-    global _depth, _received
-    if _depth or threading.current_thread() is not threading.main_thread():
-        _depth += 1
-        try:
-            yield
-        finally:
-            _depth -= 1
-        return
+    global _received
     _received = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     # with several processes SIGTERM stays with JAX's notifier: a Python handler would replace it
     signals = [signal.SIGINT] + ([] if _multi_process() else [signal.SIGTERM])
     saved = {s: signal.signal(s, _on_signal) for s in signals}
-    _depth += 1
     try:
         yield
     finally:
-        _depth -= 1
         for s, handler in saved.items():
             signal.signal(s, handler)
 

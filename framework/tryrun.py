@@ -242,6 +242,7 @@ class TryRunController:
         key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
         if key not in self._trainers:
             self._trainers[key] = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
+            self._trainers[key].goodput = self.trainer.goodput  # one clock for the run's wall time
         trainer = self._trainers[key]
         layout.grad_accum = trainer.cfg.train.grad_accum
         return trainer
@@ -269,7 +270,9 @@ class TryRunController:
             step = self.resume_step()
             if step is not None and step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
                 moved = True
-                drop_records_after(trainer.run_dir, step)  # steps after the checkpoint are trained again
+                # steps after the checkpoint are trained again: logged no more, and counted as replayed
+                replayed = drop_records_after(trainer.run_dir, step)
+                trainer.goodput.replay_until = max(trainer.goodput.replay_until, replayed)
             else:
                 trainer.state = trainer.restore_or_init()
         records: list[dict] = []
@@ -305,44 +308,48 @@ class TryRunController:
         n = len(usable)
         self.trainer = trainer
 
+        clock = trainer.goodput
         t0 = time.perf_counter()
-        if self.checkpoints.latest_good_step() != step:
-            self.checkpoints.save(step, trainer.state)
-        self.checkpoints.wait()
+        with clock.span("checkpoint_save"):
+            if self.checkpoints.latest_good_step() != step:
+                self.checkpoints.save(step, trainer.state)
+            self.checkpoints.wait()
         checkpoint_s = time.perf_counter() - t0
         trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
 
-        min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
-        if min_devices > n:
-            raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
-        layouts = self.candidates(n, min_devices)
+        with clock.span("tryruns"):  # everything up to the final restore: candidates, try-runs, scores
+            min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
+            if min_devices > n:
+                raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
+            layouts = self.candidates(n, min_devices)
 
-        current = self.current_layout(trainer)
-        runnable = set(trainer.devices) <= set(usable)
-        if runnable and len(self.rolling) >= 2:
-            step_time = statistics.median(self.rolling)
-            baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling")
-        else:
-            base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
-            baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
+            current = self.current_layout(trainer)
+            runnable = set(trainer.devices) <= set(usable)
+            if runnable and len(self.rolling) >= 2:
+                step_time = statistics.median(self.rolling)
+                baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling")
+            else:
+                base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
+                baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
 
-        trials = [self.try_run(c, usable, step) for c in layouts if c.key != baseline.layout.key]
-        # Each process timed its own steps: all decide on process 0's scores, or they would remesh differently.
-        baseline.samples_per_s, *scores = from_primary([self.score(baseline), *map(self.score, trials)])
-        for trial, score in zip(trials, scores):
-            trial.samples_per_s = score
-            trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1
-        for trial in (baseline, *trials):
-            count = trial.layout.n_devices
-            self.best_by_count[count] = max(self.best_by_count.get(count, 0.0), trial.samples_per_s)
+            trials = [self.try_run(c, usable, step) for c in layouts if c.key != baseline.layout.key]
+            # Each process timed its own steps: all decide on process 0's scores, or they would remesh differently.
+            baseline.samples_per_s, *scores = from_primary([self.score(baseline), *map(self.score, trials)])
+            for trial, score in zip(trials, scores):
+                trial.samples_per_s = score
+                trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1
+            for trial in (baseline, *trials):
+                count = trial.layout.n_devices
+                self.best_by_count[count] = max(self.best_by_count.get(count, 0.0), trial.samples_per_s)
 
-        best = max(trials, key=lambda tr: tr.samples_per_s, default=None)
-        adopted = best is not None and self.should_adopt(best, baseline)
-        chosen = best if adopted else baseline
-        next_trainer = self.trainer_for(chosen.layout, trainer.devices if chosen is baseline and runnable else usable)
+            best = max(trials, key=lambda tr: tr.samples_per_s, default=None)
+            adopted = best is not None and self.should_adopt(best, baseline)
+            chosen = best if adopted else baseline
+            next_trainer = self.trainer_for(chosen.layout, trainer.devices if chosen is baseline and runnable else usable)
 
         t0 = time.perf_counter()
-        next_trainer.state = self.checkpoints.restore(step, target_of(next_trainer))
+        with clock.span("checkpoint_restore"):
+            next_trainer.state = self.checkpoints.restore(step, target_of(next_trainer))
         restore_s = time.perf_counter() - t0
         next_trainer.compile()
         if next_trainer is not trainer:
