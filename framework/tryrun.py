@@ -265,6 +265,7 @@ class TryRunController:
     def fit(self, total: int) -> list[dict]:
         """Run the trainer's loop in segments, deciding the mesh at each trigger."""
         origin = trainer = self.trainer
+        self.wait_for_devices(self.resume_step() or 0)  # start only on enough devices for one model replica
         moved = False  # resuming a checkpoint made on another mesh (another device count, or a fallback layout)
         if trainer.state is None:
             step = self.resume_step()
@@ -300,14 +301,32 @@ class TryRunController:
         """The checkpoint to continue from, if resuming is on and there is one."""
         return None if self.cfg.checkpoint.resume is False else self.checkpoints.latest_good_step()
 
+    def wait_for_devices(self, step: int) -> None:
+        """Start (or go on) only when one model replica fits on the usable devices: wait for more, up to
+        ``elastic.wait_timeout_s``, then stop with a ConfigError naming the shortfall (exit code 2)."""
+        need = self.min_devices(len(self.usable_devices(step)))
+        have = len(self.usable_devices(step))
+        if have >= need:
+            return
+        timeout = self.elastic.wait_timeout_s
+        if jax.process_index() == 0:
+            print(f"elastic: one model replica needs {need} devices, {have} available; waiting up to {timeout:g} s "
+                  "(elastic.wait_timeout_s)", flush=True)
+        with self.trainer.goodput.span("waiting_for_devices"):
+            deadline = time.monotonic() + timeout
+            while have < need and time.monotonic() < deadline:
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+                have = len(self.usable_devices(step))
+                need = self.min_devices(have)
+        if have < need:
+            raise ConfigError(f"elastic: one model replica needs {need} devices (elastic.min_devices="
+                              f"{self.elastic.min_devices}), only {have} available: {need - have} short after waiting "
+                              f"{timeout:g} s (elastic.wait_timeout_s)")
+
     def decide(self, trainer, step: int, reason: str):
         """One decision at ``step``: save, candidates, try-runs, adopt or keep, restore. Returns the trainer to continue with."""
         began = time.perf_counter()
-        available = self.available_devices(step)
-        usable = self.usable_devices(step)
-        n = len(usable)
         self.trainer = trainer
-
         clock = trainer.goodput
         t0 = time.perf_counter()
         with clock.span("checkpoint_save"):
@@ -316,11 +335,13 @@ class TryRunController:
             self.checkpoints.wait()
         checkpoint_s = time.perf_counter() - t0
         trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
+        self.wait_for_devices(step)  # after a shrink: with the state saved, as long as it takes
+        available = self.available_devices(step)
+        usable = self.usable_devices(step)
+        n = len(usable)
 
         with clock.span("tryruns"):  # everything up to the final restore: candidates, try-runs, scores
             min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
-            if min_devices > n:
-                raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
             layouts = self.candidates(n, min_devices)
 
             current = self.current_layout(trainer)
