@@ -193,6 +193,7 @@ class ElasticConfig:
     min_devices: Union[int, Literal["auto"]] = "auto"  # devices one model replica needs; auto: from memory
     max_devices: int = 0  # never use more devices than this; 0: no limit
     device_schedule: list[list[int]] = field(default_factory=list)  # [[step, n_devices], ...]: first n available from step
+    objective: Literal["throughput", "efficiency"] = "throughput"  # score: samples/s, or samples/s per device
     wait_timeout_s: float = 60.0  # fewer devices than one replica needs: wait this long for more, then exit 2
 
 

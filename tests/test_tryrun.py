@@ -1,4 +1,5 @@
 """Try-run controller: candidates, adoption, and elastic runs that lose no step and repeat none."""
+import dataclasses
 import json
 import math
 import sys
@@ -10,7 +11,7 @@ import pytest
 from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
 from framework.trainer import Trainer
-from framework.tryrun import Trial, TryRunController, grad_accum_for, max_useful_devices
+from framework.tryrun import Trial, TryRunController, devices_to_use, grad_accum_for, max_useful_devices
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 from tests.test_distributed import run
 
@@ -74,8 +75,36 @@ def test_candidates_adapt_accumulation_and_skip_what_the_batch_cannot_split(tmp_
     # data=8 needs micro-batches of 8: accumulation drops from 4 to 2; the current tensor=2 is kept where it fits
     assert got == {("horizontal", (8, 1, 1), 2), ("vertical", (4, 1, 2), 4), ("vertical", (2, 2, 2), 4),
                    ("vertical", (1, 4, 2), 4)}
-    on_six = ctl.candidates(6, 1)  # global batch 16 over 6: only layouts whose batch split divides 16
-    assert all(16 % (c.mesh["data"] * c.mesh["fsdp"]) == 0 for c in on_six) and on_six
+    # global batch 16 over 6: a batch split of 3 or 6 never divides 16, and a tensor size of 3 or 6 does not
+    # divide the 4 heads, so no layout runs on 6; each one left out is noted with why
+    assert ctl.candidates(6, 1) == [] and {d["split"] for d in ctl.dropped} == {1, 2, 3, 6}
+
+
+def test_every_dropped_candidate_is_noted_with_its_reason(tmp_path):
+    ctl = TryRunController(Trainer(small("elastic.enabled=true"), run_dir=tmp_path))  # batch 16, 4 heads, d_mlp 128
+    assert ctl.candidates(6, 1) == []
+    reasons = {(d["kind"], d["split"]): d["reason"] for d in ctl.dropped}
+    # the horizontal candidate (6 replicas) cannot split the batch: noted, not silently gone
+    assert reasons[("horizontal", 1)] == "train.global_batch=16 does not split over data-parallel size 6 (tensor=1)"
+    assert "tensor=3 does not divide model.n_heads=4, model.n_kv_heads=4, model.d_mlp=128" in reasons[("vertical", 3)]
+    ctl.dropped = []
+    ctl.candidates(6, 4)
+    assert ctl.dropped[0] == {"kind": "horizontal", "n_devices": 6, "split": 4,
+                              "reason": "6 devices are not a multiple of 4"}
+
+    layout = ctl.current_layout(ctl.trainer)
+    trial = Trial(layout, 80.0, "tryrun", compile_s=1.0, restore_s=0.5, measure_s=0.5, samples=48)
+    assert ctl.score(trial) == 80.0  # elastic.objective=throughput
+    assert trial.record()["samples_per_total_s"] == 24.0 and trial.record()["samples_per_s_per_device"] == 10.0
+    ctl.elastic = dataclasses.replace(ctl.elastic, objective="efficiency")
+    assert ctl.score(trial) == 80.0 / layout.n_devices
+
+
+def test_devices_past_the_max_useful_count_stay_idle_once_measured():
+    measured = {4: 100.0, 8: 102.0}
+    assert devices_to_use(measured, 0.05, 8) == 4  # 8 was measured and adds under 5%: 4 are left idle
+    assert devices_to_use(measured, 0.01, 8) == 8
+    assert devices_to_use({4: 100.0}, 0.05, 8) == 8  # 8 never measured: try it
 
 
 def test_triggers(tmp_path):
