@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from framework import memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError
+from framework.data import Prefetcher
 from framework.distributed import from_primary, spread_over_processes
 from framework.metrics import drop_records_after
 
@@ -345,7 +346,8 @@ class TryRunController:
             finally:
                 trainer.elastic = None
             records += segment
-            self.rolling.extend(r["step_time_s"] for r in segment[1:])  # the first one includes the loop's start-up
+            # the same warm-up rule as a try-run: a segment's first steps include the loop's start-up
+            self.rolling.extend(r["step_time_s"] for r in segment[self.elastic.warmup_steps:])
             step = int(jax.device_get(trainer.state.step))
             if step >= total:
                 break
@@ -498,25 +500,14 @@ class TryRunController:
         restore_s = time.perf_counter() - t0
 
         e = self.elastic
-        pos = int(jax.device_get(state.data_pos))
-        batches = [tr.loader.batch(pos + i) for i in range(e.warmup_steps + e.tryrun_steps)]
         t0 = time.perf_counter()
-        for batch in batches[: e.warmup_steps]:
-            state, _ = tr.step(state, batch)
-        jax.block_until_ready(state)
-        step_times = []
-        for batch in batches[e.warmup_steps:]:
-            t1 = time.perf_counter()
-            state, metrics = tr.step(state, batch)
-            jax.block_until_ready(metrics)
-            step_times.append(time.perf_counter() - t1)
-        jax.block_until_ready(state)
+        step_times = live_step_times(tr, state, e.warmup_steps + e.tryrun_steps)
         measure_s = time.perf_counter() - t0
-        del state
-        # the median step, like the rolling baseline: one step stalled by a neighbour does not decide
-        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times), "tryrun",
+        # as the live baseline: the first warmup_steps steps do not count, then the median step
+        # (one step stalled by a neighbour does not decide)
+        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times[e.warmup_steps:]), "tryrun",
                      compile_s=compile_s, restore_s=restore_s, measure_s=measure_s,
-                     samples=len(batches) * self.cfg.train.global_batch)
+                     samples=len(step_times) * self.cfg.train.global_batch)
 
     # ------------------------------------------------------------------ the decision log
 
@@ -528,6 +519,30 @@ class TryRunController:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(decision) + "\n")
         print(format_decision(decision), flush=True)
+
+
+def live_step_times(trainer, state, steps: int) -> list[float]:
+    """Step times measured as ``Trainer.fit`` measures live steps: batches from the prefetcher, each step
+    dispatched before the previous one's metrics are fetched, a step's time the interval between completions.
+    ``state`` (a restored copy) is consumed."""
+    prefetch = Prefetcher(trainer.loader, int(jax.device_get(state.data_pos)), trainer.cfg.data.prefetch)
+    times, pending = [], None
+    last = time.perf_counter()
+    try:
+        for _ in range(steps):
+            _, batch = prefetch.next()
+            state, metrics = trainer.step(state, batch)
+            if pending is not None:
+                jax.device_get(pending)
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
+            pending = metrics
+        jax.device_get(pending)
+        times.append(time.perf_counter() - last)
+    finally:
+        prefetch.close()
+    return times
 
 
 def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:
