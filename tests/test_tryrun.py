@@ -125,11 +125,15 @@ def test_min_devices_auto_from_the_device_budget(tmp_path):
     for budget, expected in ((whole, 1), (whole - 1, 2), (1, 9)):  # 9: does not fit on the 8 there are
         cfg = small("elastic.enabled=true", f"memory.device_budget_bytes={budget}")
         assert TryRunController(Trainer(cfg, run_dir=tmp_path)).min_devices(8) == expected, budget
-    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]")
+    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]",
+                "elastic.wait_timeout_s=0.5")
     tight = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
     tight.state = tight.init_state()
-    with pytest.raises(ConfigError, match="one model replica needs 5 devices, only 4 are available"):
+    # after a shrink: the state is saved, the controller waits for more devices, then names the shortfall
+    with pytest.raises(ConfigError, match=r"^elastic: one model replica needs 5 devices \(elastic.min_devices=auto\), "
+                                          r"only 4 available: 1 short after waiting 0.5 s \(elastic.wait_timeout_s\)$"):
         TryRunController(tight).decide(tight, 0, "test")
+    assert Checkpointer(tmp_path / "checkpoints").latest_good_step() == 0
 
 
 def test_elastic_config_errors():
