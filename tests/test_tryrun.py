@@ -204,8 +204,13 @@ def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
     decisions = read_log(tmp_path / "elastic")
     assert [(d["step"], d["available_devices"], d["integer_multiple"]) for d in decisions] == [
         (3, 4, True), (6, 6, False), (9, 8, True)]
-    assert all(c["kind"] == "vertical" for c in decisions[1]["candidates"])  # 6 devices, 4 per replica
-    assert decisions[1]["candidates"] and {c["kind"] for c in decisions[2]["candidates"]} == {"horizontal", "vertical"}
+    # 6 devices, 4 per replica: no horizontal candidate, and the one vertical split (6) runs no layout (batch 16
+    # over 6 or 3, tensor 3 or 6 over 4 heads): both are in the log with their reasons, none is tried
+    assert decisions[1]["candidates"] == []
+    assert [(d["kind"], d["split"]) for d in decisions[1]["dropped"]] == [("horizontal", 4), ("vertical", 6)]
+    assert decisions[1]["dropped"][0]["reason"] == "6 devices are not a multiple of 4"
+    assert "tensor=3 does not divide model.n_heads=4" in decisions[1]["dropped"][1]["reason"]
+    assert {c["kind"] for c in decisions[2]["candidates"]} == {"horizontal", "vertical"}
     for d in decisions:  # real timings: the adopted one is the best measured past the threshold
         passing = [c for c in d["candidates"] if c["improvement"] > d["threshold"]]
         if passing:
