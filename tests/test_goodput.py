@@ -1,13 +1,14 @@
 """Goodput: the timed parts of a run add up to its wall time; replayed steps are told apart; plot panel."""
 import json
 import shutil
+import sys
 import time
 
 import pytest
 
 from framework.goodput import PARTS, GoodputClock
 from framework.trainer import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, tiny_config
 from tests.test_resume import compile_once  # noqa: F401  (module fixture: one compile per config)
 
 SMALL = ("model.n_layers=2", "data.source=synthetic")
@@ -58,9 +59,6 @@ def test_parts_add_up_to_wall_time_and_replayed_steps_are_not_productive(tmp_pat
     events = b"".join(p.read_bytes() for p in (run / "tensorboard").glob("events.*"))
     assert b"goodput/goodput" in events and b"goodput/replayed_steps_s" in events
 
-    import sys
-
-    from tests.helpers import ROOT
     sys.path.insert(0, str(ROOT / "scripts"))
     from plot import make_plots
 
