@@ -560,7 +560,8 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
 
     When a checkpoint will be resumed and the config's own mesh (or batch split) does not fit
     these devices, e.g. a run saved on 8 devices resumed on 6, start on the model split over all
-    of them instead: the start-up decision then tries the alternatives from the checkpoint.
+    of them instead (or over as many as a layout fits): the start-up decision then tries the
+    alternatives from the checkpoint.
 
     Compiled steps persist under RUN_DIR/xla_cache unless ``train.compilation_cache_dir`` says
     where: a restarted job (after a lost process, or to grow) compiles its layouts once.
@@ -574,8 +575,15 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
         checkpoints = Checkpointer.for_run(cfg.checkpoint, run_dir)
         if cfg.checkpoint.resume is False or checkpoints is None or checkpoints.latest_good_step() is None:
             raise
-        layout = fit_layout(cfg, "baseline", len(devices), 1, len(devices))
-        return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=devices)
+        for n in range(len(devices), 0, -1):  # no layout over all of them (e.g. tensor 3 over 4 heads): fewer
+            layout = fit_layout(cfg, "baseline", n, 1, n)
+            if layout is not None:
+                try:
+                    subset = spread_over_processes(devices, n)
+                except ConfigError:
+                    continue
+                return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=subset)
+        raise
 
 
 def target_of(trainer) -> Any:
