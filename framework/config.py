@@ -199,6 +199,8 @@ class ElasticConfig:
     min_devices: Union[int, Literal["auto"]] = "auto"  # devices one model replica needs; auto: from memory
     max_devices: int = 0  # never use more devices than this; 0: no limit
     device_schedule: list[list[int]] = field(default_factory=list)  # [[step, n_devices], ...]: first n available from step
+    objective: Literal["throughput", "efficiency"] = "throughput"  # score: samples/s, or samples/s per device
+    wait_timeout_s: float = 60.0  # fewer devices than one replica needs: wait this long for more, then exit 2
 
 
 @dataclass
@@ -453,6 +455,8 @@ def validate_elastic(e: ElasticConfig) -> None:
         raise ConfigError(f"elastic.min_devices={e.min_devices}: expected 'auto' or a positive integer")
     if e.threshold < 0:
         raise ConfigError(f"elastic.threshold={e.threshold}: expected a fraction >= 0")
+    if e.wait_timeout_s < 0:
+        raise ConfigError(f"elastic.wait_timeout_s={e.wait_timeout_s}: expected seconds >= 0")
     for i, entry in enumerate(e.device_schedule):
         if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
             raise ConfigError(f"elastic.device_schedule[{i}]={entry}: expected [step >= 0, n_devices >= 1]")

@@ -55,19 +55,25 @@ class MetricsWriter:
             self._tb.close()
 
 
-def drop_records_after(run_dir: str | Path | None, step: int) -> None:
-    """On resume from ``step``: forget logged steps after it, which are about to be trained again."""
+def drop_records_after(run_dir: str | Path | None, step: int) -> int:
+    """On resume from ``step``: forget logged steps after it, which are about to be trained again.
+
+    Returns the newest step logged before (0 when none; on process 0 only, which reads the file).
+    """
     path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
     if path is None or not path.is_file() or jax.process_index() != 0:
-        return
-    kept = []
+        return 0
+    kept, newest = [], 0
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
+            logged = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):  # a line cut short by a killed process
             continue
+        newest = max(newest, logged)
+        if logged <= step:
+            kept.append(line + "\n")
     path.write_text("".join(kept))
+    return newest
 
 
 class ProgressBar:

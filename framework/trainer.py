@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import broadcast, hf, memory, sharding
+from framework import broadcast, goodput, hf, memory, preemption, sharding
 from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
@@ -85,6 +85,8 @@ class Trainer:
         self.loader = self._loader("train")
         self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
         self.state: TrainState | None = None
+        self.goodput = goodput.GoodputClock()  # where wall time goes; scripts/train.py starts it at process start
+        self.goodput_line = ""
         self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
         # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
         self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
@@ -196,9 +198,11 @@ class Trainer:
                     "set checkpoint.resume=false to start over"
                 )
             return self.init_state()
-        state = ck.restore("latest", abstract_target(self.abstract.shapes, self.state_shardings))
-        step = int(jax.device_get(state.step))
-        drop_records_after(self.run_dir, step)  # steps after the checkpoint are trained again
+        with self.goodput.span("checkpoint_restore"):
+            state = ck.restore("latest", abstract_target(self.abstract.shapes, self.state_shardings))
+            step = int(jax.device_get(state.step))
+        # steps after the checkpoint are trained again: logged no more, and counted as replayed
+        self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, step))
         print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
         return state
 
@@ -207,7 +211,8 @@ class Trainer:
         if self._compiled is not None:
             return
         t0 = time.perf_counter()
-        self._compiled = self._lower(self.cfg.train.grad_accum).compile()
+        with self.goodput.span("compile"):
+            self._compiled = self._lower(self.cfg.train.grad_accum).compile()
         self.compile_seconds = time.perf_counter() - t0
 
     @property
@@ -332,11 +337,32 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
         total = self.cfg.train.steps if steps is None else steps
-        eval_every = self.cfg.train.eval_every
-        if self.cfg.elastic.enabled and self.elastic is None:  # elastic remeshing: the controller runs the loop in segments
-            from framework.tryrun import TryRunController
+        if self.elastic is not None:  # one segment of the try-run controller's loop
+            return self._fit(total)
+        with preemption.watching():  # SIGTERM/SIGINT: stop at a step boundary with a checkpoint (framework/preemption.py)
+            try:
+                if self.cfg.elastic.enabled:  # elastic remeshing: the controller runs the loop in segments
+                    from framework.tryrun import TryRunController
 
-            return TryRunController(self).fit(total)
+                    records = TryRunController(self).fit(total)
+                else:
+                    records = self._fit(total)
+            except preemption.Preempted:
+                self.record_goodput()
+                raise
+        self.record_goodput()
+        return records
+
+    def record_goodput(self) -> None:
+        """RUN_DIR/goodput.json, TensorBoard ``goodput/*`` and ``goodput_line`` (framework/goodput.py)."""
+        report = self.goodput.report()
+        history = goodput.write(self.run_dir, report)
+        if self.cfg.logging.tensorboard and self.state is not None:
+            goodput.write_tensorboard(self.run_dir, report, int(jax.device_get(self.state.step)))
+        self.goodput_line = goodput.summary_line(history["total"], len(history["runs"]))
+
+    def _fit(self, total: int) -> list[dict]:
+        eval_every = self.cfg.train.eval_every
         if self.state is None:
             self.state = self.restore_or_init()
         self.write_config()
@@ -347,9 +373,14 @@ class Trainer:
         prefetch = Prefetcher(self.loader, int(jax.device_get(self.state.data_pos)), self.cfg.data.prefetch)
         records: list[dict] = []
         pending = None  # metrics of the step in flight: fetched one step late so dispatch never blocks
+        self.goodput.loop_started()
         last_done = time.perf_counter()
+        preempted_at = None
         try:
             for step in range(start, total):
+                if preemption.requested(step):
+                    preempted_at = step  # the step in flight finishes below; this one never starts
+                    break
                 if self.elastic is not None and step > start and self.elastic.triggered(step):
                     break  # the controller remeshes at this step boundary, then calls fit() again
                 _, batch = prefetch.next()
@@ -365,21 +396,33 @@ class Trainer:
                     last_done = self._finish(pending, last_done, records, writer, bar)
                     pending = None
                 if evaluate:
-                    self._log_eval(step + 1, writer)
-                    last_done = time.perf_counter()  # evaluation time is no step's time
+                    with self.goodput.span("evaluation"):
+                        self._log_eval(step + 1, writer)
                 if save:
-                    self.checkpointer.save(step + 1, self.state)
+                    with self.goodput.span("checkpoint_save"):
+                        self.checkpointer.save(step + 1, self.state)
+                if evaluate or save:
+                    last_done = time.perf_counter()  # evaluation and saving are no step's time
             if pending is not None:
                 self._finish(pending, last_done, records, writer, bar)
             reached = int(jax.device_get(self.state.step))  # below total when the try-run controller stopped the loop
-            if self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
-                self.checkpointer.save(total, self.state)  # the final state is always kept
+            with self.goodput.span("checkpoint_save"):
+                if self.checkpointer is not None and preempted_at is not None:
+                    if self.checkpointer.latest_good_step() != reached:
+                        self.checkpointer.save(reached, self.state)
+                    self.checkpointer.wait()  # synchronous: the process may be gone soon after
+                elif self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
+                    self.checkpointer.save(total, self.state)  # the final state is always kept
         finally:
             if self.checkpointer is not None:
-                self.checkpointer.wait()
+                with self.goodput.span("checkpoint_save"):
+                    self.checkpointer.wait()
             prefetch.close()
             bar.close()
             writer.close()
+        if preempted_at is not None:
+            raise preemption.Preempted(preempted_at, preemption.received(),
+                                       self.checkpointer.directory if self.checkpointer is not None else None)
         return records
 
     def _log_eval(self, step: int, writer: MetricsWriter) -> None:
@@ -406,6 +449,7 @@ class Trainer:
         if not records:  # the first step's time is its latency (data, transfers, first run); compile is apart
             record["compile_s"] = self.compile_seconds
         records.append(record)
+        self.goodput.step(step + 1, dt)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             writer.write(record)
         bar.update(record)

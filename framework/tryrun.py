@@ -22,6 +22,7 @@ import math
 import statistics
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,7 @@ import orbax.checkpoint as ocp
 from framework import memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError
+from framework.data import Prefetcher
 from framework.distributed import from_primary, spread_over_processes
 from framework.metrics import drop_records_after
 
@@ -61,14 +63,23 @@ class Trial:
     compile_s: float = 0.0
     restore_s: float = 0.0
     measure_s: float = 0.0  # warm-up plus measured steps
+    samples: int = 0  # samples processed by the try-run's steps (warm-up included)
     samples_per_s: float = 0.0
     improvement: float = 0.0
+
+    @property
+    def samples_per_total_s(self) -> float | None:
+        """Samples processed during the try-run over its whole time (compile, restore, steps): the cost of trying."""
+        total = self.compile_s + self.restore_s + self.measure_s
+        return self.samples / total if self.source == "tryrun" and total > 0 else None
 
     def record(self) -> dict:
         return {
             "kind": self.layout.kind, "mesh": self.layout.mesh, "n_devices": self.layout.n_devices,
             "grad_accum": self.layout.grad_accum, "samples_per_s": self.samples_per_s,
             "measured_samples_per_s": self.measured_samples_per_s, "source": self.source,
+            "samples_per_s_per_device": self.measured_samples_per_s / self.layout.n_devices,
+            "samples_per_total_s": self.samples_per_total_s,
             "improvement": self.improvement, "compile_s": self.compile_s, "restore_s": self.restore_s,
             "measure_s": self.measure_s,
         }
@@ -90,22 +101,46 @@ def batch_axes_of(cfg: Config) -> tuple[str, ...]:
     return tuple(a for a in sharding.rules_table(cfg.sharding.activation_rules).get("batch", ()) if a in cfg.mesh.axis_names)
 
 
-def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
-    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor).
+def tensor_misfit(cfg: Config, tensor: int) -> str | None:
+    """Why the model's tensor-split dimensions (heads, KV heads, MLP width) do not divide by ``tensor``; None when they do."""
+    if tensor == 1 or cfg.model.name != "transformer":
+        return None
+    m = cfg.model
+    dims = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads or m.n_heads, "model.d_mlp": m.d_mlp}
+    bad = [f"{key}={value}" for key, value in dims.items() if value % tensor]
+    return f"tensor={tensor} does not divide {', '.join(bad)}" if bad else None
+
+
+def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | str:
+    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor), or why none fits.
 
     ``prefer_tensor`` (the current tensor size) is kept when it divides the split; otherwise as much
-    fsdp as the global batch allows (fsdp also splits the batch). None when no factorisation fits the batch.
+    fsdp as the global batch allows (fsdp also splits the batch). A tensor size must divide the heads,
+    KV heads and MLP width; the data-parallel size must split the global batch.
     """
     data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
     t = cfg.train
     tensors = sorted((d for d in range(1, split + 1) if split % d == 0), key=lambda d: (d != prefer_tensor, d))
+    reasons = []
     for tensor in tensors:
+        misfit = tensor_misfit(cfg, tensor)
+        if misfit is not None:
+            reasons.append(misfit)
+            continue
         mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
         dp = math.prod(mesh[a] for a in batch_axes_of(cfg))
         accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
         if accum is not None:
             return Layout(kind, n_devices, mesh, accum)
-    return None
+        reasons.append(f"train.global_batch={t.global_batch} does not split over data-parallel size {dp} "
+                       f"(tensor={tensor})")
+    return "; ".join(reasons)
+
+
+def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
+    """``plan_layout``, None when nothing fits."""
+    found = plan_layout(cfg, kind, n_devices, replicas, split, prefer_tensor)
+    return found if isinstance(found, Layout) else None
 
 
 def with_layout(cfg: Config, layout: Layout) -> Config:
@@ -128,6 +163,15 @@ def max_useful_devices(best_by_count: dict[int, float], threshold: float) -> int
     return useful
 
 
+def devices_to_use(best_by_count: dict[int, float], threshold: float, n_usable: int) -> int:
+    """``n_usable``, or fewer when ``n_usable`` devices were measured and the max useful count is below it.
+
+    A count never measured is always tried (otherwise a run that grew could never learn what it gains).
+    """
+    useful = max_useful_devices({n: v for n, v in best_by_count.items() if n <= n_usable}, threshold)
+    return useful if n_usable in best_by_count and useful is not None and useful < n_usable else n_usable
+
+
 class TryRunController:
     """Steers a Trainer's loop: asked at every step boundary, it remeshes on a trigger."""
 
@@ -142,6 +186,7 @@ class TryRunController:
         self.data_axis, self.fsdp_axis, self.tensor_axis = names
         self.log_path = Path(trainer.run_dir) / "tryrun.jsonl" if trainer.run_dir is not None else None
         self.decisions: list[dict] = []
+        self.dropped: list[dict] = []  # layouts left out of the current decision, with why
         self.best_by_count: dict[int, float] = {}
         self.rolling: deque[float] = deque(maxlen=ROLLING_STEPS)
         self._trainers = {self._key(trainer): trainer}  # compiled steps kept: returning to a mesh costs no compile
@@ -198,17 +243,27 @@ class TryRunController:
         return n_available + 1  # does not fit on what is available
 
     def candidates(self, n_devices: int, min_devices: int) -> list[Layout]:
-        """Horizontal (n / min replicas of the minimal split) only when n is a multiple of min; vertical always."""
+        """Horizontal (n / min replicas of the minimal split) only when n is a multiple of min; vertical always.
+
+        A layout that cannot run is left out and noted, with its reason, in ``self.dropped`` (the decision log).
+        """
         out = []
         if n_devices % min_devices == 0:
             out.append(self.layout("horizontal", n_devices, n_devices // min_devices, min_devices))
+        else:
+            self.drop("horizontal", n_devices, min_devices, f"{n_devices} devices are not a multiple of {min_devices}")
         for split in range(min_devices + 1, n_devices + 1):
             if n_devices % split == 0:
                 out.append(self.layout("vertical", n_devices, n_devices // split, split))
         return [c for c in out if c is not None]
 
+    def drop(self, kind: str, n_devices: int, split: int, reason: str) -> None:
+        self.dropped.append({"kind": kind, "n_devices": n_devices, "split": split, "reason": reason})
+
     def score(self, trial: Trial) -> float:
-        """Samples/s of a trial (override for a deterministic or cost-aware score)."""
+        """``elastic.objective``: samples/s (``throughput``) or samples/s per device (``efficiency``)."""
+        if self.elastic.objective == "efficiency":
+            return trial.measured_samples_per_s / trial.layout.n_devices
         return trial.measured_samples_per_s
 
     def should_adopt(self, best: Trial, baseline: Trial) -> bool:
@@ -217,7 +272,11 @@ class TryRunController:
     # ------------------------------------------------------------------ layouts
 
     def layout(self, kind: str, n_devices: int, replicas: int, split: int) -> Layout | None:
-        return fit_layout(self.cfg, kind, n_devices, replicas, split, self.trainer.axis_sizes[self.tensor_axis])
+        found = plan_layout(self.cfg, kind, n_devices, replicas, split, self.trainer.axis_sizes[self.tensor_axis])
+        if isinstance(found, Layout):
+            return found
+        self.drop(kind, n_devices, split, found)
+        return None
 
     def current_layout(self, trainer) -> Layout:
         return Layout("baseline", len(trainer.devices), dict(trainer.axis_sizes), trainer.cfg.train.grad_accum)
@@ -242,6 +301,7 @@ class TryRunController:
         key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
         if key not in self._trainers:
             self._trainers[key] = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
+            self._trainers[key].goodput = self.trainer.goodput  # one clock for the run's wall time
         trainer = self._trainers[key]
         layout.grad_accum = trainer.cfg.train.grad_accum
         return trainer
@@ -264,12 +324,15 @@ class TryRunController:
     def fit(self, total: int) -> list[dict]:
         """Run the trainer's loop in segments, deciding the mesh at each trigger."""
         origin = trainer = self.trainer
+        self.wait_for_devices(self.resume_step() or 0)  # start only on enough devices for one model replica
         moved = False  # resuming a checkpoint made on another mesh (another device count, or a fallback layout)
         if trainer.state is None:
             step = self.resume_step()
             if step is not None and step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
                 moved = True
-                drop_records_after(trainer.run_dir, step)  # steps after the checkpoint are trained again
+                # steps after the checkpoint are trained again: logged no more, and counted as replayed
+                replayed = drop_records_after(trainer.run_dir, step)
+                trainer.goodput.replay_until = max(trainer.goodput.replay_until, replayed)
             else:
                 trainer.state = trainer.restore_or_init()
         records: list[dict] = []
@@ -283,7 +346,8 @@ class TryRunController:
             finally:
                 trainer.elastic = None
             records += segment
-            self.rolling.extend(r["step_time_s"] for r in segment[1:])  # the first one includes the loop's start-up
+            # the same warm-up rule as a try-run: a segment's first steps include the loop's start-up
+            self.rolling.extend(r["step_time_s"] for r in segment[self.elastic.warmup_steps:])
             step = int(jax.device_get(trainer.state.step))
             if step >= total:
                 break
@@ -297,52 +361,86 @@ class TryRunController:
         """The checkpoint to continue from, if resuming is on and there is one."""
         return None if self.cfg.checkpoint.resume is False else self.checkpoints.latest_good_step()
 
+    def wait_for_devices(self, step: int) -> None:
+        """Start (or go on) only when one model replica fits on the usable devices: wait for more, up to
+        ``elastic.wait_timeout_s``, then stop with a ConfigError naming the shortfall (exit code 2)."""
+        need = self.min_devices(len(self.usable_devices(step)))
+        have = len(self.usable_devices(step))
+        if have >= need:
+            return
+        timeout = self.elastic.wait_timeout_s
+        if jax.process_index() == 0:
+            print(f"elastic: one model replica needs {need} devices, {have} available; waiting up to {timeout:g} s "
+                  "(elastic.wait_timeout_s)", flush=True)
+        with self.trainer.goodput.span("waiting_for_devices"):
+            deadline = time.monotonic() + timeout
+            while have < need and time.monotonic() < deadline:
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+                have = len(self.usable_devices(step))
+                need = self.min_devices(have)
+        if have < need:
+            raise ConfigError(f"elastic: one model replica needs {need} devices (elastic.min_devices="
+                              f"{self.elastic.min_devices}), only {have} available: {need - have} short after waiting "
+                              f"{timeout:g} s (elastic.wait_timeout_s)")
+
     def decide(self, trainer, step: int, reason: str):
         """One decision at ``step``: save, candidates, try-runs, adopt or keep, restore. Returns the trainer to continue with."""
         began = time.perf_counter()
-        available = self.available_devices(step)
-        usable = self.usable_devices(step)
-        n = len(usable)
         self.trainer = trainer
-
+        clock = trainer.goodput
         t0 = time.perf_counter()
-        if self.checkpoints.latest_good_step() != step:
-            self.checkpoints.save(step, trainer.state)
-        self.checkpoints.wait()
+        with clock.span("checkpoint_save"):
+            if self.checkpoints.latest_good_step() != step:
+                self.checkpoints.save(step, trainer.state)
+            self.checkpoints.wait()
         checkpoint_s = time.perf_counter() - t0
         trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
+        self.wait_for_devices(step)  # after a shrink: with the state saved, as long as it takes
+        available = self.available_devices(step)
+        usable = self.usable_devices(step)
+        useful = devices_to_use(self.best_by_count, self.elastic.threshold, len(usable))
+        idle = len(usable) - useful
+        if idle:  # more devices were measured to add less than the threshold: leave them idle
+            usable = spread_over_processes(usable, useful)
+        n = len(usable)
 
-        min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
-        if min_devices > n:
-            raise ConfigError(f"elastic: one model replica needs {min_devices} devices, only {n} are available")
-        layouts = self.candidates(n, min_devices)
+        with clock.span("tryruns"):  # everything up to the final restore: candidates, try-runs, scores
+            min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
+            self.dropped = []
+            layouts = self.candidates(n, min_devices)
 
-        current = self.current_layout(trainer)
-        runnable = set(trainer.devices) <= set(usable)
-        if runnable and len(self.rolling) >= 2:
-            step_time = statistics.median(self.rolling)
-            baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling")
-        else:
-            base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
-            baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
+            current = self.current_layout(trainer)
+            runnable = set(trainer.devices) <= set(usable)
+            if runnable and len(self.rolling) >= 2:
+                step_time = statistics.median(self.rolling)
+                baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling")
+            else:
+                base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
+                baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
 
-        trials = [self.try_run(c, usable, step) for c in layouts if c.key != baseline.layout.key]
-        # Each process timed its own steps: all decide on process 0's scores, or they would remesh differently.
-        baseline.samples_per_s, *scores = from_primary([self.score(baseline), *map(self.score, trials)])
-        for trial, score in zip(trials, scores):
-            trial.samples_per_s = score
-            trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1
-        for trial in (baseline, *trials):
-            count = trial.layout.n_devices
-            self.best_by_count[count] = max(self.best_by_count.get(count, 0.0), trial.samples_per_s)
+            todo = [c for c in layouts if c.key != baseline.layout.key]
+            trainers = [self.trainer_for(c, usable) for c in todo]
+            t0 = time.perf_counter()
+            compile_s = self.compile_all(trainers)
+            compile_wall = time.perf_counter() - t0  # side by side: less than the sum of the candidates' compile_s
+            trials = [self.try_run(c, usable, step, compiled_in=s) for c, s in zip(todo, compile_s)]
+            # Each process timed its own steps: all decide on process 0's scores, or they would remesh differently.
+            baseline.samples_per_s, *scores = from_primary([self.score(baseline), *map(self.score, trials)])
+            for trial, score in zip(trials, scores):
+                trial.samples_per_s = score
+                trial.improvement = trial.samples_per_s / baseline.samples_per_s - 1
+            for trial in (baseline, *trials):
+                count = trial.layout.n_devices
+                self.best_by_count[count] = max(self.best_by_count.get(count, 0.0), trial.samples_per_s)
 
-        best = max(trials, key=lambda tr: tr.samples_per_s, default=None)
-        adopted = best is not None and self.should_adopt(best, baseline)
-        chosen = best if adopted else baseline
-        next_trainer = self.trainer_for(chosen.layout, trainer.devices if chosen is baseline and runnable else usable)
+            best = max(trials, key=lambda tr: tr.samples_per_s, default=None)
+            adopted = best is not None and self.should_adopt(best, baseline)
+            chosen = best if adopted else baseline
+            next_trainer = self.trainer_for(chosen.layout, trainer.devices if chosen is baseline and runnable else usable)
 
         t0 = time.perf_counter()
-        next_trainer.state = self.checkpoints.restore(step, target_of(next_trainer))
+        with clock.span("checkpoint_restore"):
+            next_trainer.state = self.checkpoints.restore(step, target_of(next_trainer))
         restore_s = time.perf_counter() - t0
         next_trainer.compile()
         if next_trainer is not trainer:
@@ -359,13 +457,15 @@ class TryRunController:
             "integer_multiple": n % min_devices == 0,
             "baseline": baseline.record(),
             "candidates": [tr.record() for tr in trials],
+            "dropped": self.dropped,
             "chosen": chosen.record(),
             "adopted": adopted,
             "threshold": self.elastic.threshold,
             "max_useful_devices": max_useful_devices(self.best_by_count, self.elastic.threshold),
+            "idle_devices": idle,
             "seconds": {
                 "checkpoint": checkpoint_s,
-                "tryrun_compile": sum(tr.compile_s for tr in (baseline, *trials)),
+                "tryrun_compile": baseline.compile_s + compile_wall,
                 "tryrun_restore": sum(tr.restore_s for tr in (baseline, *trials)),
                 "tryrun_measured": sum(tr.measure_s for tr in (baseline, *trials)),
                 "restore": restore_s,
@@ -376,36 +476,41 @@ class TryRunController:
         self._log(decision)
         return next_trainer
 
-    def try_run(self, layout: Layout, devices: Sequence[jax.Device], step: int) -> Trial:
-        """Restore the checkpoint onto ``layout``, compile, warm up, measure; the state is thrown away after."""
+    @staticmethod
+    def compile_all(trainers: Sequence) -> list[float]:
+        """Compile the candidates' steps side by side (XLA compiles release the GIL); seconds each took.
+
+        A layout compiled at an earlier trigger is kept with its executable and costs nothing.
+        """
+        def timed(tr) -> float:
+            t0 = time.perf_counter()
+            tr.compile()
+            return time.perf_counter() - t0
+
+        if len(trainers) < 2:
+            return [timed(tr) for tr in trainers]
+        with ThreadPoolExecutor(len(trainers)) as pool:
+            return list(pool.map(timed, trainers))
+
+    def try_run(self, layout: Layout, devices: Sequence[jax.Device], step: int, compiled_in: float | None = None) -> Trial:
+        """Restore the checkpoint onto ``layout``, compile (unless ``compiled_in`` seconds already did), warm up,
+        measure; the state is thrown away after."""
         tr = self.trainer_for(layout, devices)
-        t0 = time.perf_counter()
-        tr.compile()  # returns at once for a layout compiled at an earlier trigger
-        compile_s = time.perf_counter() - t0
+        compile_s = self.compile_all([tr])[0] if compiled_in is None else compiled_in
         t0 = time.perf_counter()
         state = self.checkpoints.restore(step, target_of(tr))
         jax.block_until_ready(state)
         restore_s = time.perf_counter() - t0
 
         e = self.elastic
-        pos = int(jax.device_get(state.data_pos))
-        batches = [tr.loader.batch(pos + i) for i in range(e.warmup_steps + e.tryrun_steps)]
         t0 = time.perf_counter()
-        for batch in batches[: e.warmup_steps]:
-            state, _ = tr.step(state, batch)
-        jax.block_until_ready(state)
-        step_times = []
-        for batch in batches[e.warmup_steps:]:
-            t1 = time.perf_counter()
-            state, metrics = tr.step(state, batch)
-            jax.block_until_ready(metrics)
-            step_times.append(time.perf_counter() - t1)
-        jax.block_until_ready(state)
+        step_times = live_step_times(tr, state, e.warmup_steps + e.tryrun_steps)
         measure_s = time.perf_counter() - t0
-        del state
-        # the median step, like the rolling baseline: one step stalled by a neighbour does not decide
-        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times), "tryrun",
-                     compile_s=compile_s, restore_s=restore_s, measure_s=measure_s)
+        # as the live baseline: the first warmup_steps steps do not count, then the median step
+        # (one step stalled by a neighbour does not decide)
+        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times[e.warmup_steps:]), "tryrun",
+                     compile_s=compile_s, restore_s=restore_s, measure_s=measure_s,
+                     samples=len(step_times) * self.cfg.train.global_batch)
 
     # ------------------------------------------------------------------ the decision log
 
@@ -417,6 +522,30 @@ class TryRunController:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(decision) + "\n")
         print(format_decision(decision), flush=True)
+
+
+def live_step_times(trainer, state, steps: int) -> list[float]:
+    """Step times measured as ``Trainer.fit`` measures live steps: batches from the prefetcher, each step
+    dispatched before the previous one's metrics are fetched, a step's time the interval between completions.
+    ``state`` (a restored copy) is consumed."""
+    prefetch = Prefetcher(trainer.loader, int(jax.device_get(state.data_pos)), trainer.cfg.data.prefetch)
+    times, pending = [], None
+    last = time.perf_counter()
+    try:
+        for _ in range(steps):
+            _, batch = prefetch.next()
+            state, metrics = trainer.step(state, batch)
+            if pending is not None:
+                jax.device_get(pending)
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
+            pending = metrics
+        jax.device_get(pending)
+        times.append(time.perf_counter() - last)
+    finally:
+        prefetch.close()
+    return times
 
 
 def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:
@@ -431,17 +560,30 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
 
     When a checkpoint will be resumed and the config's own mesh (or batch split) does not fit
     these devices, e.g. a run saved on 8 devices resumed on 6, start on the model split over all
-    of them instead: the start-up decision then tries the alternatives from the checkpoint.
+    of them instead (or over as many as a layout fits): the start-up decision then tries the
+    alternatives from the checkpoint.
+
+    Compiled steps persist under RUN_DIR/xla_cache unless ``train.compilation_cache_dir`` says
+    where: a restarted job (after a lost process, or to grow) compiles its layouts once.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not cfg.train.compilation_cache_dir and run_dir is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compilation_cache_dir=str(Path(run_dir) / "xla_cache")))
     try:
         return trainer_cls(cfg, run_dir=run_dir, devices=devices)
     except ConfigError:
         checkpoints = Checkpointer.for_run(cfg.checkpoint, run_dir)
         if cfg.checkpoint.resume is False or checkpoints is None or checkpoints.latest_good_step() is None:
             raise
-        layout = fit_layout(cfg, "baseline", len(devices), 1, len(devices))
-        return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=devices)
+        for n in range(len(devices), 0, -1):  # no layout over all of them (e.g. tensor 3 over 4 heads): fewer
+            layout = fit_layout(cfg, "baseline", n, 1, n)
+            if layout is not None:
+                try:
+                    subset = spread_over_processes(devices, n)
+                except ConfigError:
+                    continue
+                return trainer_cls(with_layout(cfg, layout), run_dir=run_dir, devices=subset)
+        raise
 
 
 def target_of(trainer) -> Any:
@@ -464,11 +606,15 @@ def format_decision(d: dict) -> str:
             f"  {row['kind']:<11}{mesh:<9}{row['n_devices']:>8}{row['grad_accum']:>6}{row['samples_per_s']:>11.1f}"
             f"{vs:>9}{row['compile_s']:>10.2f}  {row['source']}"
         )
+    for row in d.get("dropped", []):
+        lines.append(f"  {row['kind']:<11}{'-':<9}{row['n_devices']:>8}{'':>6}{'dropped':>11}  {row['reason']}")
     chosen = d["chosen"]
     mesh = "x".join(str(v) for v in chosen["mesh"].values())
     verdict = (f"adopted {chosen['kind']} {mesh} on {chosen['n_devices']} devices ({chosen['improvement']:+.1%} > {d['threshold']:.0%})"
                if d["adopted"] else f"kept baseline {mesh} on {chosen['n_devices']} devices (best candidate not > {d['threshold']:.0%})")
-    lines.append(f"  -> {verdict}; max useful devices so far: {d['max_useful_devices']}")
+    lines.append(f"  -> {verdict}; max useful devices so far: {d['max_useful_devices']}"
+                 + (f"; {d['idle_devices']} devices left idle (they added less than {d['threshold']:.0%})"
+                    if d.get("idle_devices") else ""))
     lines.append(
         f"  seconds: checkpoint {s['checkpoint']:.2f}, try-runs compile {s['tryrun_compile']:.2f} + restore "
         f"{s['tryrun_restore']:.2f} + measured {s['tryrun_measured']:.2f}, restore {s['restore']:.2f}, total {s['total']:.2f}"

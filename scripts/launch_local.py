@@ -20,6 +20,7 @@ import threading
 import time
 
 TERMINATE_GRACE_S = 5  # JAX's preemption notifier catches SIGTERM in joined processes, so SIGKILL follows
+PREEMPT_GRACE_S = 300  # the launcher itself signalled: time for the processes to save a checkpoint
 POLL_S = 0.1
 
 
@@ -27,6 +28,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, required=True, metavar="P")
     p.add_argument("--devices-per-process", type=int, default=1, metavar="D")
+    e = p.add_argument_group("elastic (restart on the processes left, grow when capacity returns)")
+    e.add_argument("--elastic", action="store_true", help="restart the job when a process dies or capacity changes")
+    e.add_argument("--min-processes", type=int, default=1, metavar="K", help="never run on fewer (default 1)")
+    e.add_argument("--max-processes", type=int, default=0, metavar="M", help="never run on more (default --processes)")
+    e.add_argument("--capacity-file", default=None, metavar="F", help="one integer: process slots available now")
+    e.add_argument("--wait-timeout", type=float, default=300, metavar="S",
+                   help="seconds to wait for --min-processes slots before giving up with exit code 2 (default 300)")
+    e.add_argument("--max-restarts", type=int, default=10, metavar="R", help="give up after R restarts (default 10)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT.py [args ...]")
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -35,6 +44,10 @@ def parse_args(argv=None):
         p.exit(2, f"error: --processes={args.processes}: expected at least 1\n")
     if args.devices_per_process < 1:
         p.exit(2, f"error: --devices-per-process={args.devices_per_process}: expected at least 1\n")
+    if args.elastic and not 1 <= args.min_processes <= args.processes:
+        p.exit(2, f"error: --min-processes={args.min_processes}: expected 1 <= K <= --processes={args.processes}\n")
+    if args.elastic and args.max_processes and args.max_processes < args.processes:
+        p.exit(2, f"error: --max-processes={args.max_processes}: expected at least --processes={args.processes}\n")
     if not args.command or not args.command[0].endswith(".py"):
         p.exit(2, "error: expected a Python script after --, e.g. -- scripts/train.py --config FILE\n")
     if not os.path.isfile(args.command[0]):
@@ -71,12 +84,13 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def terminate(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every running process group, then SIGKILL what is left after a grace period."""
+def terminate(procs: list[subprocess.Popen], grace_s: float = TERMINATE_GRACE_S,
+              sig: signal.Signals = signal.SIGTERM) -> None:
+    """``sig`` to every running process group, then SIGKILL what is left after ``grace_s``."""
     for p in procs:
         if p.poll() is None:
-            _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + TERMINATE_GRACE_S
+            _signal_group(p, sig)
+    deadline = time.monotonic() + grace_s
     for p in procs:
         try:
             p.wait(timeout=max(deadline - time.monotonic(), 0))
@@ -105,53 +119,166 @@ def first_failure(procs: list[subprocess.Popen]) -> int | None:
     return min(failed, key=rank, default=None)
 
 
-def launch(processes: int, devices: int, command: list[str]) -> int:
-    address = f"127.0.0.1:{free_port()}"
-    script, rest = command[0], command[1:]
-    env = process_env(devices)
-    lock = threading.Lock()
-    procs, forwarders = [], []
-    for i in range(processes):
-        argv = [sys.executable, "-u", script, "--coordinator", address, "--num-processes", str(processes),
-                "--process-id", str(i), *rest]
-        # Own session per process: terminating it also reaches anything it started.
-        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             errors="replace", bufsize=1, start_new_session=True)
-        procs.append(p)
-        t = threading.Thread(target=forward, args=(p, f"[p{i}]", lock), daemon=True)
-        t.start()
-        forwarders.append(t)
+class Job:
+    """P processes of one command joined at a fresh coordinator port; output forwarded as ``[pI] ...``."""
 
-    print(f"launch_local: coordinator {address}; " + ", ".join(f"p{i} pid {p.pid}" for i, p in enumerate(procs)),
-          file=sys.stderr, flush=True)
+    def __init__(self, processes: int, devices: int, command: list[str]):
+        self.address = f"127.0.0.1:{free_port()}"
+        script, rest = command[0], command[1:]
+        env = process_env(devices)
+        lock = threading.Lock()
+        self.procs, self.forwarders = [], []
+        for i in range(processes):
+            argv = [sys.executable, "-u", script, "--coordinator", self.address, "--num-processes", str(processes),
+                    "--process-id", str(i), *rest]
+            # Own session per process: terminating it also reaches anything it started.
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 errors="replace", bufsize=1, start_new_session=True)
+            self.procs.append(p)
+            t = threading.Thread(target=forward, args=(p, f"[p{i}]", lock), daemon=True)
+            t.start()
+            self.forwarders.append(t)
+        print(f"launch_local: coordinator {self.address}; " + ", ".join(f"p{i} pid {p.pid}" for i, p in enumerate(self.procs)),
+              file=sys.stderr, flush=True)
 
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def stop(self, grace_s: float = TERMINATE_GRACE_S, sig: signal.Signals = signal.SIGTERM) -> None:
+        terminate(self.procs, grace_s, sig)
+        for t in self.forwarders:
+            t.join(timeout=5)
+
+    def exit_code(self) -> int:
+        """0 when every process exited 0, else the first failure's code (128 + N for signal N)."""
+        code = next((c for c in (p.returncode for p in self.procs) if c), 0)
+        return code if code >= 0 else 128 - code
+
+    def report_failure(self, failed: int) -> int:
+        code = self.procs[failed].returncode
+        print(f"error: process p{failed} (pid {self.procs[failed].pid}) {describe_exit(code)}; "
+              f"terminated the other {len(self.procs) - 1}", file=sys.stderr, flush=True)
+        return code if code > 0 else 128 - code
+
+
+def on_signals(job_of) -> None:
+    """The launcher itself preempted: pass the signal on; the processes agree on a step, save it and
+    exit (train.py: 0 after SIGTERM, 130 after SIGINT); the launcher exits as they did."""
     def on_signal(signum, _frame):
-        terminate(procs)
-        sys.exit(128 + signum)
+        job = job_of()
+        if job is None:
+            sys.exit(128 + signum)
+        job.stop(PREEMPT_GRACE_S, signal.Signals(signum))
+        sys.exit(job.exit_code())
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+
+def launch(processes: int, devices: int, command: list[str]) -> int:
+    job = Job(processes, devices, command)
+    on_signals(lambda: job)
     failed = None
-    while failed is None and any(p.poll() is None for p in procs):
+    while failed is None and job.running():
         time.sleep(POLL_S)
-        failed = first_failure(procs)
+        failed = first_failure(job.procs)
     if failed is None:
-        failed = first_failure(procs)
-    if failed is not None:
-        terminate(procs)
-    for t in forwarders:
-        t.join(timeout=5)
-    if failed is None:
-        return 0
-    code = procs[failed].returncode
-    print(f"error: process p{failed} (pid {procs[failed].pid}) {describe_exit(code)}; "
-          f"terminated the other {processes - 1}", file=sys.stderr, flush=True)
-    return code if code > 0 else 128 - code
+        failed = first_failure(job.procs)
+    job.stop()
+    return 0 if failed is None else job.report_failure(failed)
+
+
+# ---------------------------------------------------------------- elastic: restart on what is left
+
+class Capacity:
+    """How many process slots exist: ``--capacity-file`` (one integer, rewritten by a scheduler or by
+    hand), read again whenever it changes; a slot whose process died is gone until it does."""
+
+    def __init__(self, path: str | None, start: int, most: int):
+        self.path, self.most = path, most
+        self._stamp = None
+        self.slots = min(start, most)
+        self.changed()
+
+    def changed(self) -> bool:
+        """Re-read the file if it was rewritten; True when that changed the slot count."""
+        if self.path is None or not os.path.isfile(self.path):
+            return False
+        stamp = os.stat(self.path).st_mtime_ns, os.stat(self.path).st_size
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            slots = min(int(open(self.path).read().strip()), self.most)
+        except ValueError:
+            print(f"launch_local: warning: {self.path}: expected one integer (process slots); ignored",
+                  file=sys.stderr, flush=True)
+            return False
+        before, self.slots = self.slots, slots
+        return slots != before
+
+
+def launch_elastic(args) -> int:
+    """Run the job on as many processes as there are slots (``--min-processes`` .. ``--max-processes``).
+
+    A process that dies (killed, crashed) takes its slot with it: the others are stopped and the job
+    restarts on the processes left, from the last good checkpoint (train.py resumes it onto the new
+    device count). A capacity change stops the job gracefully (SIGTERM: every process saves at one
+    agreed step) and restarts it on the new count. A job that ends with exit code 0 is done; exit
+    code 2 (bad input) is never retried.
+    """
+    capacity = Capacity(args.capacity_file, args.processes, args.max_processes or args.processes)
+    current: list[Job | None] = [None]
+    on_signals(lambda: current[0])
+    restarts = 0
+    while True:
+        if capacity.slots < args.min_processes and not wait_for_slots(capacity, args):
+            print(f"error: launch_local: {args.min_processes} processes needed (--min-processes), only "
+                  f"{capacity.slots} available after waiting {args.wait_timeout} s (--wait-timeout)",
+                  file=sys.stderr, flush=True)
+            return 2
+        job = current[0] = Job(capacity.slots, args.devices_per_process, args.command)
+        failed, resized = None, False
+        while failed is None and job.running():
+            time.sleep(POLL_S)
+            failed = first_failure(job.procs)
+            if failed is None and capacity.changed():
+                resized = True
+                print(f"launch_local: capacity now {capacity.slots} processes ({args.capacity_file}): stopping "
+                      f"at a checkpoint to restart on {capacity.slots}", file=sys.stderr, flush=True)
+                job.stop(PREEMPT_GRACE_S)
+        if failed is None and not resized:
+            failed = first_failure(job.procs)
+        job.stop()
+        if failed is None and not resized:
+            return 0
+        if failed is not None:
+            code = job.report_failure(failed)
+            if code == 2 or restarts >= args.max_restarts:
+                return code
+            capacity.slots = len(job.procs) - 1  # the dead process's slot is gone until the capacity file says otherwise
+            print(f"launch_local: restarting on {capacity.slots} processes from the last checkpoint",
+                  file=sys.stderr, flush=True)
+        restarts += 1
+
+
+def wait_for_slots(capacity: Capacity, args) -> bool:
+    """Wait (up to --wait-timeout) for the capacity file to give at least --min-processes slots."""
+    print(f"launch_local: waiting up to {args.wait_timeout} s for {args.min_processes} process slots "
+          f"({capacity.slots} available; {args.capacity_file or 'no --capacity-file'})", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + args.wait_timeout
+    while time.monotonic() < deadline:
+        capacity.changed()
+        if capacity.slots >= args.min_processes:
+            return True
+        time.sleep(POLL_S)
+    return False
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.elastic:
+        sys.exit(launch_elastic(args))
     sys.exit(launch(args.processes, args.devices_per_process, args.command))
 
 

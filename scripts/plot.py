@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Plot a run: loss, throughput and (when RUN_DIR/tryrun.jsonl exists) try-run decisions over steps.
+"""Plot a run: loss, throughput, (when RUN_DIR/tryrun.jsonl exists) try-run decisions over steps,
+and (when RUN_DIR/goodput.json exists) where the wall time went.
 
 python scripts/plot.py RUN_DIR [--out DIR]
-Reads RUN_DIR/metrics.jsonl (written by Trainer.fit) and writes loss.png, throughput.png and
-tryrun.png to DIR (default RUN_DIR/plots). Mesh changes are marked on the throughput plot;
+Reads RUN_DIR/metrics.jsonl (written by Trainer.fit) and writes loss.png, throughput.png,
+tryrun.png and goodput.png to DIR (default RUN_DIR/plots). Mesh changes are marked on the throughput plot;
 evaluation records (``eval_loss``, with ``train.eval_every``) are drawn on the loss plot.
 """
 from __future__ import annotations
@@ -101,6 +102,29 @@ def plot_tryrun(records: list[dict], decisions: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_goodput(history: dict, path: Path) -> None:
+    """Where the wall time went, one bar per run of the directory (restarts included) and the total."""
+    import matplotlib.pyplot as plt
+
+    from framework.goodput import PARTS
+
+    rows = [*history["runs"], history["total"]] if len(history["runs"]) > 1 else history["runs"]
+    labels = [f"run {i + 1}" for i in range(len(history["runs"]))] + (["total"] if len(rows) > len(history["runs"]) else [])
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 1.2 + 0.5 * len(rows))))
+    left = [0.0] * len(rows)
+    for i, part in enumerate((*PARTS, "unaccounted")):
+        widths = [max(r.get(f"{part}_s", 0.0), 0.0) for r in rows]
+        ax.barh(labels, widths, left=left, color=f"C{i}", label=part.replace("_", " "))
+        left = [a + b for a, b in zip(left, widths)]
+    for y, r in enumerate(rows):
+        ax.annotate(f"goodput {r['goodput']:.0%}", (left[y], y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set(xlabel="wall seconds", title="goodput: where the wall time went")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.12, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def make_plots(run_dir: Path, out: Path) -> list[Path]:
     from framework.config import ConfigError
 
@@ -127,6 +151,13 @@ def make_plots(run_dir: Path, out: Path) -> list[Path]:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{tryrun}: a decision lacks {e} (expected step, baseline, candidates, chosen)") from None
         written.append(out / "tryrun.png")
+    goodput = run_dir / "goodput.json"
+    if goodput.is_file():
+        try:
+            plot_goodput(json.loads(goodput.read_text()), out / "goodput.png")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{goodput}: not a goodput record ({e}; expected runs and total)") from None
+        written.append(out / "goodput.png")
     return written
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import _cli
 from framework import distributed  # importing jax is fine here: XLA_FLAGS is read when a backend starts
@@ -28,6 +29,8 @@ def main(argv=None) -> None:
         import jax
 
         from framework.config import load_config
+        from framework.goodput import GoodputClock, process_start_time
+        from framework.preemption import Preempted
         from framework.trainer import Trainer
 
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
@@ -39,9 +42,20 @@ def main(argv=None) -> None:
             trainer = elastic_trainer(Trainer, cfg, run_dir)
         else:
             trainer = Trainer(cfg, run_dir=run_dir)
-        records = trainer.fit()
+        trainer.goodput = GoodputClock(origin=process_start_time())  # wall time counts from the process start
+        primary = jax.process_index() == 0
+        try:
+            records = trainer.fit()
+        except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is saved and the metrics are written
+            distributed.shutdown()  # every process stopped at the same step: leave together
+            if primary:
+                print(trainer.goodput_line, flush=True)
+                print(e, file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
         distributed.shutdown()
-        if records and jax.process_index() == 0:
+        if primary:
+            print(trainer.goodput_line, flush=True)
+        if records and primary:
             last = records[-1]
             print(f"done: step {last['step']} loss {last['loss']:.4f} on mesh {last['mesh']} "
                   f"(compile {trainer.compile_seconds:.1f}s); metrics in {run_dir}/metrics.jsonl")

@@ -1,4 +1,5 @@
 """Try-run controller: candidates, adoption, and elastic runs that lose no step and repeat none."""
+import dataclasses
 import json
 import math
 import sys
@@ -10,7 +11,7 @@ import pytest
 from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
 from framework.trainer import Trainer
-from framework.tryrun import Trial, TryRunController, grad_accum_for, max_useful_devices
+from framework.tryrun import Trial, TryRunController, devices_to_use, grad_accum_for, max_useful_devices
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 from tests.test_distributed import run
 
@@ -74,8 +75,36 @@ def test_candidates_adapt_accumulation_and_skip_what_the_batch_cannot_split(tmp_
     # data=8 needs micro-batches of 8: accumulation drops from 4 to 2; the current tensor=2 is kept where it fits
     assert got == {("horizontal", (8, 1, 1), 2), ("vertical", (4, 1, 2), 4), ("vertical", (2, 2, 2), 4),
                    ("vertical", (1, 4, 2), 4)}
-    on_six = ctl.candidates(6, 1)  # global batch 16 over 6: only layouts whose batch split divides 16
-    assert all(16 % (c.mesh["data"] * c.mesh["fsdp"]) == 0 for c in on_six) and on_six
+    # global batch 16 over 6: a batch split of 3 or 6 never divides 16, and a tensor size of 3 or 6 does not
+    # divide the 4 heads, so no layout runs on 6; each one left out is noted with why
+    assert ctl.candidates(6, 1) == [] and {d["split"] for d in ctl.dropped} == {1, 2, 3, 6}
+
+
+def test_every_dropped_candidate_is_noted_with_its_reason(tmp_path):
+    ctl = TryRunController(Trainer(small("elastic.enabled=true"), run_dir=tmp_path))  # batch 16, 4 heads, d_mlp 128
+    assert ctl.candidates(6, 1) == []
+    reasons = {(d["kind"], d["split"]): d["reason"] for d in ctl.dropped}
+    # the horizontal candidate (6 replicas) cannot split the batch: noted, not silently gone
+    assert reasons[("horizontal", 1)] == "train.global_batch=16 does not split over data-parallel size 6 (tensor=1)"
+    assert "tensor=3 does not divide model.n_heads=4, model.n_kv_heads=4, model.d_mlp=128" in reasons[("vertical", 3)]
+    ctl.dropped = []
+    ctl.candidates(6, 4)
+    assert ctl.dropped[0] == {"kind": "horizontal", "n_devices": 6, "split": 4,
+                              "reason": "6 devices are not a multiple of 4"}
+
+    layout = ctl.current_layout(ctl.trainer)
+    trial = Trial(layout, 80.0, "tryrun", compile_s=1.0, restore_s=0.5, measure_s=0.5, samples=48)
+    assert ctl.score(trial) == 80.0  # elastic.objective=throughput
+    assert trial.record()["samples_per_total_s"] == 24.0 and trial.record()["samples_per_s_per_device"] == 10.0
+    ctl.elastic = dataclasses.replace(ctl.elastic, objective="efficiency")
+    assert ctl.score(trial) == 80.0 / layout.n_devices
+
+
+def test_devices_past_the_max_useful_count_stay_idle_once_measured():
+    measured = {4: 100.0, 8: 102.0}
+    assert devices_to_use(measured, 0.05, 8) == 4  # 8 was measured and adds under 5%: 4 are left idle
+    assert devices_to_use(measured, 0.01, 8) == 8
+    assert devices_to_use({4: 100.0}, 0.05, 8) == 8  # 8 never measured: try it
 
 
 def test_triggers(tmp_path):
@@ -96,11 +125,15 @@ def test_min_devices_auto_from_the_device_budget(tmp_path):
     for budget, expected in ((whole, 1), (whole - 1, 2), (1, 9)):  # 9: does not fit on the 8 there are
         cfg = small("elastic.enabled=true", f"memory.device_budget_bytes={budget}")
         assert TryRunController(Trainer(cfg, run_dir=tmp_path)).min_devices(8) == expected, budget
-    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]")
+    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]",
+                "elastic.wait_timeout_s=0.5")
     tight = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
     tight.state = tight.init_state()
-    with pytest.raises(ConfigError, match="one model replica needs 5 devices, only 4 are available"):
+    # after a shrink: the state is saved, the controller waits for more devices, then names the shortfall
+    with pytest.raises(ConfigError, match=r"^elastic: one model replica needs 5 devices \(elastic.min_devices=auto\), "
+                                          r"only 4 available: 1 short after waiting 0.5 s \(elastic.wait_timeout_s\)$"):
         TryRunController(tight).decide(tight, 0, "test")
+    assert Checkpointer(tmp_path / "checkpoints").latest_good_step() == 0
 
 
 def test_elastic_config_errors():
@@ -171,8 +204,13 @@ def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
     decisions = read_log(tmp_path / "elastic")
     assert [(d["step"], d["available_devices"], d["integer_multiple"]) for d in decisions] == [
         (3, 4, True), (6, 6, False), (9, 8, True)]
-    assert all(c["kind"] == "vertical" for c in decisions[1]["candidates"])  # 6 devices, 4 per replica
-    assert decisions[1]["candidates"] and {c["kind"] for c in decisions[2]["candidates"]} == {"horizontal", "vertical"}
+    # 6 devices, 4 per replica: no horizontal candidate, and the one vertical split (6) runs no layout (batch 16
+    # over 6 or 3, tensor 3 or 6 over 4 heads): both are in the log with their reasons, none is tried
+    assert decisions[1]["candidates"] == []
+    assert [(d["kind"], d["split"]) for d in decisions[1]["dropped"]] == [("horizontal", 4), ("vertical", 6)]
+    assert decisions[1]["dropped"][0]["reason"] == "6 devices are not a multiple of 4"
+    assert "tensor=3 does not divide model.n_heads=4" in decisions[1]["dropped"][1]["reason"]
+    assert {c["kind"] for c in decisions[2]["candidates"]} == {"horizontal", "vertical"}
     for d in decisions:  # real timings: the adopted one is the best measured past the threshold
         passing = [c for c in d["candidates"] if c["improvement"] > d["threshold"]]
         if passing:
@@ -204,7 +242,10 @@ def test_resume_on_fewer_devices_runs_the_controller_at_startup(tmp_path):
     assert (decision["trigger"], decision["step"], decision["available_devices"]) == ("startup", saved_at, 6)
     resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in resumed] == list(range(saved_at + 1, steps + 1))
-    assert all(n_devices(rec["mesh"]) == 6 for rec in resumed)
+    # no layout runs on all 6 (batch 16 over 6 or 3; tensor 3 or 6 over 4 heads): the run starts on 4 of
+    # them, and the decision logs why each layout over 6 was left out
+    assert decision["candidates"] == [] and {d["split"] for d in decision["dropped"]} == {2, 3, 6}
+    assert all(n_devices(rec["mesh"]) == 4 == decision["chosen"]["n_devices"] for rec in resumed)
     np.testing.assert_allclose([rec["loss"] for rec in resumed], [rec["loss"] for rec in rest], rtol=1e-4, atol=1e-4)
     assert len(first) == saved_at and f"done: step {steps}" in r.stdout
 
