@@ -144,6 +144,51 @@ def count_transfers(hlo_text: str, platform: str) -> OffloadCheck:
     return OffloadCheck(platform, kinds.count(HOST), kinds.count(DEVICE))
 
 
+_FUNC = re.compile(r"^(\s*)func\.func\b[^@]*@([\w.$-]+)\(")
+_CALL = re.compile(r"\bcall @([\w.$-]+)\(")
+
+
+def loop_body_transfers(hlo_text: str, platform: str) -> list[OffloadCheck]:
+    """Transfers inside each ``stablehlo.while`` body of a lowered module, one entry per loop, in program order.
+
+    A body's count includes the functions it calls (transitively): in a scanned model the
+    forward and backward passes over the layers are such loops, so a parameter fetched per
+    layer shows up here and one fetched once for the whole step does not.
+    """
+    lines = hlo_text.splitlines()
+    functions: dict[str, list[str]] = {}
+    name, indent = None, ""
+    for line in lines:  # function bodies, by their closing brace at the function's own indent
+        m = _FUNC.match(line)
+        if m:
+            name, indent = m.group(2), m.group(1)
+            functions[name] = []
+        elif name is not None:
+            if line == indent + "}":
+                name = None
+            else:
+                functions[name].append(line)
+
+    def reachable(body: list[str]) -> list[str]:
+        out, todo, seen = list(body), list(body), set()
+        while todo:
+            for callee in _CALL.findall(todo.pop()):
+                if callee not in seen and callee in functions:
+                    seen.add(callee)
+                    out += functions[callee]
+                    todo += functions[callee]
+        return out
+
+    checks = []
+    for i, line in enumerate(lines):
+        if line.strip() != "} do {":
+            continue
+        close = line[: len(line) - len(line.lstrip())] + "}"
+        end = next(j for j in range(i + 1, len(lines)) if lines[j] == close)
+        checks.append(count_transfers("\n".join(reachable(lines[i + 1:end])), platform))
+    return checks
+
+
 # ------------------------------------------------------------------ bytes per category
 
 

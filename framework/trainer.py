@@ -115,13 +115,16 @@ class Trainer:
     def _with_grad_accum(self, grad_accum: int) -> Config:
         return dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
 
-    def _lower(self, grad_accum: int):
+    def _lower(self, grad_accum: int, platform: str | None = None):
+        """The step lowered for ``grad_accum`` micro-batches; for another ``platform`` (e.g. ``cuda``) to inspect its program."""
         t = self.cfg.train
         batch = jax.ShapeDtypeStruct((grad_accum, t.global_batch // grad_accum, t.seq_len + 1), jnp.int32,
                                      sharding=self.batch_sharding)
         state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract.shapes, self.state_shardings
         )
+        if platform is not None:
+            return self._jitted_step.trace(state, batch).lower(lowering_platforms=(platform,))
         return self._jitted_step.lower(state, batch)
 
     def _auto_grad_accum(self) -> int:

@@ -228,15 +228,44 @@ def test_each_placement_trains_like_all_device(name):
     assert kinds == {c: {k} for c, k in wanted.items()}
 
 
+class AllAtOnce(Trainer):
+    """The failure the per-layer test guards against: parameters live in pinned_host but the whole
+    tree is moved to the device at the start of the step (the model does not stream them)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.stream_params = False
+        self.abstract = abstract_state(self.cfg, self.axis_sizes)
+        self.graphdef = self.abstract.graphdef
+
+    def train_step(self, state, batch):
+        state = dataclasses.replace(state, params=jax.device_put(state.params, self.device_state_shardings.params))
+        return super().train_step(state, batch)
+
+
+def per_layer_fetches(trainer: Trainer) -> list[memory.OffloadCheck]:
+    """Transfers inside the layer loops (forward, then backward) of the step lowered for cuda."""
+    return memory.loop_body_transfers(trainer._lower(1, platform="cuda").as_text(), "cuda")
+
+
 def test_streamed_params_are_fetched_per_layer():
-    tr = Trainer(tiny_config("memory.params=pinned_host"))
-    text = tr._lower(1).as_text()
-    n_leaves = len(jax.tree.leaves(tr.abstract.shapes.params))
-    assert n_leaves == 68
-    # every leaf is brought to the device where its layer runs, and so is its gradient for the update
-    assert memory.count_transfers(text, "cpu").to_device >= 2 * n_leaves
-    plain = Trainer(tiny_config())._lower(1).as_text()
-    assert memory.count_transfers(plain, "cpu") == memory.OffloadCheck("cpu", 0, 0)
+    scanned = ["model.scan_layers=true", "memory.params=pinned_host"]
+    tr = Trainer(tiny_config(*scanned))
+    per_layer = len(jax.tree.leaves(tr.abstract.shapes.params["blocks"]))
+    assert per_layer == 16
+    # forward: each layer's 16 weights come to the device inside the loop body; backward: their gradients go back
+    forward, backward = per_layer_fetches(tr)
+    assert (forward.to_device, backward.to_host) == (per_layer, per_layer), (forward, backward)
+    # with rematerialised layers the backward loop fetches the weights again, all but one bias (the
+    # recomputation stops before the layer's last add, whose result backward never reads)
+    forward, backward = per_layer_fetches(Trainer(tiny_config(*scanned, "memory.activations=remat")))
+    assert (forward.to_device, backward.to_device) == (per_layer, per_layer - 1), (forward, backward)
+    # the all-at-once variant moves the same bytes, but before the loops: none inside them (the old check,
+    # transfers anywhere in the program, could not tell the two apart)
+    all_at_once = AllAtOnce(tiny_config(*scanned))
+    assert [c.to_device for c in per_layer_fetches(all_at_once)] == [0, 0]
+    assert memory.count_transfers(all_at_once._lower(1, platform="cuda").as_text(), "cuda").to_device >= 68
+    assert all(c == memory.OffloadCheck("cuda", 0, 0) for c in per_layer_fetches(Trainer(tiny_config("model.scan_layers=true"))))
 
 
 def test_planner_bytes_equal_real_shard_bytes():
