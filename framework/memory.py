@@ -239,6 +239,11 @@ class MemoryNeeds:
     activations: dict[str, dict[str, int]]  # activation mode -> memory kind -> bytes
     activation_source: str  # where the activation numbers come from (compiled program or estimate)
 
+    def figures(self) -> dict[str, str]:
+        """Category -> how its figure was obtained: ``exact`` (shard shapes), ``compiled`` or ``estimated``."""
+        measured = "compiled" if self.activation_source.startswith("compiled") else "estimated"
+        return {"params": "exact", "grads": measured, "opt_state": "exact", "activations": measured, "batch": "exact"}
+
 
 @dataclasses.dataclass
 class Placement:
@@ -251,6 +256,9 @@ class Placement:
 
     def kinds(self) -> dict[str, str]:
         return {"params": self.params, "opt_state": self.opt_state}
+
+    def key(self) -> tuple[str, str, str]:
+        return self.params, self.opt_state, self.activations
 
 
 def category_bytes(needs: MemoryNeeds, placement: Placement) -> dict[str, dict[str, int]]:
@@ -272,13 +280,16 @@ class PlacementPolicy:
     """Decides the memory kind per category; subclass and override ``place`` (or ``offload_order``) for research.
 
     Explicit choices in the config are kept. ``auto`` categories start on device (activations
-    saved) and are offloaded in ``offload_order`` until the device share fits the budget.
+    saved) and are offloaded in ``offload_order``, one at a time, until the step fits the
+    budget. ``measure`` gives a candidate's bytes per category on the device: the Trainer
+    compiles the step for it; ``scripts/plan.py`` on an abstract mesh estimates.
     """
 
     offload_order: tuple[str, ...] = OFFLOAD_ORDER
 
-    def place(self, cfg: MemoryConfig, needs: MemoryNeeds | None, budget: int | None) -> Placement:
-        """``needs`` and ``budget`` may be None when nothing is ``auto``."""
+    def place(self, cfg: MemoryConfig, measure: Callable[[Placement], dict[str, int]] | None,
+              budget: int | None) -> Placement:
+        """``measure`` and ``budget`` may be None when nothing is ``auto``; a ConfigError when nothing fits."""
         requested = {"params": cfg.params, "opt_state": cfg.opt_state, "activations": cfg.activations}
         on_device = {"params": DEVICE, "opt_state": DEVICE, "activations": "save"}
         offloaded = {"params": HOST, "opt_state": HOST, "activations": "offload"}
@@ -287,18 +298,25 @@ class PlacementPolicy:
             setattr(placement, category, on_device[category] if choice == "auto" else choice)
             if choice != "auto":
                 placement.reasons[category] = "set in config"
-        for category in self.offload_order:
-            if requested[category] != "auto":
-                continue
-            share = device_share(needs, placement)
+        auto = [c for c in self.offload_order if requested[c] == "auto"]
+        if not auto:
+            return placement
+        for i in range(len(auto) + 1):
+            if i:
+                setattr(placement, auto[i - 1], offloaded[auto[i - 1]])
+            per_category = measure(placement)
+            share = sum(per_category.values())
             if share <= budget:
-                placement.reasons[category] = f"auto: kept on device, device share {share:,} B fits the budget {budget:,} B"
-                continue
-            setattr(placement, category, offloaded[category])
-            placement.reasons[category] = (
-                f"auto: offloaded to pinned_host, device share {share:,} B exceeded the budget {budget:,} B"
-            )
-        return placement
+                for j, category in enumerate(auto):
+                    placement.reasons[category] = (
+                        f"auto: offloaded to pinned_host, device bytes exceeded the budget {budget:,} B with it on device"
+                        if j < i else f"auto: kept on device, device bytes {share:,} B fit the budget {budget:,} B")
+                return placement
+        figures = ", ".join(f"{c} {b:,}" for c, b in per_category.items())
+        raise ConfigError(
+            f"memory: nothing fits the device budget of {budget:,} B (memory.device_budget_bytes or the device's "
+            f"capacity): with {', '.join(auto)} offloaded the step needs {share:,} B per device ({figures} B)"
+        )
 
 
 @dataclasses.dataclass
@@ -310,6 +328,7 @@ class MemoryPlan:
     placement: Placement
     bytes: dict[str, dict[str, int]]
     activation_source: str
+    figures: dict[str, str]  # category -> exact | compiled | estimated
 
     @property
     def totals(self) -> dict[str, int]:
@@ -324,6 +343,7 @@ class MemoryPlan:
             "mesh": self.mesh,
             "budget_bytes": self.budget_bytes,
             "bytes_per_device": self.bytes,
+            "figures": self.figures,
             "totals": self.totals,
             "fits": self.fits,
             "placement": {"params": self.placement.params, "opt_state": self.placement.opt_state,
@@ -333,12 +353,22 @@ class MemoryPlan:
         }
 
 
+def device_bytes_by_category(needs: MemoryNeeds, placement: Placement) -> dict[str, int]:
+    return {c: b[DEVICE] for c, b in category_bytes(needs, placement).items()}
+
+
+def make_plan(needs: MemoryNeeds, placement: Placement, mesh_axes: Mapping[str, int], budget: int | None) -> MemoryPlan:
+    return MemoryPlan(dict(mesh_axes), budget, placement, category_bytes(needs, placement), needs.activation_source,
+                      needs.figures())
+
+
 def plan_memory(cfg: MemoryConfig, needs: MemoryNeeds, mesh_axes: Mapping[str, int], budget: int | None,
                 policy: PlacementPolicy | None = None) -> MemoryPlan:
+    """The placement and its bytes from estimated ``needs`` (no devices: ``scripts/plan.py`` on an abstract mesh)."""
     if budget is None and has_auto(cfg):
         raise ConfigError("memory.device_budget_bytes is required for auto placement (no device capacity known)")
-    placement = (policy or PlacementPolicy()).place(cfg, needs, budget)
-    return MemoryPlan(dict(mesh_axes), budget, placement, category_bytes(needs, placement), needs.activation_source)
+    placement = (policy or PlacementPolicy()).place(cfg, functools.partial(device_bytes_by_category, needs), budget)
+    return make_plan(needs, placement, mesh_axes, budget)
 
 
 def format_plan(plan: dict) -> list[str]:
@@ -346,10 +376,11 @@ def format_plan(plan: dict) -> list[str]:
     mib = lambda b: f"{b / 2**20:10.2f} MiB"
     budget = "none" if plan["budget_bytes"] is None else f"{plan['budget_bytes'] / 2**20:.2f} MiB"
     lines = [f"memory per device (budget {budget}; activations: {plan['activation_source']})",
-             f"  {'category':<12}{'device':>14}{'pinned_host':>15}  placement"]
+             f"  {'category':<12}{'device':>14}{'pinned_host':>15}  {'figure':<10}placement"]
     for c, b in plan["bytes_per_device"].items():
         reason = plan["reasons"].get(c, "")
-        lines.append(f"  {c:<12}{mib(b[DEVICE]):>14}{mib(b[HOST]):>15}  {plan['placement'][c]}" + (f" ({reason})" if reason else ""))
+        lines.append(f"  {c:<12}{mib(b[DEVICE]):>14}{mib(b[HOST]):>15}  {plan['figures'][c]:<10}{plan['placement'][c]}"
+                     + (f" ({reason})" if reason else ""))
     t = plan["totals"]
     fits = "" if plan["fits"] is None else ("  fits" if plan["fits"] else "  DOES NOT FIT")
     lines.append(f"  {'total':<12}{mib(t[DEVICE]):>14}{mib(t[HOST]):>15}{fits}")
@@ -376,6 +407,23 @@ def model_tags(cfg: Config, abstract: AbstractState, micro_batch: int = 1) -> li
     return tagged_names(functools.partial(model_loss, abstract.graphdef), abstract.shapes.params, tokens)
 
 
+def state_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
+                grad_accum: int) -> MemoryNeeds:
+    """Exact bytes per device of params, grads, optimizer state and batch (shard shapes); no activations yet."""
+    t = cfg.train
+    micro = t.global_batch // grad_accum
+    dp = math.prod(axis_sizes[a] for a in batch_axes)
+    params = sharding.bytes_per_device(abstract.shapes.params, abstract.specs.params, axis_sizes)
+    return MemoryNeeds(
+        params=params,
+        grads=params * (2 if grad_accum > 1 else 1),  # the gradient, plus the accumulator across micro-batches
+        opt_state=sharding.bytes_per_device(abstract.shapes.opt_state, abstract.specs.opt_state, axis_sizes),
+        batch=grad_accum * -(-micro // dp) * (t.seq_len + 1) * 4,
+        activations={},
+        activation_source="",
+    )
+
+
 def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
                    grad_accum: int) -> MemoryNeeds:
     """Bytes per device per category for the run ``cfg`` on a mesh of ``axis_sizes``; no devices needed.
@@ -386,19 +434,14 @@ def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str
     t = cfg.train
     micro = t.global_batch // grad_accum
     dp = math.prod(axis_sizes[a] for a in batch_axes)
-    params = sharding.bytes_per_device(abstract.shapes.params, abstract.specs.params, axis_sizes)
-    opt_state = sharding.bytes_per_device(abstract.shapes.opt_state, abstract.specs.opt_state, axis_sizes)
     tokens = jax.ShapeDtypeStruct((micro, t.seq_len + 1), jnp.int32)
     activations = {}
     for mode in ACTIVATION_MODES:
         graphdef = abstract_state(cfg, axis_sizes, remat_policy=layer_policy(cfg, abstract, mode)).graphdef
         activations[mode] = residual_bytes(functools.partial(model_loss, graphdef), abstract.shapes.params, tokens,
                                            micro_batch=micro, batch_shards=dp, n_devices=math.prod(axis_sizes.values()))
-    return MemoryNeeds(
-        params=params,
-        grads=params * (2 if grad_accum > 1 else 1),  # the gradient, plus the accumulator across micro-batches
-        opt_state=opt_state,
-        batch=grad_accum * -(-micro // dp) * (t.seq_len + 1) * 4,
+    return dataclasses.replace(
+        state_needs(cfg, abstract, axis_sizes, batch_axes, grad_accum),
         activations=activations,
         activation_source=f"estimate: residuals of the traced loss for one micro-batch of {micro}",
     )
@@ -444,16 +487,18 @@ def host_state_bytes(abstract: AbstractState, placement: Placement, axis_sizes: 
     )
 
 
-def with_compiled_activations(needs: MemoryNeeds, placement: Placement, memory_analysis) -> MemoryNeeds:
+def with_compiled_activations(needs: MemoryNeeds, placement: Placement, memory_analysis, platform: str) -> MemoryNeeds:
     """``needs`` with the chosen mode's activations read from the compiled step.
 
     The step's temporaries hold activations, the gradients and workspace; the planner's
-    gradient bytes are taken out. ``host_temp`` is real where the runtime reports host memory (GPU/TPU).
+    gradient bytes are taken out. ``host_temp`` is real where the runtime reports host memory
+    (GPU/TPU). On CPU, one physical memory, the activation-offload transfers are not in the
+    program: offloaded activations stay in the temporaries and count as device bytes.
     """
     ma = memory_analysis
     compiled = {DEVICE: max(ma.temp_size_in_bytes - needs.grads, 0), HOST: ma.host_temp_size_in_bytes}
-    return dataclasses.replace(
-        needs,
-        activations={**needs.activations, placement.activations: compiled},
-        activation_source="compiled: memory_analysis() temp bytes of the step minus the gradients",
-    )
+    source = "compiled: memory_analysis() temporaries of the step less the gradients (shard accounting)"
+    if platform == "cpu":
+        source += "; cpu: host and device are one memory, state bytes from the shard accounting"
+    return dataclasses.replace(needs, activations={**needs.activations, placement.activations: compiled},
+                               activation_source=source)

@@ -49,24 +49,43 @@ class Trainer:
         if cfg.train.micro_batch != "auto":
             self._check_batch()
 
-        self.abstract = abstract_state(cfg, self.axis_sizes)
-        # ---- memory tiers: placement per category and the layers' activation policy
-        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch)
-        needs = self.memory_needs() if memory.has_auto(cfg.memory) else None  # tracing costs: only when auto decides
-        self.placement = self.placement_policy.place(cfg.memory, needs, self.memory_budget)
-        remat_policy = memory.layer_policy(cfg, self.abstract, self.placement.activations)
-        self.stream_params = self.placement.params == memory.HOST
-        if remat_policy is not None or self.stream_params:
-            self.abstract = abstract_state(cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
-        self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
-        self.state_specs = self.abstract.specs
-        self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
-        self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, self.placement)
+        self.abstract = self.base_abstract = abstract_state(cfg, self.axis_sizes)  # base: the model as configured
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, self.batch_axes))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.activation_rules = sharding.rules_table(cfg.sharding.activation_rules)
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+        self._compiled = None
+        self.compile_seconds = 0.0
+        # ---- memory tiers: placement per category, decided on the compiled step when any category is auto
+        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch)
+        self._built_for = None
+        measure = self._measure_placement if memory.has_auto(cfg.memory) else None
+        self._build_step(self.placement_policy.place(cfg.memory, measure, self.memory_budget))
+        if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
+            self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
+        self.loader = self._loader("train")
+        self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
+        self.state: TrainState | None = None
+        self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
+        # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
+        self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
 
+    # ------------------------------------------------------------------ set-up
+
+    def _build_step(self, placement: memory.Placement) -> None:
+        """Model, state shardings and jitted step for ``placement`` (nothing to do if already built for it)."""
+        self.placement = placement
+        if self._built_for == placement.key():
+            return
+        remat_policy = memory.layer_policy(self.cfg, self.base_abstract, placement.activations)
+        self.stream_params = placement.params == memory.HOST
+        self.abstract = self.base_abstract
+        if remat_policy is not None or self.stream_params:
+            self.abstract = abstract_state(self.cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
+        self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
+        self.state_specs = self.abstract.specs
+        self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
+        self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, placement)
         self._jitted_step = jax.jit(
             self._traced_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -79,17 +98,25 @@ class Trainer:
             out_shardings=self.replicated,
         )
         self._compiled = None
-        self.compile_seconds = 0.0
-        if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
-            self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
-        self.loader = self._loader("train")
-        self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
-        self.state: TrainState | None = None
-        self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
-        # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
-        self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
+        self._built_for = placement.key()
 
-    # ------------------------------------------------------------------ set-up
+    def _measure_placement(self, placement: memory.Placement) -> dict[str, int]:
+        """Device bytes per category of the step compiled for ``placement``: the policy's measure for ``auto``.
+
+        With ``train.micro_batch=auto`` the placement is decided at the smallest micro-batch; the
+        micro-batch then grows as far as that placement allows.
+        """
+        self._build_step(placement)
+        accum = self.cfg.train.grad_accum if self.cfg.train.micro_batch != "auto" else self.cfg.train.global_batch // min(
+            self._micro_batch_candidates())
+        return memory.device_bytes_by_category(self._compiled_needs(accum), placement)
+
+    def _compiled_needs(self, grad_accum: int) -> memory.MemoryNeeds:
+        """Compile the step for ``grad_accum`` (kept as the step to run) and read its needs."""
+        self._compiled = self._lower(grad_accum).compile()
+        needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, grad_accum)
+        return memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis(),
+                                                self.devices[0].platform)
 
     def _batch_axes(self) -> tuple[str, ...]:
         rules = sharding.rules_table(self.cfg.sharding.activation_rules)
@@ -127,21 +154,23 @@ class Trainer:
             return self._jitted_step.trace(state, batch).lower(lowering_platforms=(platform,))
         return self._jitted_step.lower(state, batch)
 
-    def _auto_grad_accum(self) -> int:
-        """Compile the step for each micro-batch (largest first) and keep the first whose device bytes fit the budget."""
+    def _micro_batch_candidates(self) -> list[int]:
+        """Micro-batch sizes that divide the global batch and split over the data-parallel devices, largest first."""
         t = self.cfg.train
         dp = math.prod(self.axis_sizes[a] for a in self.batch_axes)
         candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0 and m % dp == 0]
         if not candidates:
             raise ConfigError(f"train.global_batch={t.global_batch} has no micro-batch divisible by the data-parallel size {dp}")
-        host_bytes = memory.host_state_bytes(self.abstract, self.placement, self.axis_sizes)
+        return candidates
+
+    def _auto_grad_accum(self) -> int:
+        """Compile the step for each micro-batch (largest first) and keep the first whose device bytes fit the budget."""
+        t = self.cfg.train
         tried = []
-        for micro in candidates:
-            compiled = self._lower(t.global_batch // micro).compile()
-            need = memory.compiled_device_bytes(compiled.memory_analysis(), host_bytes)
+        for micro in self._micro_batch_candidates():
+            need = sum(memory.device_bytes_by_category(self._compiled_needs(t.global_batch // micro), self.placement).values())
             tried.append(f"{micro}: {need:,} B")
             if need <= self.memory_budget:
-                self._compiled = compiled
                 if jax.process_index() == 0:
                     print(f"train.micro_batch=auto: micro-batch {micro} x grad_accum {t.global_batch // micro} "
                           f"(step needs {need:,} B per device, budget {self.memory_budget:,} B)", flush=True)
@@ -156,12 +185,14 @@ class Trainer:
 
     def memory_plan(self, compiled_activations: bool = True) -> memory.MemoryPlan:
         """Bytes per device per category and memory kind; activations from the compiled step unless told otherwise."""
-        needs = self.memory_needs()
         if compiled_activations:
             self.compile()
-            needs = memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis())
-        return memory.MemoryPlan(self.axis_sizes, self.memory_budget, self.placement,
-                                 memory.category_bytes(needs, self.placement), needs.activation_source)
+            needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
+            needs = memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis(),
+                                                     self.devices[0].platform)
+        else:
+            needs = self.memory_needs()
+        return memory.make_plan(needs, self.placement, self.axis_sizes, self.memory_budget)
 
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shardings (no full copy on one device)."""

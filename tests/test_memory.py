@@ -1,6 +1,7 @@
 """Memory tiers: planner bytes, placement policy, remat/offload policies, placements in training, micro-batch sizing."""
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -142,16 +143,26 @@ AUTO = MemoryConfig(params="auto", opt_state="auto", activations="auto")
     (709, ("device", "pinned_host", "save")),      # opt_state first: 510
     (509, ("device", "pinned_host", "offload")),   # then activations: 270
     (269, ("pinned_host", "pinned_host", "offload")),  # then params: 170
-    (100, ("pinned_host", "pinned_host", "offload")),  # all offloaded and still too big: reported as not fitting
 ])
 def test_auto_offloads_in_order_and_stops_when_it_fits(budget, expected):
     plan = memory.plan_memory(AUTO, _synthetic_needs(), {"fsdp": 8}, budget)
     p = plan.placement
     assert (p.params, p.opt_state, p.activations) == expected
-    assert plan.fits == (budget >= 170)
+    assert plan.fits
     d = plan.to_dict()
     assert d["totals"]["device"] + d["totals"]["pinned_host"] >= 170
     assert set(d["bytes_per_device"]) == set(memory.CATEGORIES)
+    assert d["figures"] == {"params": "exact", "grads": "estimated", "opt_state": "exact", "activations": "estimated",
+                            "batch": "exact"}
+
+
+def test_auto_when_nothing_fits_names_the_bytes_and_the_budget():
+    with pytest.raises(ConfigError) as e:
+        memory.plan_memory(AUTO, _synthetic_needs(), {"fsdp": 8}, 169)
+    assert str(e.value) == (
+        "memory: nothing fits the device budget of 169 B (memory.device_budget_bytes or the device's capacity): "
+        "with opt_state, activations, params offloaded the step needs 170 B per device "
+        "(params 0, grads 100, opt_state 0, activations 60, batch 10 B)")
 
 
 def test_explicit_choices_are_kept_and_policy_is_subclassable():
@@ -285,27 +296,44 @@ def test_planner_bytes_equal_real_shard_bytes():
                                                    plan.bytes["opt_state"][tr.placement.opt_state])
 
 
+def _compiled_device_total(*overrides) -> int:
+    return Trainer(tiny_config(*overrides)).memory_plan().totals["device"]
+
+
+AUTO_ALL = ["memory.params=auto", "memory.opt_state=auto", "memory.activations=auto"]
+
+
 @pytest.mark.slow
-def test_auto_with_tight_budget_offloads_in_order_and_fits(all_device):
-    probe = Trainer(tiny_config())
-    needs = probe.memory_needs()
-    opt_off = memory.device_share(needs, memory.Placement(opt_state="pinned_host"))
-    assert memory.device_share(needs, memory.Placement()) > opt_off
-    budget = opt_off  # fits only once opt_state is offloaded
-    auto = ["memory.params=auto", "memory.opt_state=auto", "memory.activations=auto"]
-    tr, losses, kinds = _fit(*auto, f"memory.device_budget_bytes={budget}")
+def test_auto_with_tight_budget_offloads_in_order_on_the_compiled_step(all_device):
+    everything = _compiled_device_total()
+    opt_off = _compiled_device_total("memory.opt_state=pinned_host")
+    acts_off = _compiled_device_total("memory.opt_state=pinned_host", "memory.activations=offload")
+    assert everything > opt_off > acts_off
+    tr, losses, kinds = _fit(*AUTO_ALL, f"memory.device_budget_bytes={opt_off}")  # fits once opt_state is offloaded
     p = tr.placement
     assert (p.opt_state, p.activations, p.params) == ("pinned_host", "save", "device")
     assert kinds == {"params": {"device"}, "opt_state": {"pinned_host"}}
     np.testing.assert_allclose(losses, all_device, atol=1e-5, rtol=0)
 
-    acts_off = memory.device_share(needs, memory.Placement(opt_state="pinned_host", activations="offload"))
-    tr = Trainer(tiny_config(*auto, f"memory.device_budget_bytes={acts_off}"))
+    tr = Trainer(tiny_config(*AUTO_ALL, f"memory.device_budget_bytes={acts_off}"))
     p = tr.placement
     assert (p.opt_state, p.activations, p.params) == ("pinned_host", "offload", "device")
-    plan = memory.plan_memory(tr.cfg.memory, needs, tr.axis_sizes, acts_off)
-    assert plan.fits and plan.totals["device"] <= acts_off < opt_off
-    assert "exceeded the budget" in p.reasons["activations"] and "fits the budget" in p.reasons["params"]
+    plan = tr.memory_plan()
+    assert plan.fits and plan.totals["device"] == acts_off
+    assert plan.figures["activations"] == "compiled" and plan.activation_source.startswith("compiled")
+    assert "exceeded the budget" in p.reasons["activations"] and "fit the budget" in p.reasons["params"]
+
+
+@pytest.mark.slow
+def test_auto_when_nothing_fits_exits_2_with_bytes_per_category(tmp_path):
+    r = run_script("train.py", "--config", TINY, "--run-dir", str(tmp_path), *AUTO_ALL, "memory.device_budget_bytes=1000",
+                   "train.steps=1", "train.seq_len=32", "train.global_batch=8")  # small: four placements are compiled
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in r.stderr
+    assert re.fullmatch(r"error: memory: nothing fits the device budget of 1,000 B \(memory.device_budget_bytes or the "
+                        r"device's capacity\): with opt_state, activations, params offloaded the step needs [\d,]+ B per "
+                        r"device \(params 0, grads [\d,]+, opt_state 0, activations [\d,]+, batch 132 B\)", line), line
 
 
 # ------------------------------------------------------------------ micro-batch and gradient accumulation
@@ -321,8 +349,7 @@ def test_grad_accum_1x32_equals_4x8():
 @pytest.mark.slow
 def test_micro_batch_auto_picks_largest_that_fits(capsys):
     sized = Trainer(tiny_config("train.global_batch=32", "train.micro_batch=16"))
-    sized.compile()
-    need16 = memory.compiled_device_bytes(sized._compiled.memory_analysis(), 0)
+    need16 = sized.memory_plan().totals["device"]
     tr = Trainer(tiny_config("train.global_batch=32", "train.micro_batch=auto", f"memory.device_budget_bytes={need16}"))
     assert tr.cfg.train.grad_accum == 2 and tr.loader.global_shape == (2, 16, 129)
     assert f"train.micro_batch=auto: micro-batch 16 x grad_accum 2 (step needs {need16:,} B per device" in capsys.readouterr().out
@@ -354,7 +381,8 @@ def test_plan_memory_section_compiled_where_devices_exist():
     r = run_script("plan.py", "--config", TINY, "--devices", "8", "memory.opt_state=pinned_host")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "memory per device" in r.stdout and "activations: compiled" in r.stdout
-    assert "opt_state         0.00 MiB       0.83 MiB  pinned_host (set in config)" in r.stdout
+    assert "opt_state         0.00 MiB       0.83 MiB  exact     pinned_host (set in config)" in r.stdout
+    assert re.search(r"activations +[\d.]+ MiB +0.00 MiB  compiled  save \(set in config\)\n", r.stdout), r.stdout
 
 
 @pytest.mark.slow
