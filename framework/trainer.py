@@ -33,6 +33,7 @@ from framework.state import TrainState, abstract_state, init_state
 
 class Trainer:
     placement_policy: memory.PlacementPolicy = memory.PlacementPolicy()  # research: assign a subclass
+    memory_monitor: memory.MemoryMonitor = memory.MemoryMonitor()  # research: assign a subclass instance
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, devices: Sequence[jax.Device] | None = None):
         self.cfg = cfg
@@ -43,7 +44,7 @@ class Trainer:
         self.mesh = MeshManager(cfg.mesh).build(self.devices)
         self.axis_sizes = describe(self.mesh)
         self.batch_axes = self._batch_axes()
-        # ---- memory tiers (framework/memory.py): a fixed micro-batch sets grad_accum
+        # ---- memory tiers (framework/memory/): a fixed micro-batch sets grad_accum
         if isinstance(cfg.train.micro_batch, int):
             self.cfg = cfg = self._with_grad_accum(cfg.train.global_batch // cfg.train.micro_batch)
         if cfg.train.micro_batch != "auto":
@@ -51,18 +52,21 @@ class Trainer:
 
         self.abstract = self.base_abstract = abstract_state(cfg, self.axis_sizes)  # base: the model as configured
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, self.batch_axes))
+        self._regroup = jax.jit(lambda b, accum: b.reshape(accum, -1, b.shape[-1]), static_argnums=1,
+                                out_shardings=self.batch_sharding)  # a batch into another micro-batch size
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.activation_rules = sharding.rules_table(cfg.sharding.activation_rules)
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self._compiled = None
         self.compile_seconds = 0.0
         # ---- memory tiers: placement per category, decided on the compiled step when any category is auto
-        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch)
+        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch, self.memory_monitor)
         self._built_for = None
         measure = self._measure_placement if memory.has_auto(cfg.memory) else None
         self._build_step(self.placement_policy.place(cfg.memory, measure, self.memory_budget))
         if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
             self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
+        self._largest_micro, self._roomy_steps = cfg.train.global_batch // cfg.train.grad_accum, 0  # see _follow_memory
         self.loader = self._loader("train")
         self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
         self.state: TrainState | None = None
@@ -97,7 +101,7 @@ class Trainer:
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=self.replicated,
         )
-        self._compiled = None
+        self._compiled, self._steps = None, {}  # the step to run; compiled steps by grad_accum
         self._built_for = placement.key()
 
     def _measure_placement(self, placement: memory.Placement) -> dict[str, int]:
@@ -111,11 +115,15 @@ class Trainer:
             self._micro_batch_candidates())
         return memory.device_bytes_by_category(self._compiled_needs(accum), placement)
 
+    def _compiled_step(self, grad_accum: int) -> jax.stages.Compiled:
+        if grad_accum not in self._steps:
+            self._steps[grad_accum] = self._lower(grad_accum).compile()
+        return self._steps[grad_accum]
+
     def _compiled_needs(self, grad_accum: int) -> memory.MemoryNeeds:
-        """Compile the step for ``grad_accum`` (kept as the step to run) and read its needs."""
-        self._compiled = self._lower(grad_accum).compile()
+        """Compile the step for ``grad_accum`` (kept for when it runs) and read its needs."""
         needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, grad_accum)
-        return memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis(),
+        return memory.with_compiled_activations(needs, self.placement, self._compiled_step(grad_accum).memory_analysis(),
                                                 self.devices[0].platform)
 
     def _batch_axes(self) -> tuple[str, ...]:
@@ -232,7 +240,7 @@ class Trainer:
         if self._compiled is not None:
             return
         t0 = time.perf_counter()
-        self._compiled = self._lower(self.cfg.train.grad_accum).compile()
+        self._compiled = self._compiled_step(self.cfg.train.grad_accum)
         self.compile_seconds = time.perf_counter() - t0
 
     @property
@@ -306,8 +314,67 @@ class Trainer:
         return state, metrics
 
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
-        self.compile()
-        return self._compiled(state, batch)
+        """One train step, following the device's memory (framework/memory/monitor.py).
+
+        With free memory under ``memory.headroom_bytes``, or when the step fails with
+        RESOURCE_EXHAUSTED, it is recompiled with a smaller micro-batch (more accumulation, the
+        same global batch) and run from the same state; the batch is regrouped to match.
+        """
+        self._follow_memory(state)
+        while True:
+            self.compile()
+            accum = self.cfg.train.grad_accum
+            try:
+                return self._compiled(state, batch if batch.shape[0] == accum else self._regroup(batch, accum))
+            except jax.errors.JaxRuntimeError as e:  # the donated state is intact if the step never started
+                if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \
+                        or not self._shrink_micro_batch(state, "the step ran out of device memory (RESOURCE_EXHAUSTED)"):
+                    raise
+
+    # ------------------------------------------------------------------ the micro-batch follows device memory
+
+    @property
+    def micro_batch(self) -> int:
+        return self.cfg.train.global_batch // self.cfg.train.grad_accum
+
+    def _follow_memory(self, state: TrainState) -> None:
+        """Before a step: shrink the micro-batch when free memory is under the headroom; grow it back
+        (up to the one the run started with) after ``memory.regrow_after_steps`` steps with room for it."""
+        headroom, regrow = self.cfg.memory.headroom_bytes, self.cfg.memory.regrow_after_steps
+        free = None if headroom is None else self.memory_monitor.read(self.devices).free
+        if free is not None and jax.process_count() > 1:  # every process decides on the tightest one
+            from jax.experimental import multihost_utils
+
+            free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+        if free is None:
+            return
+        if free < headroom:
+            self._roomy_steps = 0
+            self._shrink_micro_batch(state, f"free device memory {free:,} B is under memory.headroom_bytes={headroom:,}")
+            return
+        self._roomy_steps += 1
+        larger = [m for m in self._micro_batch_candidates() if self.micro_batch < m <= self._largest_micro]
+        if regrow and larger and self._roomy_steps >= regrow:
+            bytes_of = lambda micro: sum(memory.device_bytes_by_category(
+                self._compiled_needs(self.cfg.train.global_batch // micro), self.placement).values())
+            extra = bytes_of(larger[-1]) - bytes_of(self.micro_batch)
+            if free - extra >= headroom:
+                self._set_micro_batch(state, larger[-1], f"free device memory {free:,} B for {self._roomy_steps} steps "
+                                      f"covers memory.headroom_bytes={headroom:,} and the {extra:,} B more it needs")
+
+    def _shrink_micro_batch(self, state: TrainState, why: str) -> bool:
+        smaller = [m for m in self._micro_batch_candidates() if m < self.micro_batch]
+        if smaller:
+            self._set_micro_batch(state, smaller[0], why)
+        return bool(smaller)
+
+    def _set_micro_batch(self, state: TrainState, micro: int, why: str) -> None:
+        old, old_accum = self.micro_batch, self.cfg.train.grad_accum
+        self.cfg = self._with_grad_accum(self.cfg.train.global_batch // micro)
+        self._compiled, self._roomy_steps = None, 0
+        if jax.process_index() == 0:
+            print(f"memory: step {int(jax.device_get(state.step)) + 1}: micro-batch {old} -> {micro} (grad_accum {old_accum} "
+                  f"-> {self.cfg.train.grad_accum}, same global batch): {why}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ evaluation
 
