@@ -66,7 +66,7 @@ def categories(cfg) -> str:
                     f"{mib(k[memory.HOST])} | {est.figures[c]} / {comp.figures[c]} |")
     rows.append(f"| total | {mib(est.totals[memory.DEVICE])} | {mib(comp.totals[memory.DEVICE])} | "
                 f"{mib(est.totals[memory.HOST])} | {mib(comp.totals[memory.HOST])} | |")
-    return "\n".join(rows + [f"compiled: {comp.activation_source}"])
+    return "\n".join(rows + [f"activations and grads, compiled figure: {comp.activation_source}"])
 
 
 def main(argv=None) -> None:
