@@ -156,12 +156,15 @@ class ShardingConfig:
 
 @dataclass
 class MemoryConfig:
-    """Memory tier per data category (framework/memory.py): ``device``, ``pinned_host`` or ``auto``.
+    """Memory tier per data category (framework/memory/): ``device``, ``pinned_host`` or ``auto``.
 
     ``activations``: ``save`` (keep all), ``remat`` (recompute), ``offload`` (tagged values to
     pinned_host) or ``auto``; ``activation_names`` overrides the choice per ``checkpoint_name`` tag
     (like MaxText's custom remat policy). ``device_budget_bytes``: per-device budget for ``auto``
-    and ``train.micro_batch=auto`` (null: the capacity jax reports; required on CPU).
+    and ``train.micro_batch=auto`` (null: free memory, or capacity, as jax reports it; required on CPU).
+    ``headroom_bytes``: when free device memory (``Trainer.memory_monitor``) falls under it before a
+    step, the step runs with a smaller micro-batch (null: no check; an out-of-memory step is retried
+    smaller either way); ``regrow_after_steps``: steps with room before growing back (0: never).
     """
 
     params: Literal["device", "pinned_host", "auto"] = "device"
@@ -169,6 +172,8 @@ class MemoryConfig:
     activations: Literal["save", "remat", "offload", "auto"] = "save"
     activation_names: dict[str, Literal["save", "remat", "offload"]] = field(default_factory=dict)
     device_budget_bytes: Optional[int] = None
+    headroom_bytes: Optional[int] = None
+    regrow_after_steps: int = 0
 
 
 @dataclass
@@ -438,6 +443,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.micro_batch={t.micro_batch} and train.grad_accum={t.grad_accum} disagree; set one of them")
     if cfg.memory.device_budget_bytes is not None and cfg.memory.device_budget_bytes < 1:
         raise ConfigError(f"memory.device_budget_bytes={cfg.memory.device_budget_bytes}: expected a positive integer or null")
+    if cfg.memory.headroom_bytes is not None and cfg.memory.headroom_bytes < 0:
+        raise ConfigError(f"memory.headroom_bytes={cfg.memory.headroom_bytes}: expected a non-negative integer or null")
+    if cfg.memory.regrow_after_steps < 0:
+        raise ConfigError(f"memory.regrow_after_steps={cfg.memory.regrow_after_steps}: expected a non-negative integer")
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")

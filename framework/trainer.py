@@ -33,40 +33,65 @@ from framework.state import TrainState, abstract_state, init_state
 
 class Trainer:
     placement_policy: memory.PlacementPolicy = memory.PlacementPolicy()  # research: assign a subclass
+    memory_monitor: memory.MemoryMonitor = memory.MemoryMonitor()  # research: assign a subclass instance
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, devices: Sequence[jax.Device] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.goodput = goodput.GoodputClock()  # where wall time goes; scripts/train.py starts it at process start
+        self.goodput_line = ""
         if cfg.train.compilation_cache_dir:
             enable_compilation_cache(cfg.train.compilation_cache_dir)
         self.devices = list(jax.devices() if devices is None else devices)
         self.mesh = MeshManager(cfg.mesh).build(self.devices)
         self.axis_sizes = describe(self.mesh)
         self.batch_axes = self._batch_axes()
-        # ---- memory tiers (framework/memory.py): a fixed micro-batch sets grad_accum
+        # ---- memory tiers (framework/memory/): a fixed micro-batch sets grad_accum
         if isinstance(cfg.train.micro_batch, int):
             self.cfg = cfg = self._with_grad_accum(cfg.train.global_batch // cfg.train.micro_batch)
         if cfg.train.micro_batch != "auto":
             self._check_batch()
 
-        self.abstract = abstract_state(cfg, self.axis_sizes)
-        # ---- memory tiers: placement per category and the layers' activation policy
-        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch)
-        needs = self.memory_needs() if memory.has_auto(cfg.memory) else None  # tracing costs: only when auto decides
-        self.placement = self.placement_policy.place(cfg.memory, needs, self.memory_budget)
-        remat_policy = memory.layer_policy(cfg, self.abstract, self.placement.activations)
-        self.stream_params = self.placement.params == memory.HOST
-        if remat_policy is not None or self.stream_params:
-            self.abstract = abstract_state(cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
-        self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
-        self.state_specs = self.abstract.specs
-        self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
-        self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, self.placement)
+        self.abstract = self.base_abstract = abstract_state(cfg, self.axis_sizes)  # base: the model as configured
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, self.batch_axes))
+        self._regroup = jax.jit(lambda b, accum: b.reshape(accum, -1, b.shape[-1]), static_argnums=1,
+                                out_shardings=self.batch_sharding)  # a batch into another micro-batch size
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.activation_rules = sharding.rules_table(cfg.sharding.activation_rules)
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+        self._compiled = None
+        self.compile_seconds = 0.0
+        # ---- memory tiers: placement per category, decided on the compiled step when any category is auto
+        self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch, self.memory_monitor)
+        self._built_for = None
+        measure = self._measure_placement if memory.has_auto(cfg.memory) else None
+        self._build_step(self.placement_policy.place(cfg.memory, measure, self.memory_budget))
+        if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
+            self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
+        self._largest_micro, self._roomy_steps = cfg.train.global_batch // cfg.train.grad_accum, 0  # see _follow_memory
+        self.loader = self._loader("train")
+        self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
+        self.state: TrainState | None = None
+        self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
+        # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
+        self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
 
+    # ------------------------------------------------------------------ set-up
+
+    def _build_step(self, placement: memory.Placement) -> None:
+        """Model, state shardings and jitted step for ``placement`` (nothing to do if already built for it)."""
+        self.placement = placement
+        if self._built_for == placement.key():
+            return
+        remat_policy = memory.layer_policy(self.cfg, self.base_abstract, placement.activations)
+        self.stream_params = placement.params == memory.HOST
+        self.abstract = self.base_abstract
+        if remat_policy is not None or self.stream_params:
+            self.abstract = abstract_state(self.cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
+        self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
+        self.state_specs = self.abstract.specs
+        self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
+        self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, placement)
         self._jitted_step = jax.jit(
             self._traced_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -78,20 +103,30 @@ class Trainer:
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=self.replicated,
         )
-        self._compiled = None
-        self.compile_seconds = 0.0
-        if cfg.train.micro_batch == "auto":  # ---- memory tiers: largest micro-batch whose compiled step fits
-            self.cfg = cfg = self._with_grad_accum(self._auto_grad_accum())
-        self.loader = self._loader("train")
-        self._eval_loader = self._loader("eval") if cfg.train.eval_every else None  # a bad eval split fails at start
-        self.state: TrainState | None = None
-        self.goodput = goodput.GoodputClock()  # where wall time goes; scripts/train.py starts it at process start
-        self.goodput_line = ""
-        self.elastic = None  # the TryRunController steering fit() (framework/tryrun.py), while it does
-        # checkpoints (issue 4): RUN_DIR/checkpoints or checkpoint.dir; None without either
-        self.checkpointer = Checkpointer.for_run(cfg.checkpoint, self.run_dir, config_to_dict(cfg))
+        self._compiled, self._steps = None, {}  # the step to run; compiled steps by grad_accum
+        self._built_for = placement.key()
 
-    # ------------------------------------------------------------------ set-up
+    def _measure_placement(self, placement: memory.Placement) -> dict[str, int]:
+        """Device bytes per category of the step compiled for ``placement``: the policy's measure for ``auto``.
+
+        With ``train.micro_batch=auto`` the placement is decided at the smallest micro-batch; the
+        micro-batch then grows as far as that placement allows.
+        """
+        self._build_step(placement)
+        accum = self.cfg.train.grad_accum if self.cfg.train.micro_batch != "auto" else self.cfg.train.global_batch // min(
+            self._micro_batch_candidates())
+        return memory.device_bytes_by_category(self._compiled_needs(accum), placement)
+
+    def _compiled_step(self, grad_accum: int) -> jax.stages.Compiled:
+        if grad_accum not in self._steps:
+            self._steps[grad_accum] = self._lower(grad_accum).compile()
+        return self._steps[grad_accum]
+
+    def _compiled_needs(self, grad_accum: int) -> memory.MemoryNeeds:
+        """Compile the step for ``grad_accum`` (kept for when it runs) and read its needs."""
+        needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, grad_accum)
+        return memory.with_compiled_activations(needs, self.placement, self._compiled_step(grad_accum).memory_analysis(),
+                                                self.devices[0].platform)
 
     def _batch_axes(self) -> tuple[str, ...]:
         rules = sharding.rules_table(self.cfg.sharding.activation_rules)
@@ -117,30 +152,35 @@ class Trainer:
     def _with_grad_accum(self, grad_accum: int) -> Config:
         return dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
 
-    def _lower(self, grad_accum: int):
+    def _lower(self, grad_accum: int, platform: str | None = None):
+        """The step lowered for ``grad_accum`` micro-batches; for another ``platform`` (e.g. ``cuda``) to inspect its program."""
         t = self.cfg.train
         batch = jax.ShapeDtypeStruct((grad_accum, t.global_batch // grad_accum, t.seq_len + 1), jnp.int32,
                                      sharding=self.batch_sharding)
         state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract.shapes, self.state_shardings
         )
+        if platform is not None:
+            return self._jitted_step.trace(state, batch).lower(lowering_platforms=(platform,))
         return self._jitted_step.lower(state, batch)
 
-    def _auto_grad_accum(self) -> int:
-        """Compile the step for each micro-batch (largest first) and keep the first whose device bytes fit the budget."""
+    def _micro_batch_candidates(self) -> list[int]:
+        """Micro-batch sizes that divide the global batch and split over the data-parallel devices, largest first."""
         t = self.cfg.train
         dp = math.prod(self.axis_sizes[a] for a in self.batch_axes)
         candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0 and m % dp == 0]
         if not candidates:
             raise ConfigError(f"train.global_batch={t.global_batch} has no micro-batch divisible by the data-parallel size {dp}")
-        host_bytes = memory.host_state_bytes(self.abstract, self.placement, self.axis_sizes)
+        return candidates
+
+    def _auto_grad_accum(self) -> int:
+        """Compile the step for each micro-batch (largest first) and keep the first whose device bytes fit the budget."""
+        t = self.cfg.train
         tried = []
-        for micro in candidates:
-            compiled = self._lower(t.global_batch // micro).compile()
-            need = memory.compiled_device_bytes(compiled.memory_analysis(), host_bytes)
+        for micro in self._micro_batch_candidates():
+            need = sum(memory.device_bytes_by_category(self._compiled_needs(t.global_batch // micro), self.placement).values())
             tried.append(f"{micro}: {need:,} B")
             if need <= self.memory_budget:
-                self._compiled = compiled
                 if jax.process_index() == 0:
                     print(f"train.micro_batch=auto: micro-batch {micro} x grad_accum {t.global_batch // micro} "
                           f"(step needs {need:,} B per device, budget {self.memory_budget:,} B)", flush=True)
@@ -155,12 +195,14 @@ class Trainer:
 
     def memory_plan(self, compiled_activations: bool = True) -> memory.MemoryPlan:
         """Bytes per device per category and memory kind; activations from the compiled step unless told otherwise."""
-        needs = self.memory_needs()
         if compiled_activations:
             self.compile()
-            needs = memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis())
-        return memory.MemoryPlan(self.axis_sizes, self.memory_budget, self.placement,
-                                 memory.category_bytes(needs, self.placement), needs.activation_source)
+            needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
+            needs = memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis(),
+                                                     self.devices[0].platform)
+        else:
+            needs = self.memory_needs()
+        return memory.make_plan(needs, self.placement, self.axis_sizes, self.memory_budget)
 
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shardings (no full copy on one device).
@@ -212,7 +254,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         with self.goodput.span("compile"):
-            self._compiled = self._lower(self.cfg.train.grad_accum).compile()
+            self._compiled = self._compiled_step(self.cfg.train.grad_accum)
         self.compile_seconds = time.perf_counter() - t0
 
     @property
@@ -286,8 +328,67 @@ class Trainer:
         return state, metrics
 
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
-        self.compile()
-        return self._compiled(state, batch)
+        """One train step, following the device's memory (framework/memory/monitor.py).
+
+        With free memory under ``memory.headroom_bytes``, or when the step fails with
+        RESOURCE_EXHAUSTED, it is recompiled with a smaller micro-batch (more accumulation, the
+        same global batch) and run from the same state; the batch is regrouped to match.
+        """
+        self._follow_memory(state)
+        while True:
+            self.compile()
+            accum = self.cfg.train.grad_accum
+            try:
+                return self._compiled(state, batch if batch.shape[0] == accum else self._regroup(batch, accum))
+            except jax.errors.JaxRuntimeError as e:  # the donated state is intact if the step never started
+                if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \
+                        or not self._shrink_micro_batch(state, "the step ran out of device memory (RESOURCE_EXHAUSTED)"):
+                    raise
+
+    # ------------------------------------------------------------------ the micro-batch follows device memory
+
+    @property
+    def micro_batch(self) -> int:
+        return self.cfg.train.global_batch // self.cfg.train.grad_accum
+
+    def _follow_memory(self, state: TrainState) -> None:
+        """Before a step: shrink the micro-batch when free memory is under the headroom; grow it back
+        (up to the one the run started with) after ``memory.regrow_after_steps`` steps with room for it."""
+        headroom, regrow = self.cfg.memory.headroom_bytes, self.cfg.memory.regrow_after_steps
+        free = None if headroom is None else self.memory_monitor.read(self.devices).free
+        if free is not None and jax.process_count() > 1:  # every process decides on the tightest one
+            from jax.experimental import multihost_utils
+
+            free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+        if free is None:
+            return
+        if free < headroom:
+            self._roomy_steps = 0
+            self._shrink_micro_batch(state, f"free device memory {free:,} B is under memory.headroom_bytes={headroom:,}")
+            return
+        self._roomy_steps += 1
+        larger = [m for m in self._micro_batch_candidates() if self.micro_batch < m <= self._largest_micro]
+        if regrow and larger and self._roomy_steps >= regrow:
+            bytes_of = lambda micro: sum(memory.device_bytes_by_category(
+                self._compiled_needs(self.cfg.train.global_batch // micro), self.placement).values())
+            extra = bytes_of(larger[-1]) - bytes_of(self.micro_batch)
+            if free - extra >= headroom:
+                self._set_micro_batch(state, larger[-1], f"free device memory {free:,} B for {self._roomy_steps} steps "
+                                      f"covers memory.headroom_bytes={headroom:,} and the {extra:,} B more it needs")
+
+    def _shrink_micro_batch(self, state: TrainState, why: str) -> bool:
+        smaller = [m for m in self._micro_batch_candidates() if m < self.micro_batch]
+        if smaller:
+            self._set_micro_batch(state, smaller[0], why)
+        return bool(smaller)
+
+    def _set_micro_batch(self, state: TrainState, micro: int, why: str) -> None:
+        old, old_accum = self.micro_batch, self.cfg.train.grad_accum
+        self.cfg = self._with_grad_accum(self.cfg.train.global_batch // micro)
+        self._compiled, self._roomy_steps = None, 0
+        if jax.process_index() == 0:
+            print(f"memory: step {int(jax.device_get(state.step)) + 1}: micro-batch {old} -> {micro} (grad_accum {old_accum} "
+                  f"-> {self.cfg.train.grad_accum}, same global batch): {why}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ evaluation
 

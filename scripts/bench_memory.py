@@ -4,6 +4,8 @@
 python scripts/bench_memory.py --config configs/gpt2_124m.yaml [--steps 3] [key=value ...]
 Prints a markdown table: planner device/host bytes (estimate), memory_analysis() device bytes of
 the compiled step, and the median step time relative to no offload.
+With --categories: one table of bytes per device per category for the config as given, the
+planner's estimate next to the compiled figure (and how each figure was obtained).
 """
 from __future__ import annotations
 
@@ -49,12 +51,31 @@ def measure(cfg, steps: int) -> dict:
     }
 
 
+def categories(cfg) -> str:
+    from framework import memory
+    from framework.trainer import Trainer
+
+    tr = Trainer(cfg)
+    est, comp = tr.memory_plan(compiled_activations=False), tr.memory_plan()
+    mib = lambda b: f"{b / 2**20:.1f}"
+    rows = ["| category | planner device MiB | compiled device MiB | planner pinned_host MiB | compiled pinned_host MiB "
+            "| figure (planner / compiled) |", "| --- | --- | --- | --- | --- | --- |"]
+    for c in memory.CATEGORIES:
+        e, k = est.bytes[c], comp.bytes[c]
+        rows.append(f"| {c} | {mib(e[memory.DEVICE])} | {mib(k[memory.DEVICE])} | {mib(e[memory.HOST])} | "
+                    f"{mib(k[memory.HOST])} | {est.figures[c]} / {comp.figures[c]} |")
+    rows.append(f"| total | {mib(est.totals[memory.DEVICE])} | {mib(comp.totals[memory.DEVICE])} | "
+                f"{mib(est.totals[memory.HOST])} | {mib(comp.totals[memory.HOST])} | |")
+    return "\n".join(rows + [f"activations and grads, compiled figure: {comp.activation_source}"])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--categories", action="store_true", help="planner vs compiled bytes per category, no timing")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     _cli.emulate_cpu_devices(8)
     with _cli.user_errors():
         import jax
@@ -62,6 +83,10 @@ def main(argv=None) -> None:
         from framework.config import load_config
 
         base = [*args.overrides, "logging.progress=false", "logging.tensorboard=false"]
+        if args.categories:
+            print(f"{jax.device_count()} {jax.devices()[0].platform} devices; {args.config} {' '.join(args.overrides)}")
+            print(categories(load_config(args.config, base)))
+            return
         rows = {name: measure(load_config(args.config, [*base, *extra]), args.steps) for name, extra in VARIANTS.items()}
     mib = lambda b: f"{b / 2**20:.1f}"
     ref = rows["no offload"]["step_s"]

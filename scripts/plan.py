@@ -17,13 +17,15 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True)
     p.add_argument("--devices", type=int, default=None, help="devices to plan for (default: those present)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--estimate", action="store_true",
+                   help="memory section from the planner's estimate even where the devices exist (default: compiled)")
     p.add_argument("--measure", action="store_true",
                    help="compile the step on the available devices and count its collective bytes (broadcast section)")
     p.add_argument("overrides", nargs="*")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
-def build_report(cfg, n_devices: int) -> dict:
+def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
     import jax
 
     from framework.mesh import MeshManager, describe
@@ -42,7 +44,7 @@ def build_report(cfg, n_devices: int) -> dict:
             "spec": [None if a is None else a if isinstance(a, str) else list(a) for a in flat_specs[path]],
         })
     report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
-    report["memory"] = memory_section(cfg, n_devices, abstract)
+    report["memory"] = memory_section(cfg, n_devices, abstract, estimate)
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
     return report
@@ -76,15 +78,19 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
     }
 
 
-def memory_section(cfg, n_devices: int, abstract) -> dict:
-    """Memory tiers: compiled on the devices when they exist, estimated on an abstract mesh otherwise."""
+def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dict:
+    """Memory tiers: compiled on the devices when they exist (``auto`` placed on the compiled step), estimated otherwise.
+
+    Each category's figure says how it was obtained (``figures``): exact (shard shapes),
+    compiled (the step's ``memory_analysis()``) or estimated (residuals of the traced loss).
+    """
     import jax
 
     from framework import memory, sharding
     from framework.mesh import MeshManager, describe
     from framework.trainer import Trainer
 
-    if n_devices <= jax.device_count():
+    if n_devices <= jax.device_count() and not estimate:
         return Trainer(cfg, devices=jax.devices()[:n_devices]).memory_plan().to_dict()
     axis_sizes = describe(MeshManager(cfg.mesh).abstract(n_devices))
     rules = sharding.rules_table(cfg.sharding.activation_rules)
@@ -142,7 +148,7 @@ def main(argv=None) -> None:
         from framework.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        report = build_report(cfg, args.devices or jax.device_count())
+        report = build_report(cfg, args.devices or jax.device_count(), args.estimate)
         if args.measure:
             report["broadcast_measured"] = measure_broadcast(cfg, args.devices or jax.device_count())
     _cli.print_report(report, args.json, print_text)

@@ -1,6 +1,7 @@
 """Memory tiers: planner bytes, placement policy, remat/offload policies, placements in training, micro-batch sizing."""
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -143,16 +144,26 @@ AUTO = MemoryConfig(params="auto", opt_state="auto", activations="auto")
     (709, ("device", "pinned_host", "save")),      # opt_state first: 510
     (509, ("device", "pinned_host", "offload")),   # then activations: 270
     (269, ("pinned_host", "pinned_host", "offload")),  # then params: 170
-    (100, ("pinned_host", "pinned_host", "offload")),  # all offloaded and still too big: reported as not fitting
 ])
 def test_auto_offloads_in_order_and_stops_when_it_fits(budget, expected):
     plan = memory.plan_memory(AUTO, _synthetic_needs(), {"fsdp": 8}, budget)
     p = plan.placement
     assert (p.params, p.opt_state, p.activations) == expected
-    assert plan.fits == (budget >= 170)
+    assert plan.fits
     d = plan.to_dict()
     assert d["totals"]["device"] + d["totals"]["pinned_host"] >= 170
     assert set(d["bytes_per_device"]) == set(memory.CATEGORIES)
+    assert d["figures"] == {"params": "exact", "grads": "estimated", "opt_state": "exact", "activations": "estimated",
+                            "batch": "exact"}
+
+
+def test_auto_when_nothing_fits_names_the_bytes_and_the_budget():
+    with pytest.raises(ConfigError) as e:
+        memory.plan_memory(AUTO, _synthetic_needs(), {"fsdp": 8}, 169)
+    assert str(e.value) == (
+        "memory: nothing fits the device budget of 169 B (memory.device_budget_bytes or the device's capacity): "
+        "with opt_state, activations, params offloaded the step needs 170 B per device "
+        "(params 0, grads 100, opt_state 0, activations 60, batch 10 B)")
 
 
 def test_explicit_choices_are_kept_and_policy_is_subclassable():
@@ -230,15 +241,44 @@ def test_each_placement_trains_like_all_device(name):
     assert kinds == {c: {k} for c, k in wanted.items()}
 
 
+class AllAtOnce(Trainer):
+    """The failure the per-layer test guards against: parameters live in pinned_host but the whole
+    tree is moved to the device at the start of the step (the model does not stream them)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.stream_params = False
+        self.abstract = abstract_state(self.cfg, self.axis_sizes)
+        self.graphdef = self.abstract.graphdef
+
+    def train_step(self, state, batch):
+        state = dataclasses.replace(state, params=jax.device_put(state.params, self.device_state_shardings.params))
+        return super().train_step(state, batch)
+
+
+def per_layer_fetches(trainer: Trainer) -> list[memory.OffloadCheck]:
+    """Transfers inside the layer loops (forward, then backward) of the step lowered for cuda."""
+    return memory.loop_body_transfers(trainer._lower(1, platform="cuda").as_text(), "cuda")
+
+
 def test_streamed_params_are_fetched_per_layer():
-    tr = Trainer(tiny_config("memory.params=pinned_host"))
-    text = tr._lower(1).as_text()
-    n_leaves = len(jax.tree.leaves(tr.abstract.shapes.params))
-    assert n_leaves == 68
-    # every leaf is brought to the device where its layer runs, and so is its gradient for the update
-    assert memory.count_transfers(text, "cpu").to_device >= 2 * n_leaves
-    plain = Trainer(tiny_config())._lower(1).as_text()
-    assert memory.count_transfers(plain, "cpu") == memory.OffloadCheck("cpu", 0, 0)
+    scanned = ["model.scan_layers=true", "memory.params=pinned_host"]
+    tr = Trainer(tiny_config(*scanned))
+    per_layer = len(jax.tree.leaves(tr.abstract.shapes.params["blocks"]))
+    assert per_layer == 16
+    # forward: each layer's 16 weights come to the device inside the loop body; backward: their gradients go back
+    forward, backward = per_layer_fetches(tr)
+    assert (forward.to_device, backward.to_host) == (per_layer, per_layer), (forward, backward)
+    # with rematerialised layers the backward loop fetches the weights again, all but one bias (the
+    # recomputation stops before the layer's last add, whose result backward never reads)
+    forward, backward = per_layer_fetches(Trainer(tiny_config(*scanned, "memory.activations=remat")))
+    assert (forward.to_device, backward.to_device) == (per_layer, per_layer - 1), (forward, backward)
+    # the all-at-once variant moves the same bytes, but before the loops: none inside them (the old check,
+    # transfers anywhere in the program, could not tell the two apart)
+    all_at_once = AllAtOnce(tiny_config(*scanned))
+    assert [c.to_device for c in per_layer_fetches(all_at_once)] == [0, 0]
+    assert memory.count_transfers(all_at_once._lower(1, platform="cuda").as_text(), "cuda").to_device >= 68
+    assert all(c == memory.OffloadCheck("cuda", 0, 0) for c in per_layer_fetches(Trainer(tiny_config("model.scan_layers=true"))))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -259,27 +299,44 @@ def test_planner_bytes_equal_real_shard_bytes():
                                                    plan.bytes["opt_state"][tr.placement.opt_state])
 
 
+def _compiled_device_total(*overrides) -> int:
+    return Trainer(tiny_config(*overrides)).memory_plan().totals["device"]
+
+
+AUTO_ALL = ["memory.params=auto", "memory.opt_state=auto", "memory.activations=auto"]
+
+
 @pytest.mark.slow
-def test_auto_with_tight_budget_offloads_in_order_and_fits(all_device):
-    probe = Trainer(tiny_config())
-    needs = probe.memory_needs()
-    opt_off = memory.device_share(needs, memory.Placement(opt_state="pinned_host"))
-    assert memory.device_share(needs, memory.Placement()) > opt_off
-    budget = opt_off  # fits only once opt_state is offloaded
-    auto = ["memory.params=auto", "memory.opt_state=auto", "memory.activations=auto"]
-    tr, losses, kinds = _fit(*auto, f"memory.device_budget_bytes={budget}")
+def test_auto_with_tight_budget_offloads_in_order_on_the_compiled_step(all_device):
+    everything = _compiled_device_total()
+    opt_off = _compiled_device_total("memory.opt_state=pinned_host")
+    acts_off = _compiled_device_total("memory.opt_state=pinned_host", "memory.activations=offload")
+    assert everything > opt_off > acts_off
+    tr, losses, kinds = _fit(*AUTO_ALL, f"memory.device_budget_bytes={opt_off}")  # fits once opt_state is offloaded
     p = tr.placement
     assert (p.opt_state, p.activations, p.params) == ("pinned_host", "save", "device")
     assert kinds == {"params": {"device"}, "opt_state": {"pinned_host"}}
     np.testing.assert_allclose(losses, all_device, atol=1e-5, rtol=0)
 
-    acts_off = memory.device_share(needs, memory.Placement(opt_state="pinned_host", activations="offload"))
-    tr = Trainer(tiny_config(*auto, f"memory.device_budget_bytes={acts_off}"))
+    tr = Trainer(tiny_config(*AUTO_ALL, f"memory.device_budget_bytes={acts_off}"))
     p = tr.placement
     assert (p.opt_state, p.activations, p.params) == ("pinned_host", "offload", "device")
-    plan = memory.plan_memory(tr.cfg.memory, needs, tr.axis_sizes, acts_off)
-    assert plan.fits and plan.totals["device"] <= acts_off < opt_off
-    assert "exceeded the budget" in p.reasons["activations"] and "fits the budget" in p.reasons["params"]
+    plan = tr.memory_plan()
+    assert plan.fits and plan.totals["device"] == acts_off
+    assert plan.figures["activations"] == "compiled" and plan.activation_source.startswith("compiled")
+    assert "exceeded the budget" in p.reasons["activations"] and "fit the budget" in p.reasons["params"]
+
+
+@pytest.mark.slow
+def test_auto_when_nothing_fits_exits_2_with_bytes_per_category(tmp_path):
+    r = run_script("train.py", "--config", TINY, "--run-dir", str(tmp_path), *AUTO_ALL, "memory.device_budget_bytes=1000",
+                   "train.steps=1", "train.seq_len=32", "train.global_batch=8")  # small: four placements are compiled
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in r.stderr
+    assert re.fullmatch(r"error: memory: nothing fits the device budget of 1,000 B \(memory.device_budget_bytes or the "
+                        r"device's capacity\): with opt_state, activations, params offloaded the step needs [\d,]+ B per "
+                        r"device \(params 0, grads [\d,]+, opt_state 0, activations [\d,]+, batch 132 B\)", line), line
 
 
 # ------------------------------------------------------------------ micro-batch and gradient accumulation
@@ -295,8 +352,7 @@ def test_grad_accum_1x32_equals_4x8():
 @pytest.mark.slow
 def test_micro_batch_auto_picks_largest_that_fits(capsys):
     sized = Trainer(tiny_config("train.global_batch=32", "train.micro_batch=16"))
-    sized.compile()
-    need16 = memory.compiled_device_bytes(sized._compiled.memory_analysis(), 0)
+    need16 = sized.memory_plan().totals["device"]
     tr = Trainer(tiny_config("train.global_batch=32", "train.micro_batch=auto", f"memory.device_budget_bytes={need16}"))
     assert tr.cfg.train.grad_accum == 2 and tr.loader.global_shape == (2, 16, 129)
     assert f"train.micro_batch=auto: micro-batch 16 x grad_accum 2 (step needs {need16:,} B per device" in capsys.readouterr().out
@@ -329,7 +385,8 @@ def test_plan_memory_section_compiled_where_devices_exist():
     r = run_script("plan.py", "--config", TINY, "--devices", "8", "memory.opt_state=pinned_host")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "memory per device" in r.stdout and "activations: compiled" in r.stdout
-    assert "opt_state         0.00 MiB       0.83 MiB  pinned_host (set in config)" in r.stdout
+    assert "opt_state         0.00 MiB       0.83 MiB  exact     pinned_host (set in config)" in r.stdout
+    assert re.search(r"activations +[\d.]+ MiB +0.00 MiB  compiled  save \(set in config\)\n", r.stdout), r.stdout
 
 
 @pytest.mark.slow

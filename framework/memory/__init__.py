@@ -1,0 +1,17 @@
+"""Memory tiers: where each category of training data lives, how many bytes it takes, and the device's memory state.
+
+policy.py   categories, memory kinds, the placement policy, remat/offload policies, transfer checks
+planner.py  bytes per device per category and memory kind (exact, compiled or estimated)
+monitor.py  the devices' memory state while training runs (MemoryMonitor) and the budget it gives
+
+Everything is re-exported here: ``from framework import memory`` and ``memory.X`` work.
+"""
+from framework.memory.monitor import MemoryMonitor, MemoryReading, needs_budget, resolve_budget
+from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_device_bytes,
+                                      device_bytes_by_category, device_share, estimate_needs, format_plan,
+                                      host_state_bytes, make_plan, plan_memory, residual_bytes, shard_bytes,
+                                      state_needs, with_compiled_activations)
+from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, OFFLOAD_ORDER, OffloadCheck,
+                                     Placement, PlacementPolicy, activation_choices, activation_policy,
+                                     count_transfers, has_auto, layer_policy, loop_body_transfers, model_loss,
+                                     model_options, model_tags, tagged_names, verify_offload, with_memory_kinds)
