@@ -576,9 +576,11 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
                           f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
     layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params))
-    planned = sum(layer.repeats * (math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes
-                  for layer in layers)
+    leaves = jax.tree.leaves(abstract_params)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    stored_itemsize = param_bytes / sum(x.size for x in leaves)  # layers record the compute dtype, not the stored one
+    planned = round(stored_itemsize * sum(layer.repeats * (math.prod(layer.kernel_shape) + layer.bias_elements)
+                                          for layer in layers))
     total = cfg.memory.device_budget_bytes
     budget = None if total is None else max(total - resident_bytes, 0)
     return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned, budget_bytes=budget)
