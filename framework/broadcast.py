@@ -323,7 +323,7 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
         channel_out = i + 1 < n and modes[i] == "map" and modes[i + 1] == "map" and layer.chained
         # XLA merges the group's identical gathers into one; charge it to the group's last map layer
         later_map_in_group = any(modes[j] == "map" and layers[j].input_group == layer.input_group for j in range(i + 1, n))
-        if pins[i] in ("auto",) and len(allowed[i]) > 1:
+        if pins[i] == "auto" and len(allowed[i]) > 1:
             why = f"fewest bytes on the chain (kernel {cost['kernel'].total:,} / map {cost['map'].total:,} + hand-offs)"
         elif len(allowed[i]) == 1 and pins[i] == "auto":
             why = "only mode left"

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import broadcast
 from framework.broadcast import LayerShape, make_plan
 from framework.collectives import count_compiled
 from framework.config import BroadcastConfig
