@@ -57,6 +57,7 @@ class LayerShape:
     input_grad: bool  # False when the input is data: no input gradient is computed
     chained: bool  # output reaches the next recorded layer through channel-wise ops only
     input_group: int = 0  # consecutive layers reading the very same feature map share one group
+    repeats: int = 1  # calls per micro-batch: the scan length for a layer inside ``repeated(n)``
 
     @property
     def out_channels(self) -> int:
@@ -99,24 +100,41 @@ class ModeCost:
 
 
 def mode_costs(layer: LayerShape, p: int, compress: str = "none") -> dict[str, ModeCost | None]:
-    """Bytes one device moves for this layer in each mode (None: mode impossible)."""
-    f = _frac(p)
+    """Bytes one device moves for this layer in each mode, all its ``repeats`` calls (None: mode impossible)."""
+    f, r = _frac(p), layer.repeats
     kernel_full = (math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes
     x_bytes = math.prod(layer.in_shape) * layer.act_bytes
     if p == 1:
         return {"kernel": ModeCost(0, 0), "map": None}
     if not splittable(layer, p):  # replicated kernel: nothing to gather, gradients all-reduced
-        return {"kernel": ModeCost(0, round(2 * f * kernel_full)), "map": None}
+        return {"kernel": ModeCost(0, r * round(2 * f * kernel_full)), "map": None}
     return {
-        "kernel": ModeCost(round(f * compressed_kernel_bytes(layer, compress)), round(f * kernel_full)),
-        "map": ModeCost(round(f * x_bytes), round(f * x_bytes) if layer.input_grad else 0),
+        "kernel": ModeCost(r * round(f * compressed_kernel_bytes(layer, compress)), r * round(f * kernel_full)),
+        "map": ModeCost(r * round(f * x_bytes), r * round(f * x_bytes) if layer.input_grad else 0),
     }
+
+
+def held_bytes(layer: LayerShape, p: int, compress: str = "none") -> dict[str, int | None]:
+    """Extra bytes one device holds while the layer runs in each mode (None: mode impossible).
+
+    ``kernel``: the gathered kernel (plus its compressed wire copy) and its full gradient
+    before the reduce-scatter. ``map``: the gathered feature map, its full gradient before
+    the reduce-scatter, and the whole batch's output for this device's channels. One call's
+    buffers: a scan runs its layers one at a time.
+    """
+    kernel_full = (math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes
+    if p == 1 or not splittable(layer, p):
+        return {"kernel": 0 if p == 1 else kernel_full, "map": None}  # replicated: only its all-reduced gradient
+    wire = compressed_kernel_bytes(layer, compress) if compress != "none" else 0
+    x_bytes = math.prod(layer.in_shape) * layer.act_bytes
+    y_local = math.prod(layer.out_shape) * layer.act_bytes // p
+    return {"kernel": 2 * kernel_full + wire, "map": x_bytes * (2 if layer.input_grad else 1) + y_local}
 
 
 def transition_bytes(layer: LayerShape, p: int) -> int:
     """All-to-all returning a ``map`` layer's channel-split output to the batch layout (fwd + bwd)."""
     y_local = math.prod(layer.out_shape) * layer.act_bytes / p
-    return 2 * round(_frac(p) * y_local)
+    return layer.repeats * 2 * round(_frac(p) * y_local)
 
 
 # ------------------------------------------------------------------ the plan ("job list")
@@ -127,9 +145,10 @@ class LayerPlan:
     name: str
     kind: str
     kernel_shape: tuple[int, ...]
-    kernel_bytes: int  # uncompressed kernel + bias
-    map_bytes: int  # the input feature map, one micro-batch, global
+    kernel_bytes: int  # uncompressed kernel + bias (one call)
+    map_bytes: int  # the input feature map, one micro-batch, global (one call)
     devices: int  # P
+    repeats: int  # calls per micro-batch (scan length); the *_bytes below cover all of them
     kernel_mode_bytes: int
     map_mode_bytes: int | None  # None: output channels do not divide over P
     transition_bytes: int  # paid when a map layer hands on in the batch layout
@@ -141,6 +160,9 @@ class LayerPlan:
     pinned: str  # "auto", or the config key that fixed the mode
     split_kernel: bool  # kernel stored split by output channel (else replicated)
     out_axis: int
+    kernel_held_bytes: int  # extra bytes one device holds in kernel mode (held_bytes)
+    map_held_bytes: int | None
+    reason: str  # why this mode: pinned, the only one possible, the only one that fits, or fewest bytes
 
     @property
     def predicted_bytes(self) -> int:
@@ -155,6 +177,7 @@ class BroadcastPlan:
     compress: str
     layers: list[LayerPlan]
     other_param_bytes: int = 0  # parameters outside the plan (embeddings, norms): XLA syncs their gradients
+    budget_bytes: int | None = None  # per-device bytes a layer's broadcast buffers may hold (None: no limit)
 
     @property
     def other_sync_bytes(self) -> int:
@@ -182,7 +205,7 @@ class BroadcastPlan:
             d["kernel_shape"] = list(layer.kernel_shape)
             d["predicted_bytes"] = layer.predicted_bytes
             layers.append(d)
-        return {"devices": self.devices, "axes": list(self.axes), "compress": self.compress,
+        return {"devices": self.devices, "axes": list(self.axes), "compress": self.compress, "budget_bytes": self.budget_bytes,
                 "unit": "bytes per device per micro-batch (forward + backward)",
                 "layer_bytes": self.layer_bytes, "other_param_bytes": self.other_param_bytes,
                 "other_sync_bytes": self.other_sync_bytes, "total_bytes": self.total_bytes, "layers": layers}
@@ -191,18 +214,21 @@ class BroadcastPlan:
         return json.dumps(self.to_dict(), indent=1)
 
     def table(self) -> str:
-        """The job list as a text table (bytes per device per micro-batch)."""
+        """The job list as a text table: per layer, sizes, bytes moved and held per device in each mode, the choice and why."""
         w = max([len("layer")] + [len(layer.name) for layer in self.layers])
-        head = (f"{'layer':<{w}}  {'kind':<5} {'kernel':>10} {'map':>10} {'kernel-mode':>12} {'map-mode':>10} "
-                f"{'transition':>10}  {'mode':<6} {'in->out':<15} {'compress':<8} pinned")
-        rows = [f"broadcast plan over P={self.devices} devices {self.axes}", head]
+        dash = lambda v: "-" if v is None else f"{v:,}"
+        head = (f"{'layer':<{w}}  {'kind':<5} {'x':>2} {'kernel':>11} {'map':>11} {'moved:kernel':>13} {'moved:map':>13} "
+                f"{'held:kernel':>12} {'held:map':>12} {'transition':>11}  {'mode':<6} {'in->out':<15} {'compress':<8} reason")
+        budget = "no memory limit" if self.budget_bytes is None else f"budget {self.budget_bytes:,} bytes per device"
+        rows = [f"broadcast plan over P={self.devices} devices {self.axes}, {budget}", head]
         for layer in self.layers:
-            mm = "-" if layer.map_mode_bytes is None else f"{layer.map_mode_bytes:,}"
             rows.append(
-                f"{layer.name:<{w}}  {layer.kind:<5} {layer.kernel_bytes:>10,} {layer.map_bytes:>10,} "
-                f"{layer.kernel_mode_bytes:>12,} {mm:>10} {layer.transition_bytes:>10,}  {layer.mode:<6} "
-                f"{layer.in_layout + '->' + layer.out_layout:<15} {layer.compress:<8} {layer.pinned}"
+                f"{layer.name:<{w}}  {layer.kind:<5} {layer.repeats:>2} {layer.kernel_bytes:>11,} {layer.map_bytes:>11,} "
+                f"{layer.kernel_mode_bytes:>13,} {dash(layer.map_mode_bytes):>13} {layer.kernel_held_bytes:>12,} "
+                f"{dash(layer.map_held_bytes):>12} {layer.transition_bytes:>11,}  {layer.mode:<6} "
+                f"{layer.in_layout + '->' + layer.out_layout:<15} {layer.compress:<8} {layer.reason}"
             )
+        rows.append("(x: calls per micro-batch; kernel/map: one call's sizes; moved/held: per device, moved over all calls)")
         rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,} "
                     f"= predicted total {self.total_bytes:,} bytes per device per micro-batch")
         return "\n".join(rows)
@@ -230,27 +256,37 @@ def check_overrides(cfg: BroadcastConfig) -> None:
 
 
 def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
-              other_param_bytes: int = 0) -> BroadcastPlan:
+              other_param_bytes: int = 0, budget_bytes: int | None = None) -> BroadcastPlan:
     """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
 
     A pinned layer keeps its mode; a layer whose output channels do not divide over P can
-    only run in ``kernel`` mode (a pin to ``map`` falls back and says so in ``pinned``).
+    only run in ``kernel`` mode (a pin to ``map`` falls back and says so in ``pinned``). A mode
+    whose buffers (``held_bytes``) exceed ``budget_bytes`` is excluded, pinned or not; if no
+    mode fits, the one holding least stays (and the reason says it does not fit).
     The chain state is the previous layer's mode: a ``map`` layer pays the all-to-all back
     to the batch layout unless the next layer of its chain is ``map`` too.
     """
     check_overrides(cfg)
     costs = [mode_costs(layer, devices, cfg.compress) for layer in layers]
     trans = [transition_bytes(layer, devices) for layer in layers]
-    allowed, pins = [], []
-    for layer, cost in zip(layers, costs):
+    held = [held_bytes(layer, devices, cfg.compress) for layer in layers]
+    allowed, pins, notes = [], [], []
+    for layer, cost, hold in zip(layers, costs, held):
         want, source = _pin(layer.name, cfg)
-        feasible = [m for m in MODES if cost[m] is not None]
-        if want in MODES and want not in feasible:
-            allowed.append(feasible)
-            pins.append(f"{source} (map impossible: {layer.out_channels} channels over P={devices})")
+        possible = [m for m in MODES if cost[m] is not None]
+        fits = [m for m in possible if budget_bytes is None or hold[m] <= budget_bytes]
+        note = [f"map impossible ({layer.out_channels} channels over P={devices})"] if "map" not in possible else []
+        note += [f"{m} excluded (holds {hold[m]:,} > budget {budget_bytes:,})" for m in possible if m not in fits]
+        if not fits:
+            fits = [min(possible, key=lambda m: hold[m])]
+            note.append(f"nothing fits; {fits[0]} holds least")
+        if want in MODES and want not in fits:
+            allowed.append(fits)
+            pins.append(f"{source} (fell back: {'; '.join(note)})")
         else:
-            allowed.append([want] if want in MODES else feasible)
+            allowed.append([want] if want in MODES else fits)
             pins.append(source)
+        notes.append(note)
 
     # Dynamic programming over the call order. State (mode, gathered): this layer's mode, and
     # whether its input group's feature map is already gathered by a map-mode member. A map
@@ -287,10 +323,17 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
         channel_out = i + 1 < n and modes[i] == "map" and modes[i + 1] == "map" and layer.chained
         # XLA merges the group's identical gathers into one; charge it to the group's last map layer
         later_map_in_group = any(modes[j] == "map" and layers[j].input_group == layer.input_group for j in range(i + 1, n))
+        if pins[i] == "auto" and len(allowed[i]) > 1:
+            why = f"fewest bytes on the chain (kernel {cost['kernel'].total:,} / map {cost['map'].total:,} + hand-offs)"
+        elif len(allowed[i]) == 1 and pins[i] == "auto":
+            why = "only mode left"
+        else:
+            why = f"pinned by {pins[i]}"
+        why = "; ".join(notes[i] + [why])
         plans.append(LayerPlan(
             name=layer.name, kind=layer.kind, kernel_shape=tuple(layer.kernel_shape),
             kernel_bytes=(math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes,
-            map_bytes=math.prod(layer.in_shape) * layer.act_bytes, devices=devices,
+            map_bytes=math.prod(layer.in_shape) * layer.act_bytes, devices=devices, repeats=layer.repeats,
             kernel_mode_bytes=cost["kernel"].total,
             map_mode_bytes=None if cost["map"] is None else cost["map"].total,
             transition_bytes=trans[i],
@@ -299,14 +342,26 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
             in_layout="channel" if channel_in else "batch", out_layout="channel" if channel_out else "batch",
             compress=cfg.compress if modes[i] == "kernel" and splittable(layer, devices) else "none",
             pinned=pins[i], split_kernel=splittable(layer, devices), out_axis=layer.out_axis,
+            kernel_held_bytes=held[i]["kernel"], map_held_bytes=held[i]["map"], reason=why,
         ))
-    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes)
+    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes, budget_bytes)
 
 
 # ------------------------------------------------------------------ recording layer shapes
 
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("meshpilot_broadcast_recorder", default=None)
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("meshpilot_broadcast_plan", default=None)
+_REPEATS: contextvars.ContextVar = contextvars.ContextVar("meshpilot_broadcast_repeats", default=1)
+
+
+@contextlib.contextmanager
+def repeated(n: int):
+    """Layers traced inside run ``n`` times per micro-batch (the body of a scan over ``n`` layers)."""
+    token = _REPEATS.set(_REPEATS.get() * n)
+    try:
+        yield
+    finally:
+        _REPEATS.reset(token)
 
 
 def trace_layers(fn: Callable, *abstract_args) -> list[LayerShape]:
@@ -420,7 +475,7 @@ def broadcast_apply(
             name=name, kind=kind, kernel_shape=tuple(kernel.shape), out_axis=out_axis, in_shape=tuple(x.shape),
             out_shape=tuple(y.shape), act_bytes=jnp.dtype(x.dtype).itemsize,
             param_bytes=jnp.dtype(kernel.dtype).itemsize, bias=bias is not None,
-            input_grad=input_grad, chained=chained,
+            input_grad=input_grad, chained=chained, repeats=_REPEATS.get(),
         ), x))
     active = _ACTIVE.get()
     layer = None if active is None else active[0].get(name)
@@ -502,13 +557,15 @@ def batch_axes(cfg, axis_sizes: dict[str, int]) -> tuple[str, ...]:
     return ()
 
 
-def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int]) -> BroadcastPlan | None:
-    """Trace the model's forward on one abstract micro-batch and plan its layers (None with mode ``none``)."""
+def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resident_bytes: int = 0) -> BroadcastPlan | None:
+    """Trace the model's forward on one abstract micro-batch and plan its layers (None with mode ``none``).
+
+    With ``memory.device_budget_bytes`` set, a layer's broadcast buffers may use what it leaves
+    after ``resident_bytes`` of training state per device; unset, memory limits no mode.
+    """
     b = cfg.broadcast
     if b.mode == "none":
         return None
-    if cfg.model.scan_layers:
-        raise ConfigError("broadcast.mode: per-layer broadcast modes need model.scan_layers=false (layers must be distinct)")
     axes = batch_axes(cfg, axis_sizes)
     devices = math.prod(axis_sizes[a] for a in axes)
     micro = cfg.train.global_batch // cfg.train.grad_accum
@@ -519,19 +576,36 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int]) -> Br
                           f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
     layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params))
-    planned = sum((math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes for layer in layers)
-    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned)
+    leaves = jax.tree.leaves(abstract_params)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    stored_itemsize = param_bytes / sum(x.size for x in leaves)  # layers record the compute dtype, not the stored one
+    planned = round(stored_itemsize * sum(layer.repeats * (math.prod(layer.kernel_shape) + layer.bias_elements)
+                                          for layer in layers))
+    total = cfg.memory.device_budget_bytes
+    budget = None if total is None else max(total - resident_bytes, 0)
+    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned, budget_bytes=budget)
 
 
-def with_kernel_specs(plan: BroadcastPlan, param_specs: dict) -> dict:
-    """``param_specs`` with each planned layer's ``kernel``/``bias`` stored as the plan needs them."""
+def with_kernel_specs(plan: BroadcastPlan, param_specs: dict, params: dict) -> dict:
+    """``param_specs`` with each planned layer's ``kernel``/``bias`` stored as the plan needs them.
+
+    A scanned layer's stored kernel (in ``params``, shapes) has leading stacking dimensions
+    (the layer axis): those keep the spec they had, the per-layer dimensions get the plan's.
+    """
     out = jax.tree.map(lambda s: s, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for name, (k_spec, b_spec) in kernel_specs(plan).items():
-        node = out
+        node, shapes = out, params
         for key in name.split("."):
-            node = node[int(key)] if key.isdigit() and int(key) in node else node[key]
-        node["kernel"] = k_spec
+            key = int(key) if key.isdigit() and int(key) in node else key
+            node, shapes = node[key], shapes[key]
+        lead = len(shapes["kernel"].shape) - len(plan.get(name).kernel_shape)
+        node["kernel"] = _stacked(node["kernel"], k_spec, lead)
         if "bias" in node:
-            node["bias"] = b_spec
+            node["bias"] = _stacked(node["bias"], b_spec, lead)
     return out
+
+
+def _stacked(stored: PartitionSpec, spec: PartitionSpec, lead: int) -> PartitionSpec:
+    """``spec`` behind the ``lead`` stacking dimensions, which keep ``stored``'s entries."""
+    entries = tuple(stored) + (None,) * lead
+    return PartitionSpec(*entries[:lead], *spec)

@@ -14,6 +14,8 @@ algorithms collectives use), with G the size of the op's replica group:
 - collective-permute:  bytes                       (the whole buffer goes to one peer)
 
 Async pairs (``*-start`` / ``*-done``, as on GPU) are counted once, at the start.
+An op inside a loop body (a scan over layers or micro-batches) counts once per iteration:
+its bytes are multiplied by the loop's ``known_trip_count`` (loops without one count once).
 An op is attributed to a layer when its ``op_name`` metadata carries a scope made by
 ``layer_scope(name)``; everything else is ``None`` (unattributed).
 """
@@ -42,6 +44,9 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
 _OP_NAME = re.compile(r'op_name="(?P<name>[^"]*)"')
 _SCOPE_PREFIX = "layer__"
 _SCOPE = re.compile(_SCOPE_PREFIX + r"(?P<layer>[\w.\-]+)")
+_COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_CALLEE = re.compile(r"\b(?P<key>body|condition|calls|to_apply|branch_computations)=(?:\{(?P<names>[^}]*)\}|%?(?P<name>[\w.\-]+))")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
 
 
 def layer_scope(name: str):
@@ -57,6 +62,7 @@ class Collective:
     group_size: int
     layer: str | None
     dtype: str
+    executions: int = 1  # times it runs per step (product of enclosing loops' trip counts); bytes include them
 
 
 def _array_bytes(text: str) -> list[tuple[str, int]]:
@@ -90,10 +96,35 @@ def _buffer(kind: str, is_start: bool, arrays: list[tuple[str, int]]) -> tuple[s
     return arrays[0][0], sum(b for _, b in arrays)
 
 
+def _executions(lines: list[str]) -> list[int]:
+    """Per line: how often the computation holding it runs per call of ENTRY (loop bodies x trip count)."""
+    owner, calls, entry, current = [], {}, None, None
+    for line in lines:
+        if (c := _COMPUTATION.match(line)) and not line.startswith(" "):
+            current = c["name"]
+            calls.setdefault(current, [])
+            entry = current if c["entry"] else entry
+        owner.append(current)
+        if current is None:
+            continue
+        trips = int(t["n"]) if (t := _TRIP_COUNT.search(line)) else 1
+        for m in _CALLEE.finditer(line):
+            for callee in (m["names"] or m["name"]).split(","):
+                calls[current].append((callee.strip().lstrip("%"), trips if m["key"] == "body" else 1))
+    runs: dict[str, int] = {}
+    stack = [(entry, 1)] if entry else []
+    while stack:  # the call graph is a DAG; a computation called from several places sums their counts
+        name, n = stack.pop()
+        runs[name] = runs.get(name, 0) + n
+        stack.extend((callee, n * k) for callee, k in calls.get(name, []))
+    return [runs.get(name, 1) if name is not None else 1 for name in owner]
+
+
 def parse_collectives(hlo_text: str, n_devices: int) -> list[Collective]:
-    """Every collective op in compiled HLO text, with its per-device byte count."""
+    """Every collective op in compiled HLO text, with its per-device byte count (loop iterations included)."""
     ops = []
-    for line in hlo_text.splitlines():
+    lines = hlo_text.splitlines()
+    for line, runs in zip(lines, _executions(lines)):
         m = _OP.match(line)
         if not m:
             continue
@@ -111,7 +142,7 @@ def parse_collectives(hlo_text: str, n_devices: int) -> list[Collective]:
         }[kind]
         name = _OP_NAME.search(line)
         scope = _SCOPE.search(name["name"]) if name else None
-        ops.append(Collective(kind, moved, buf, g, scope["layer"] if scope else None, dtype))
+        ops.append(Collective(kind, moved * runs, buf, g, scope["layer"] if scope else None, dtype, runs))
     return ops
 
 

@@ -184,6 +184,8 @@ class BroadcastConfig:
     model choose kernel- or map-broadcast per layer; ``kernel``/``map`` force one mode.
     ``overrides`` pins layers by name: ``{glob or "re:regex": auto|kernel|map}``, first match wins.
     ``compress``: how kernels travel in kernel mode (int8 carries one scale per output channel).
+    With ``model.scan_layers`` each layer kind of the scanned block is planned once; with
+    ``memory.device_budget_bytes`` set, a mode whose buffers do not fit is excluded.
     """
 
     mode: Literal["none", "auto", "kernel", "map"] = "none"

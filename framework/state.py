@@ -64,6 +64,17 @@ def build_params(cfg: Config, seed: int, **model_kw) -> tuple[Any, dict]:
     return graphdef, params
 
 
+def _device_bytes(shapes, specs, axis_sizes: dict[str, int]) -> int:
+    """Bytes of one device's shards of ``shapes`` laid out by ``specs`` (params + grads, opt state: what stays resident)."""
+    def one(x, spec):
+        split = 1
+        for entry in spec:
+            for a in (entry,) if isinstance(entry, str) else entry or ():
+                split *= axis_sizes.get(a, 1)
+        return x.size * x.dtype.itemsize // split
+    return sum(jax.tree.leaves(jax.tree.map(one, shapes, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))))
+
+
 def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> AbstractState:
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(
@@ -76,9 +87,11 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
     opt_state = jax.eval_shape(tx.init, params)
     rules = sharding.rules_table(cfg.sharding.param_rules)
     param_specs = sharding.param_specs(params, logical_axes, rules, axis_sizes)
-    broadcast_plan = broadcast.plan_model(cfg, graphdef, params, axis_sizes)  # issue 6: stores planned kernels split
+    opt_specs = sharding.opt_state_specs(tx, opt_state, param_specs)
+    resident = 2 * _device_bytes(params, param_specs, axis_sizes) + _device_bytes(opt_state, opt_specs, axis_sizes)
+    broadcast_plan = broadcast.plan_model(cfg, graphdef, params, axis_sizes, resident)  # issue 6: stores planned kernels split
     if broadcast_plan is not None:
-        param_specs = broadcast.with_kernel_specs(broadcast_plan, param_specs)
+        param_specs = broadcast.with_kernel_specs(broadcast_plan, param_specs, params)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     shapes = TrainState(
         step=scalar,

@@ -246,7 +246,8 @@ class Transformer(nnx.Module):
             def run(block, h):
                 return call(block, h)
 
-            x = run(self.blocks, x)
+            with broadcast.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
+                x = run(self.blocks, x)
         else:
             for block in self.blocks:
                 x = call(block, x)

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", default=["auto", "kernel", "map", "none"])
     p.add_argument("--cpu-devices", type=int, default=8)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     _cli.emulate_cpu_devices(args.cpu_devices)
     with _cli.user_errors():
         import jax
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
                                             "logging.progress=false", "logging.tensorboard=false"])
             trainer = Trainer(cfg)
             trainer.compile()
-            measured = count_compiled(trainer._compiled, jax.device_count()).total
+            measured = count_compiled(trainer._compiled, jax.device_count()).total // trainer.cfg.train.grad_accum
             records = trainer.fit()
             step = statistics.median(r["step_time_s"] for r in records[1:])
             plan = trainer.abstract.broadcast_plan

@@ -62,19 +62,21 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
         raise ConfigError(f"--measure: --devices={n_devices} but only {jax.device_count()} devices are present")
     trainer = Trainer(cfg, devices=jax.devices()[:n_devices])
     trainer.compile()
-    report = count_compiled(trainer._compiled, n_devices)
+    report = count_compiled(trainer._compiled, n_devices)  # per step: loop bodies count once per iteration
     plan = trainer.abstract.broadcast_plan
-    by_layer = report.by_layer()
+    accum = trainer.cfg.train.grad_accum  # the plan's unit is one micro-batch
+    by_layer = {k: v // accum for k, v in report.by_layer().items()}
     layers = [] if plan is None else [
         {"name": layer.name, "mode": layer.mode, "predicted": layer.predicted_bytes, "measured": by_layer.get(layer.name, 0)}
         for layer in plan.layers
     ]
     return {
         "devices": n_devices, "unit": "bytes per device per micro-batch (forward + backward)",
-        "predicted_total": None if plan is None else plan.total_bytes, "measured_total": report.total,
+        "predicted_total": None if plan is None else plan.total_bytes, "measured_total": report.total // accum,
         "predicted_layers": None if plan is None else plan.layer_bytes,
         "measured_layers": sum(v for k, v in by_layer.items() if k is not None),
-        "measured_unattributed": by_layer.get(None, 0), "by_kind": report.by_kind(), "layers": layers,
+        "measured_unattributed": by_layer.get(None, 0), "by_kind": {k: v // accum for k, v in report.by_kind().items()},
+        "layers": layers,
     }
 
 
@@ -123,7 +125,8 @@ def print_broadcast(report: dict) -> None:
     else:
         layers = [LayerPlan(**{k: tuple(v) if k == "kernel_shape" else v for k, v in layer.items() if k != "predicted_bytes"})
                   for layer in plan["layers"]]
-        print(BroadcastPlan(plan["devices"], tuple(plan["axes"]), plan["compress"], layers, plan["other_param_bytes"]).table())
+        print(BroadcastPlan(plan["devices"], tuple(plan["axes"]), plan["compress"], layers, plan["other_param_bytes"],
+                            plan["budget_bytes"]).table())
     m = report.get("broadcast_measured")
     if m is None:
         return
