@@ -86,7 +86,8 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # adamw/lion; on matrices only, never on biases or norm gains
+    decay_embeddings: bool = True  # decay the token/position embeddings too (nanoGPT, Hugging Face Trainer)
     momentum: float = 0.9  # sgd only
     grad_clip: float = 1.0  # global-norm clip; 0 disables
 

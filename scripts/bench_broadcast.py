@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", default=["auto", "kernel", "map", "none"])
     p.add_argument("--cpu-devices", type=int, default=8)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     _cli.emulate_cpu_devices(args.cpu_devices)
     with _cli.user_errors():
         import jax

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     _cli.emulate_cpu_devices(8)
     with _cli.user_errors():
         import jax

@@ -20,7 +20,7 @@ def parse_args(argv=None):
     p.add_argument("--measure", action="store_true",
                    help="compile the step on the available devices and count its collective bytes (broadcast section)")
     p.add_argument("overrides", nargs="*")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def build_report(cfg, n_devices: int) -> dict:

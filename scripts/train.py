@@ -15,7 +15,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 mesh.fsdp=-1")
     distributed.add_arguments(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> None:
