@@ -23,23 +23,28 @@ def main(argv=None) -> None:
     _cli.emulate_cpu_devices(args.cpu_devices)
     # fail_fast outermost: in a multi-process run any error (user errors too) ends this process at once.
     with distributed.fail_fast(), _cli.user_errors():
+        import sys
         from pathlib import Path
 
         import jax
 
-        from framework.config import load_config
+        from framework import rundir
+        from framework.config import load_config, warnings
         from framework.trainer import Trainer
 
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun.py): start on the devices there are
-            from framework.tryrun import elastic_trainer
+        for line in warnings(cfg) if jax.process_index() == 0 else ():
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+        with rundir.hold(run_dir):  # the run dir's lock: taken before anything is written there
+            if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun.py): start on the devices there are
+                from framework.tryrun import elastic_trainer
 
-            trainer = elastic_trainer(Trainer, cfg, run_dir)
-        else:
-            trainer = Trainer(cfg, run_dir=run_dir)
-        records = trainer.fit()
+                trainer = elastic_trainer(Trainer, cfg, run_dir)
+            else:
+                trainer = Trainer(cfg, run_dir=run_dir)
+            records = trainer.fit()
         distributed.shutdown()
         if records and jax.process_index() == 0:
             last = records[-1]
