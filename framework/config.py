@@ -406,10 +406,10 @@ def validate(cfg: Config) -> None:
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")
     validate_optimizer(cfg.optimizer, t.steps)
-    c = cfg.checkpoint
-    for key, value in (("every_steps", c.every_steps), ("every_minutes", c.every_minutes)):
-        if value < 0:
-            raise ConfigError(f"checkpoint.{key}={value}: expected a number >= 0 (0: off)")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected 0 (only at the end) or a positive integer")
+    if cfg.checkpoint.every_minutes < 0:
+        raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: expected a number >= 0 (0: off)")
     validate_elastic(cfg.elastic)
 
 

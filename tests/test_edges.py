@@ -229,7 +229,7 @@ def test_cpu_devices_at_least_one(tmp_path, n):
     ("optimizer.min_lr_ratio=2", "optimizer.min_lr_ratio=2.0: expected a fraction in [0, 1]"),
     ("optimizer.warmup_steps=-1", "optimizer.warmup_steps=-1: expected an integer >= 0"),
     ("checkpoint.every_minutes=-1", "checkpoint.every_minutes=-1.0: expected a number >= 0 (0: off)"),
-    ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1: expected a number >= 0 (0: off)"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1: expected 0 (only at the end) or a positive integer"),
 ])
 def test_optimizer_and_checkpoint_values_validated(override, message):
     with pytest.raises(ConfigError) as e:
