@@ -122,9 +122,18 @@ def hold(run_dir: str | Path) -> Iterator[None]:
             lock.release()
 
 
+_written_here: set[Path] = set()  # files this process has written: their rewrites replace them
+
+
 def keep_previous(path: Path, new_text: str) -> Path | None:
-    """Before ``path`` is rewritten with ``new_text``: move a different old version to ``path.N`` (N = 1, 2, ...)."""
-    if not path.is_file() or path.read_text() == new_text:
+    """Before ``path`` is rewritten with ``new_text``: move an earlier run's different version to ``path.N``.
+
+    N = 1, 2, ... A file this process wrote itself (the try-run controller rewrites config.yaml
+    with each new mesh) is simply replaced.
+    """
+    written_here, path = path.resolve() in _written_here, path.resolve()
+    _written_here.add(path)
+    if written_here or not path.is_file() or path.read_text() == new_text:
         return None
     n = 1
     while path.with_name(f"{path.name}.{n}").exists():
@@ -146,6 +155,7 @@ STATE_KEYS = (
 # Keys whose change alters what training does from here on (warned, one line each).
 TRAJECTORY_PREFIXES = ("optimizer.", "data.", "train.steps", "train.global_batch", "train.seq_len", "train.seed",
                        "train.dtype", "model.rope_theta", "model.norm_eps")
+FREE_KEYS = ("data.prefetch",)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -176,6 +186,6 @@ def compare(saved: dict, new: dict) -> tuple[list[str], list[str]]:
         line = f"{key}: {old!r} -> {value!r}"
         if key in STATE_KEYS or _adds_or_removes_state(key, old, value, new_flat.get("optimizer.name")):
             breaking.append(line)
-        elif key.startswith(TRAJECTORY_PREFIXES):
+        elif key.startswith(TRAJECTORY_PREFIXES) and key not in FREE_KEYS:
             trajectory.append(line)
     return breaking, trajectory

@@ -319,18 +319,22 @@ def test_compare_sorts_changes_by_kind():
     old = {"model": {"d_model": 64, "attention": "xla"}, "optimizer": {"lr": 1e-3, "name": "sgd", "momentum": 0.9},
            "mesh": {"fsdp": 8}, "train": {"steps": 4}}
     new = {"model": {"d_model": 64, "attention": "cudnn"}, "optimizer": {"lr": 2e-3, "name": "sgd", "momentum": 0.0},
-           "mesh": {"fsdp": 4}, "train": {"steps": 8, "added_later": 1}}
+           "mesh": {"fsdp": 4}, "train": {"steps": 8, "added_later": 1}, "data": {"prefetch": 4}}
+    old["data"] = {"prefetch": 2}
     breaking, trajectory = rundir.compare(old, new)
     assert breaking == ["optimizer.momentum: 0.9 -> 0.0"]  # sgd without momentum has no trace state
     assert trajectory == ["optimizer.lr: 0.001 -> 0.002", "train.steps: 4 -> 8"]  # mesh, attention: free
 
 
-def test_keep_previous_numbers_versions(tmp_path):
+def test_keep_previous_numbers_earlier_runs_versions(tmp_path):
     path = tmp_path / "config.yaml"
-    assert rundir.keep_previous(path, "a") is None
-    path.write_text("a")
-    assert rundir.keep_previous(path, "a") is None  # unchanged: nothing to keep
+    path.write_text("a")  # an earlier run's
     assert rundir.keep_previous(path, "b") == tmp_path / "config.yaml.1"
     path.write_text("b")
-    assert rundir.keep_previous(path, "c") == tmp_path / "config.yaml.2"
-    assert (tmp_path / "config.yaml.1").read_text() == "a" and (tmp_path / "config.yaml.2").read_text() == "b"
+    assert rundir.keep_previous(path, "c") is None  # written by this process: replaced
+    rundir._written_here.clear()  # as in a new process
+    assert rundir.keep_previous(path, "b") is None  # unchanged: nothing to keep
+    rundir._written_here.clear()
+    path.write_text("c")
+    assert rundir.keep_previous(path, "d") == tmp_path / "config.yaml.2"
+    assert (tmp_path / "config.yaml.1").read_text() == "a" and (tmp_path / "config.yaml.2").read_text() == "c"
