@@ -108,7 +108,7 @@ def hold(run_dir: str | Path) -> Iterator[None]:
     if jax.process_index() == 0:
         try:
             lock = RunDirLock(run_dir)
-        except ConfigError as e:
+        except Exception as e:  # held, or not writable: the others must not wait for process 0 in vain
             error = e
     taken = from_primary([float(error is None)])[0] == 1.0
     if error is not None:
