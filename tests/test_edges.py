@@ -192,7 +192,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(env, tmp_path, smal
         run_dir.mkdir()
         (run_dir / "metrics.jsonl").symlink_to("/dev/full")
         line = one_error(train(env, run_dir))
-        assert line == f"error: No space left on device: {run_dir / 'metrics.jsonl'}" or "No space left" in line
+        assert line.startswith("error: No space left on device") and str(run_dir) in line
 
 
 def test_read_only_run_dir_is_one_line(env, tmp_path, small_tmpfs):
