@@ -36,19 +36,19 @@ def filesystem_error(e: BaseException) -> str | None:
     orbax and tensorstore re-raise such failures as other exception types, keeping only the
     OS's message (``... "PATH": ... No space left on device``), so the chain and the text are searched.
     """
-    seen, stack = set(), [e]
+    found, seen, stack = [], set(), [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in USER_ERRNOS:
-            return f"{x.strerror}: {x.filename}" if x.filename else x.strerror
-        message = _filesystem_message(str(x))
-        if message is not None:
-            return message
+            found.append(f"{x.strerror}: {x.filename}" if x.filename else x.strerror)
+        elif (message := _filesystem_message(str(x))) is not None:
+            found.append(message)
         stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
-    return None
+    named = [m for m in found if ": " in m]  # one that names its path (a failed close names none)
+    return (named or found or [None])[0]
 
 
 def _filesystem_message(text: str) -> str | None:
