@@ -33,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from framework.config import CheckpointConfig, ConfigError
+from framework.distributed import from_primary
 
 MANIFEST = "meshpilot_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's AtomicRenameTemporaryPath suffix
@@ -113,10 +114,13 @@ class Checkpointer:
     Call the same methods on every process; only the primary one writes seals and moves files.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, every_steps: int = 0,
+    def __init__(self, directory: str | Path, *, keep: int = 3, every_steps: int = 0, every_minutes: float = 0.0,
                  async_save: bool = True, config: dict | None = None):
         self.directory = Path(directory).resolve()
         self.keep, self.every_steps, self.async_save = keep, every_steps, async_save
+        self.every_minutes = every_minutes
+        self.last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
         self.config = config
         self._sealer: threading.Thread | None = None
         self._seal_error: BaseException | None = None
@@ -127,15 +131,14 @@ class Checkpointer:
     @classmethod
     def for_run(cls, cfg: CheckpointConfig, run_dir: str | Path | None, config: dict | None = None) -> "Checkpointer | None":
         """The run's checkpointer: ``checkpoint.dir`` or RUN_DIR/checkpoints; None when neither is set."""
-        if cfg.every_steps < 0:
-            raise ConfigError(f"checkpoint.every_steps={cfg.every_steps}: expected 0 (only at the end) or a positive integer")
         if cfg.dir:
             directory = Path(cfg.dir)
         elif run_dir is not None:
             directory = Path(run_dir) / "checkpoints"
         else:
             return None
-        return cls(directory, keep=cfg.keep, every_steps=cfg.every_steps, async_save=cfg.async_, config=config)
+        return cls(directory, keep=cfg.keep, every_steps=cfg.every_steps, every_minutes=cfg.every_minutes,
+                   async_save=cfg.async_, config=config)
 
     def _open(self) -> ocp.CheckpointManager:
         # No max_to_keep: orbax would delete old steps when the new one is renamed, before it is
@@ -150,7 +153,17 @@ class Checkpointer:
     # ------------------------------------------------------------------ saving
 
     def should_save(self, step: int) -> bool:
-        return self.every_steps > 0 and step % self.every_steps == 0
+        """Every ``every_steps`` steps, and when ``every_minutes`` have passed since the last save.
+
+        Call it on every process at every step: the time is process 0's (one small broadcast per
+        step in multi-process runs), or the processes would disagree and their saves never pair up.
+        """
+        if self.every_steps > 0 and step % self.every_steps == 0:
+            return True
+        if self.every_minutes <= 0:
+            return False
+        due = time.monotonic() - self._last_save_time >= self.every_minutes * 60
+        return from_primary([float(due)])[0] == 1.0
 
     def save(self, step: int, state: Any) -> None:
         """Start saving ``state`` as ``step``; returns once the arrays are copied off the devices.
@@ -159,6 +172,7 @@ class Checkpointer:
         visible to ``latest_good_step``) only when written, renamed by orbax, and sealed.
         """
         self.wait()
+        self.last_saved_step, self._last_save_time = step, time.monotonic()
         items = {"state": ocp.args.StandardSave(state)}
         if self.config is not None:
             items["config"] = ocp.args.JsonSave(self.config)

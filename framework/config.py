@@ -91,7 +91,8 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # adamw/lion; on matrices only, never on biases or norm gains
+    decay_embeddings: bool = True  # decay the token/position embeddings too (nanoGPT, Hugging Face Trainer)
     momentum: float = 0.9  # sgd only
     grad_clip: float = 1.0  # global-norm clip; 0 disables
 
@@ -110,6 +111,7 @@ class DataConfig:
 class CheckpointConfig:
     dir: str = ""  # empty: RUN_DIR/checkpoints
     every_steps: int = 0  # 0: only at the end
+    every_minutes: float = 10.0  # also save when this long has passed since the last save (as Levanter); 0: off
     keep: int = 3
     async_: bool = field(default=True, metadata={"key": "async"})
     resume: Union[bool, Literal["auto"]] = "auto"
@@ -452,7 +454,43 @@ def validate(cfg: Config) -> None:
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")
+    validate_optimizer(cfg.optimizer, t.steps)
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected 0 (only at the end) or a positive integer")
+    if cfg.checkpoint.every_minutes < 0:
+        raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: expected a number >= 0 (0: off)")
     validate_elastic(cfg.elastic)
+
+
+def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr={o.lr}: expected a learning rate > 0")
+    for key, value in (("b1", o.b1), ("b2", o.b2), ("momentum", o.momentum)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"optimizer.{key}={value}: expected a value in [0, 1)")
+    if not o.eps > 0:
+        raise ConfigError(f"optimizer.eps={o.eps}: expected a value > 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio}: expected a fraction in [0, 1]")
+    for key, value in (("weight_decay", o.weight_decay), ("grad_clip", o.grad_clip)):
+        if value < 0:
+            raise ConfigError(f"optimizer.{key}={value}: expected a value >= 0 (0: off)")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps}: expected an integer >= 0")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Legal but probably unintended settings, one line each (the script prints them; training goes on).
+
+    A warm-up as long as the run stays a warning, not an error: short smoke runs of a real
+    config (``train.steps=10`` on gpt2_124m's 100 warm-up steps) are common and harmless.
+    """
+    o, steps = cfg.optimizer, cfg.train.steps
+    out = []
+    if o.warmup_steps >= steps > 1:
+        out.append(f"optimizer.warmup_steps={o.warmup_steps} >= train.steps={steps}: warm-up cut to {steps - 1} steps, "
+                   "the learning rate reaches optimizer.lr only at the last step")
+    return out
 
 
 def validate_elastic(e: ElasticConfig) -> None:

@@ -71,6 +71,11 @@ class GoodputClock:
             self._started = True
             self.add("startup", max(time.time() - self.origin - sum(self.seconds.values()), 0.0))
 
+    @property
+    def started(self) -> bool:
+        """Whether a training loop ran (a run with nothing left to train writes no goodput)."""
+        return self._started
+
     def report(self) -> dict:
         wall = time.time() - self.origin
         parts = {f"{p}_s": s for p, s in self.seconds.items()}

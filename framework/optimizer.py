@@ -1,6 +1,7 @@
 """optax optimizer and learning-rate schedule from the ``optimizer`` config section."""
 from __future__ import annotations
 
+import jax
 import optax
 
 from framework.config import OptimizerConfig
@@ -22,16 +23,38 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
+EMBEDDINGS = ("embed", "pos_embed")  # lookup tables; ``unembed`` is the output projection, a matrix like any kernel
+NO_DECAY = ("bias", "scale")  # biases and norm gains
+
+
+def decay_mask(params, decay_embeddings: bool):
+    """True for the leaves weight decay applies to: matrices (``kernel``, ``unembed``), embeddings if asked.
+
+    Decided by name, not by rank: with ``model.scan_layers`` a norm gain has a layer axis and is 2-D.
+    Other leaves decay when they have two or more dimensions (nanoGPT's rule).
+    """
+    def decays(path, leaf) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in EMBEDDINGS:
+            return decay_embeddings
+        if name in NO_DECAY:
+            return False
+        return leaf.ndim >= 2  # kernels, unembed, and the matrices of other models
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     lr = learning_rate_schedule(cfg, total_steps)
+    mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731 (optax calls it with the params)
     if cfg.name == "adamw":
-        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "adam":
         opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     elif cfg.name == "sgd":
         opt = optax.sgd(lr, momentum=cfg.momentum or None)
     elif cfg.name == "lion":
-        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
     else:  # adafactor
         opt = optax.adafactor(lr)
     if cfg.grad_clip > 0:

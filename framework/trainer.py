@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import broadcast, goodput, hf, memory, preemption, sharding
+from framework import broadcast, goodput, hf, memory, preemption, rundir, sharding
 from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
@@ -240,6 +240,7 @@ class Trainer:
                     "set checkpoint.resume=false to start over"
                 )
             return self.init_state()
+        self.check_resume_config(ck.latest_good_step())
         with self.goodput.span("checkpoint_restore"):
             state = ck.restore("latest", abstract_target(self.abstract.shapes, self.state_shardings))
             step = int(jax.device_get(state.step))
@@ -247,6 +248,22 @@ class Trainer:
         self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, step))
         print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
         return state
+
+    def check_resume_config(self, step: int) -> None:
+        """Before resuming ``step``: refuse config changes the saved state cannot take, name those that change the run."""
+        saved = self.checkpointer.restore_config(step)
+        if saved is None and self.run_dir is not None and (self.run_dir / "config.yaml").is_file():
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+        if saved is None:
+            return
+        breaking, trajectory = rundir.compare(saved, config_to_dict(self.cfg))
+        if breaking:
+            raise CheckpointError(f"cannot resume step {step} in {self.checkpointer.directory} with this config: "
+                                  f"{'; '.join(breaking)} (the saved state has the old shape or optimizer); "
+                                  "undo the change, or set checkpoint.resume=false to start over")
+        if jax.process_index() == 0:
+            for change in trajectory:
+                warn(f"resuming step {step} with a changed {change}: the run continues on a different course from here")
 
     def compile(self) -> None:
         """Compile the step ahead of time (its cost is reported apart from step times)."""
@@ -431,9 +448,12 @@ class Trainer:
         """Called on every process after each evaluation; ``record`` is ``{"step": step, "eval_loss": ...}``."""
 
     def write_config(self) -> None:
+        """RUN_DIR/config.yaml; a different earlier one is kept as config.yaml.1, .2, ..."""
         if self.run_dir is not None and jax.process_index() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+            rundir.keep_previous(self.run_dir / "config.yaml", text)
+            (self.run_dir / "config.yaml").write_text(text)
 
     def fit(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) optimizer steps have been taken."""
@@ -456,6 +476,8 @@ class Trainer:
 
     def record_goodput(self) -> None:
         """RUN_DIR/goodput.json, TensorBoard ``goodput/*`` and ``goodput_line`` (framework/goodput.py)."""
+        if not self.goodput.started:  # nothing was trained: the run dir stays as it was
+            return
         report = self.goodput.report()
         history = goodput.write(self.run_dir, report)
         if self.cfg.logging.tensorboard and self.state is not None:
@@ -466,9 +488,14 @@ class Trainer:
         eval_every = self.cfg.train.eval_every
         if self.state is None:
             self.state = self.restore_or_init()
+        start = int(jax.device_get(self.state.step))
+        if start >= total:
+            if jax.process_index() == 0:
+                print(f"nothing to train: the run is at step {start} of {total} (raise train.steps to train on, "
+                      "or choose another --run-dir for a new run)", flush=True)
+            return []
         self.write_config()
         self.compile()
-        start = int(jax.device_get(self.state.step))
         writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard)
         bar = ProgressBar(total, start, self.cfg.logging.progress)
         prefetch = Prefetcher(self.loader, int(jax.device_get(self.state.data_pos)), self.cfg.data.prefetch)
@@ -512,7 +539,7 @@ class Trainer:
                     if self.checkpointer.latest_good_step() != reached:
                         self.checkpointer.save(reached, self.state)
                     self.checkpointer.wait()  # synchronous: the process may be gone soon after
-                elif self.checkpointer is not None and reached == total > start and not self.checkpointer.should_save(total):
+                elif self.checkpointer is not None and reached == total > start and self.checkpointer.last_saved_step != total:
                     self.checkpointer.save(total, self.state)  # the final state is always kept
         finally:
             if self.checkpointer is not None:

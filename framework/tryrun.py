@@ -196,17 +196,8 @@ class TryRunController:
 
     def available_devices(self, step: int) -> list[jax.Device]:
         """Devices usable from ``step`` on; ``elastic.device_schedule`` emulates elasticity on one machine."""
-        devices = jax.devices()
-        n = len(devices)
-        for at, count in self.elastic.device_schedule:
-            if at <= step:
-                n = count
-        if n > len(devices):
-            raise ConfigError(f"elastic.device_schedule asks for {n} devices at step {step}, only {len(devices)} exist")
-        try:
-            return spread_over_processes(devices, n)
-        except ConfigError as e:
-            raise ConfigError(f"elastic.device_schedule at step {step}: {e}") from None
+        counts = [count for at, count in self.elastic.device_schedule if at <= step]
+        return scheduled_devices(jax.devices(), counts[-1] if counts else None, step)
 
     def usable_devices(self, step: int) -> list[jax.Device]:
         """The available devices, at most ``elastic.max_devices`` of them."""
@@ -329,6 +320,7 @@ class TryRunController:
         if trainer.state is None:
             step = self.resume_step()
             if step is not None and step < total and saved_mesh(self.checkpoints, step) != trainer.axis_sizes:
+                trainer.check_resume_config(step)  # restore_or_init checks on the other path
                 moved = True
                 # steps after the checkpoint are trained again: logged no more, and counted as replayed
                 replayed = drop_records_after(trainer.run_dir, step)
@@ -555,6 +547,17 @@ def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:
     return dict(zip(leaf.sharding.axis_names, (int(n) for n in leaf.sharding.shape)))
 
 
+def scheduled_devices(devices: Sequence[jax.Device], n: int | None, step: int) -> list[jax.Device]:
+    """The first ``n`` of ``devices`` (all for None) that ``elastic.device_schedule`` makes available at ``step``."""
+    n = len(devices) if n is None else n
+    if n > len(devices):
+        raise ConfigError(f"elastic.device_schedule asks for {n} devices at step {step}, only {len(devices)} exist")
+    try:
+        return spread_over_processes(devices, n)
+    except ConfigError as e:
+        raise ConfigError(f"elastic.device_schedule at step {step}: {e}") from None
+
+
 def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Device] | None = None):
     """The Trainer an elastic run starts with on the devices there are.
 
@@ -567,6 +570,8 @@ def elastic_trainer(trainer_cls, cfg: Config, run_dir, devices: Sequence[jax.Dev
     where: a restarted job (after a lost process, or to grow) compiles its layouts once.
     """
     devices = list(jax.devices() if devices is None else devices)
+    for step, n in cfg.elastic.device_schedule:  # refused before anything compiles or is written
+        scheduled_devices(jax.devices(), n, step)
     if not cfg.train.compilation_cache_dir and run_dir is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compilation_cache_dir=str(Path(run_dir) / "xla_cache")))
     try:

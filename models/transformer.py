@@ -209,7 +209,7 @@ class Transformer(nnx.Module):
         self.tied = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt"
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype)
         self.pos_embed = (
-            _param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), param_dtype, nnx.initializers.normal(0.01))
+            _param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), param_dtype)  # std 0.02 as GPT-2
             if cfg.style == "gpt"
             else None
         )

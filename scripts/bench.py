@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.data=8 mesh.fsdp=1")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def timed_run(step, state, loader, start: int, n: int, depth: int):

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported (default 5)")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("--dir", default=None, help="where to write checkpoints (default: a fresh temporary dir)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def build_state(mb: float, mesh):

@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=90)
     p.add_argument("--long-steps", type=int, default=20, help="measured steps per layout in the exhaustive check")
     p.add_argument("overrides", nargs="*")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def exhaustive_pick(rows: list[dict], threshold: float) -> dict:

@@ -20,7 +20,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.add_argument("--out", default=None, help="where the PNGs go (default RUN_DIR/plots)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def read_jsonl(path: Path) -> list[dict]:

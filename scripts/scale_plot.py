@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     p.add_argument("--min", type=int, default=8, help="fewest devices (a power of two, default 8)")
     p.add_argument("--max", type=int, default=1024, help="most devices (a power of two, default 1024)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     with _cli.user_errors():
         from framework.config import ConfigError, load_config
 

@@ -16,7 +16,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 mesh.fsdp=-1")
     distributed.add_arguments(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,8 @@ def main(argv=None) -> None:
 
         import jax
 
-        from framework.config import load_config
+        from framework import rundir
+        from framework.config import load_config, warnings
         from framework.goodput import GoodputClock, process_start_time
         from framework.preemption import Preempted
         from framework.trainer import Trainer
@@ -36,24 +37,27 @@ def main(argv=None) -> None:
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun.py): start on the devices there are
-            from framework.tryrun import elastic_trainer
-
-            trainer = elastic_trainer(Trainer, cfg, run_dir)
-        else:
-            trainer = Trainer(cfg, run_dir=run_dir)
-        trainer.goodput = GoodputClock(origin=process_start_time())  # wall time counts from the process start
         primary = jax.process_index() == 0
-        try:
-            records = trainer.fit()
-        except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is saved and the metrics are written
-            distributed.shutdown()  # every process stopped at the same step: leave together
-            if primary:
-                print(trainer.goodput_line, flush=True)
-                print(e, file=sys.stderr, flush=True)
-            sys.exit(e.exit_code)
+        for line in warnings(cfg) if primary else ():
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+        with rundir.hold(run_dir):  # the run dir's lock: taken before anything is written there
+            if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun.py): start on the devices there are
+                from framework.tryrun import elastic_trainer
+
+                trainer = elastic_trainer(Trainer, cfg, run_dir)
+            else:
+                trainer = Trainer(cfg, run_dir=run_dir)
+            trainer.goodput = GoodputClock(origin=process_start_time())  # wall time counts from the process start
+            try:
+                records = trainer.fit()
+            except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is saved and the metrics are written
+                distributed.shutdown()  # every process stopped at the same step: leave together
+                if primary:
+                    print(trainer.goodput_line, flush=True)
+                    print(e, file=sys.stderr, flush=True)
+                sys.exit(e.exit_code)
         distributed.shutdown()
-        if primary:
+        if primary and trainer.goodput_line:
             print(trainer.goodput_line, flush=True)
         if records and primary:
             last = records[-1]

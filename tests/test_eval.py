@@ -63,16 +63,16 @@ def test_eval_loss_equals_hand_computation(trained):
 
 
 def test_text_eval_split_disjoint_from_training(tmp_path):
-    # bytes 0..99 in the first 800 bytes (the train split with eval_fraction=0.2), 200..249 after
-    corpus = np.concatenate([np.arange(800) % 100, 200 + np.arange(200) % 50]).astype(np.uint8)
+    # bytes 1..100 in the first 800 bytes (the train split with eval_fraction=0.2), 200..249 after; no NUL (text)
+    corpus = np.concatenate([1 + np.arange(800) % 100, 200 + np.arange(200) % 50]).astype(np.uint8)
     path = tmp_path / "corpus.txt"
     path.write_bytes(corpus.tobytes())
     cfg = DataConfig(paths=[str(path)], eval_fraction=0.2)
     train, held_out = TextSource(cfg, 32, 256, "train"), TextSource(cfg, 32, 256, "eval")
     train_rows = np.concatenate([train.rows(p, np.arange(64), 64) for p in range(200)])
     eval_rows = np.concatenate([held_out.rows(p, np.arange(64), 64) for p in range(20)])
-    assert train_rows.max() < 100 and eval_rows.min() >= 200
-    assert (train_rows[:, -1] == 98).any()  # windows reach the boundary (index 798, the last a window ends on)
+    assert train_rows.max() <= 100 and eval_rows.min() >= 200
+    assert (train_rows[:, -1] == 99).any()  # windows reach the boundary (index 798, the last a window ends on)
     with pytest.raises(ConfigError, match=r"^data.eval_fraction=0.0: the eval split of the 1000-byte corpus has 0 bytes"):
         TextSource(dataclasses.replace(cfg, eval_fraction=0.0), 32, 256, "eval")
 

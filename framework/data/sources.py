@@ -19,7 +19,10 @@ MAX_CORPUS_BYTES = 16 << 20
 
 
 def _read_corpus(paths: list[str]) -> np.ndarray:
-    """Bytes of the given files/directories (``.py``/``.txt``/``.md`` inside directories), in sorted order."""
+    """Bytes of the given files/directories (``.py``/``.txt``/``.md`` inside directories), in sorted order.
+
+    Reading stops once MAX_CORPUS_BYTES (16 MiB) are in: the corpus is held in memory.
+    """
     if not paths:
         paths = [sysconfig.get_paths()["stdlib"]]  # ships with every Python: no download
     files: list[Path] = []
@@ -34,6 +37,8 @@ def _read_corpus(paths: list[str]) -> np.ndarray:
     chunks, size = [], 0
     for f in files:
         b = f.read_bytes()
+        if b"\0" in b[:8192]:  # git's test for binary content
+            raise ConfigError(f"data.paths: {f} is not text (a NUL byte in its first 8 KiB); data.source=text trains on text files")
         chunks.append(b)
         size += len(b)
         if size >= MAX_CORPUS_BYTES:

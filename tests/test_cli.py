@@ -1,0 +1,26 @@
+"""Command lines: key=value overrides anywhere among the flags, in every script that takes them."""
+import importlib
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _script(name):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("train", ["--config", "C", "a=1", "--run-dir", "D", "b=2"]),
+    ("plan", ["--config", "C", "a=1", "--devices", "16", "b=2"]),
+    ("bench", ["--config", "C", "a=1", "--steps", "3", "b=2"]),
+    ("bench_tryrun", ["--config", "C", "a=1", "--run-dir", "D", "b=2"]),
+])
+def test_overrides_anywhere(name, flags):
+    args = _script(name).parse_args(flags)
+    assert args.overrides == ["a=1", "b=2"]
