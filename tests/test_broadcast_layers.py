@@ -63,6 +63,7 @@ def make(cfg, mesh, p, x):
     BroadcastConfig(mode="kernel", overrides={"c2": "map", "d1": "map"}),  # map->map hand-off in channel layout
     BroadcastConfig(mode="map", overrides={"re:d.*": "kernel"}),
 ], ids=["all-kernel", "all-map", "mixed-chain", "conv-map-dense-kernel"])
+@pytest.mark.slow
 def test_modes_equal_single_device(cfg):
     mesh = mesh_2x4()
     p, x = init(PARAMS), jax.random.normal(jax.random.key(1), (16, 8, 8, 2))

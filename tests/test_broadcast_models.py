@@ -66,6 +66,7 @@ def test_int8_training_stays_close_to_float32():
     assert diff.max() > 0  # the int8 run really used quantised kernels
 
 
+@pytest.mark.slow
 def test_plan_script_broadcast_section_and_errors():
     out = run_script("plan.py", "--config", CNN, "--json")
     assert out.returncode == 0, out.stderr

@@ -110,6 +110,7 @@ def test_two_processes_of_two_devices_form_one_mesh_and_agree_on_collectives():
         assert f"[p{p}] shutdown ok\n" in r.stdout
 
 
+@pytest.mark.slow
 def test_failing_process_is_named_with_its_exit_code_and_others_are_stopped():
     t = time.monotonic()
     r = run([*LAUNCH, "--processes", "2", "--devices-per-process", "2", "--", WORKER,

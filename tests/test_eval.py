@@ -35,6 +35,7 @@ def trained():
     return tr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MESHES)
 def test_eval_loss_equal_across_meshes(trained, name):
     overrides, n = MESHES[name]
@@ -90,6 +91,7 @@ class Recording(Trainer):
         self.eval_records = getattr(self, "eval_records", []) + [record]
 
 
+@pytest.mark.slow
 def test_fit_evaluates_every_n_steps_and_eval_loss_falls(tmp_path):
     cfg = tiny_config(*SMALL, "train.eval_every=5", "logging.tensorboard=true", steps=12)
     tr = Recording(cfg, run_dir=tmp_path)

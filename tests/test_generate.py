@@ -64,6 +64,7 @@ def test_sampling_is_reproducible_and_stops_at_eos(tmp_path):
     np.testing.assert_array_equal(stopped[0], greedy[0, : first + 1])  # up to and including the first EOS
 
 
+@pytest.mark.slow
 def test_generate_script_hf_dir_matches_numpy(tmp_path):
     """scripts/generate.py --hf-dir: the greedy ids are the argmax of the independent numpy forward."""
     cfg_json, make, forward = CASES["llama-gqa"]

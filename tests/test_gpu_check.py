@@ -63,6 +63,7 @@ def test_dry_run_reports_every_part_with_figures(tmp_path):
     assert "===== llama_1b_gpu" in log and '"tokens_per_s"' in log
 
 
+@pytest.mark.slow
 def test_tiny_budget_times_out_and_skips_parts_with_notes_never_hangs(tmp_path):
     r = run_script("gpu_check.py", "--dry-run", "--out", str(tmp_path), "--budget-s", "12", timeout=60)
     assert r.returncode == 1, r.stderr[-2000:]

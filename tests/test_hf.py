@@ -148,6 +148,7 @@ def test_model_init_from_in_trainer(tmp_path):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))  # fresh moments and counts
 
 
+@pytest.mark.slow
 def test_import_mismatch_exit_2(tmp_path):
     hf_dir, *_ = fixture(tmp_path, "llama-gqa")
     r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(tmp_path / "run"), "--config", TINY)

@@ -102,6 +102,7 @@ def _needs(*overrides, n=64, accum=1):
     return memory.estimate_needs(cfg, abstract, axis_sizes, BATCH_AXES, accum), abstract, axis_sizes
 
 
+@pytest.mark.slow
 def test_mixed_precision_and_optimizer_change_the_numbers():
     over = ["train.global_batch=64"]
     f32, abstract, _ = _needs(*over)
@@ -281,6 +282,7 @@ def test_streamed_params_are_fetched_per_layer():
     assert all(c == memory.OffloadCheck("cuda", 0, 0) for c in per_layer_fetches(Trainer(tiny_config("model.scan_layers=true"))))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 def test_planner_bytes_equal_real_shard_bytes():
     for overrides, n in ((["memory.opt_state=pinned_host"], 8),
@@ -342,6 +344,7 @@ def test_auto_when_nothing_fits_exits_2_with_bytes_per_category(tmp_path):
 # ------------------------------------------------------------------ micro-batch and gradient accumulation
 
 
+@pytest.mark.slow
 def test_grad_accum_1x32_equals_4x8():
     one = _fit("train.global_batch=32", "train.micro_batch=32", check_kinds_at=1)[1]
     tr, four, _ = _fit("train.global_batch=32", "train.micro_batch=8", check_kinds_at=1)
@@ -364,6 +367,7 @@ def test_micro_batch_auto_picks_largest_that_fits(capsys):
 # ------------------------------------------------------------------ scripts/plan.py
 
 
+@pytest.mark.slow
 def test_plan_memory_section_for_devices_we_do_not_have():
     r = run_script("plan.py", "--config", TINY, "--devices", "64", "--json", "train.global_batch=64",
                    "memory.opt_state=auto", "memory.activations=auto", "memory.device_budget_bytes=1000000")
@@ -380,6 +384,7 @@ def test_plan_memory_section_for_devices_we_do_not_have():
     assert r.stderr.strip().startswith("error: memory.device_budget_bytes is required")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 def test_plan_memory_section_compiled_where_devices_exist():
     r = run_script("plan.py", "--config", TINY, "--devices", "8", "memory.opt_state=pinned_host")

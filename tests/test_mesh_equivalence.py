@@ -32,6 +32,7 @@ def test_losses_equal_across_meshes(reference, name):
     np.testing.assert_allclose(got, reference, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_llama_scan_remat_sharded_equals_single_device():
     llama = ["model.style=llama", "model.n_kv_heads=4", "model.scan_layers=true"]
     single = losses([*llama, "mesh.fsdp=1"], 1, steps=3)

@@ -48,6 +48,7 @@ def final_params(trainer):
     return [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
 
 
+@pytest.mark.slow
 def test_resume_equivalence_bitwise_and_data_position(tmp_path):
     """20 steps straight == 10 steps, a fresh Trainer resuming from the checkpoint, 10 more: bitwise on CPU."""
     cfg = tiny_config(*SMALL, "checkpoint.every_steps=5", steps=20)

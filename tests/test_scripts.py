@@ -1,11 +1,13 @@
 """scripts/train.py and scripts/plan.py end to end, in fresh interpreters."""
 import json
 
+import pytest
 import yaml
 
 from tests.helpers import ROOT, TINY, run_script
 
 
+@pytest.mark.slow
 def test_default_demo_trains_and_loss_falls(tmp_path):
     r = run_script("train.py", "--config", TINY, "--run-dir", str(tmp_path), "train.steps=60", "logging.progress=false")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Logical rules -> shardings, checked leaf by leaf on real sharded arrays."""
 import jax
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from framework import sharding
@@ -60,6 +61,7 @@ def test_fully_sharded_holds_one_nth():
     assert set(opt.values()) == {2 * total // 8 + sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)}
 
 
+@pytest.mark.slow
 def test_init_is_deterministic_across_meshes():
     a = Trainer(tiny_config("mesh.fsdp=8")).init_state()
     b = Trainer(tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")).init_state()

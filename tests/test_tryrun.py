@@ -155,6 +155,7 @@ class FixedScore(TryRunController):
         return 100.0 if trial.layout.kind == "baseline" else 100.0 * (1 + self.gain)
 
 
+@pytest.mark.slow
 def test_adoption_threshold_with_deterministic_score(tmp_path):
     cfg = small("elastic.enabled=true", "elastic.min_devices=2", "elastic.threshold=0.05",
                 "elastic.device_schedule=[[0,4]]")
