@@ -380,7 +380,9 @@ def check(args) -> tuple[dict, int]:
         if problem:
             run.status, run.note = "failed", f"no CUDA jax: {problem}"
         elif run.result.get("framework_import_error"):
-            run.status, run.note = "failed", f"meshpilot does not import: {run.result['framework_import_error']}"
+            run.status, run.note = "failed", (
+                f"meshpilot does not import: {run.result['framework_import_error']} (a package missing on a machine "
+                "without network: carry the wheels of scripts/gpu_wheels.sh, see README 'On a GPU')")
 
         # 2. tests
         xml = out / "pytest.xml"
