@@ -27,8 +27,20 @@ def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
          optax.cosine_decay_schedule(opt.lr, max(total_steps - warmup, 1), alpha=opt.min_lr_ratio)],
         [warmup],
     )
-    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                        mask=lambda params: _decayed(params, opt.decay_embeddings))
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw), schedule
+
+
+def _decayed(params, decay_embeddings: bool):
+    """Weight decay on kernels and the output projection; embeddings as configured; never biases or norm gains."""
+    def decays(path, leaf) -> bool:
+        name = path[-1].key
+        if name in ("embed", "pos_embed"):
+            return decay_embeddings
+        return name not in ("bias", "scale")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 class ReferenceStep:
