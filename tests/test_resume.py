@@ -97,6 +97,7 @@ def test_earlier_run_without_checkpoint_is_not_silently_restarted(tmp_path):
         Trainer(tiny_config(*SMALL, "checkpoint.resume=true", steps=2), run_dir=tmp_path / "new").fit()
 
 
+@pytest.mark.slow
 def test_resume_false_starts_over_and_keeps_old_checkpoints_aside(tmp_path, capsys):
     cfg = tiny_config(*SMALL, steps=3)
     Trainer(cfg, run_dir=tmp_path).fit()
