@@ -14,6 +14,7 @@ import jax
 from framework import sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError, load_config
+from framework.data.store import TOKENIZER_FILE, read_metadata
 from framework.state import AbstractState, abstract_state
 
 HF_CONFIG = "hf_config.json"  # the config.json a run was imported from (scripts/hf.py import)
@@ -44,14 +45,12 @@ def restore_params(cfg: Config, run_dir: str | Path, step: int | None, mesh) -> 
 
 
 def tokenizer_file(run_dir: str | Path, cfg: Config) -> Path | None:
-    own = Path(run_dir) / "tokenizer.json"
+    own = Path(run_dir) / TOKENIZER_FILE
     if own.is_file():
         return own
     if cfg.data.source == "tokens":  # data.path: the tokenized data set (scripts/prepare_data.py)
-        path = Path(cfg.data.path) / "tokenizer.json"
-        if not path.is_file():
-            raise ConfigError(f"data.path={cfg.data.path!r}: no tokenizer.json")
-        return path
+        read_metadata(cfg.data.path)  # the tokenizer is there and is the one that made the tokens
+        return Path(cfg.data.path) / TOKENIZER_FILE
     return None
 
 
@@ -62,9 +61,7 @@ def token_ids(run_dir: str | Path, cfg: Config) -> dict:
         hf = json.loads(imported.read_text())
         return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     if cfg.data.source == "tokens":
-        meta = Path(cfg.data.path) / "metadata.json"
-        if meta.is_file():
-            return {"eos_token_id": json.loads(meta.read_text()).get("eos_id")}
+        return {"eos_token_id": read_metadata(cfg.data.path)["eos_id"]}
     return {}
 
 
