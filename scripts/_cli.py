@@ -107,10 +107,12 @@ def _exit_quietly(line: str) -> None:
     """Print ``line``, exit 2, and keep orbax's unfinished background work from printing at exit.
 
     An error raised while orbax has async work pending leaves coroutines that the interpreter
-    reports one by one at shutdown ("Exception ignored in: <coroutine ...>", "Event loop is closed").
+    reports one by one at shutdown ("Exception ignored in: <coroutine ...>", "Event loop is closed"), and
+    asyncio logs each failed write task it collects ("Task exception was never retrieved").
     """
     print(line, file=sys.stderr, flush=True)
     sys.unraisablehook = lambda _: None
+    logging.getLogger("asyncio").disabled = True
     sys.exit(2)
 
 

@@ -160,10 +160,10 @@ def test_killed_run_resumes_from_a_checkpoint_saved_by_time(env, tmp_path):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 1.5 MB tmpfs (root only); None where the platform refuses to mount one."""
+    """A 2.5 MB tmpfs (root only); None where the platform refuses to mount one."""
     mount = tmp_path / "mnt"
     mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)], capture_output=True)
     if r.returncode != 0:
         yield None
         return
@@ -175,7 +175,7 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(env, small_tmpfs):
-    """A real full disk: a 1.5 MB tmpfs holds a checkpoint or two of this model, not twelve."""
+    """A real full disk: a 2.5 MB tmpfs holds two checkpoints of this model (0.8-0.9 MB each), not twelve."""
     if small_tmpfs is None:
         pytest.skip("mounting a tmpfs was refused (not root); test_metrics_on_a_full_device covers ENOSPC without root")
     run_dir = small_tmpfs / "run"
