@@ -14,7 +14,7 @@ from framework.config import ConfigError, MemoryConfig
 from framework.mesh import MeshManager, describe
 from framework.state import abstract_state
 from framework.trainer import Trainer
-from tests.helpers import ROOT, TINY, run_script, tiny_config
+from tests.helpers import SMALLER, ROOT, TINY, run_script, tiny_config
 
 BATCH_AXES = ("data", "fsdp")
 pytestmark = pytest.mark.gpu  # real pinned_host memory and transfers on a GPU (scripts/gpu_check.py)
@@ -194,7 +194,7 @@ def test_auto_needs_a_budget_on_cpu():
 
 
 def _fit(*overrides, steps=5, check_kinds_at=2, n=8):
-    tr = Trainer(tiny_config(*overrides, steps=steps), devices=jax.devices()[:n])
+    tr = Trainer(tiny_config(*SMALLER, *overrides, steps=steps), devices=jax.devices()[:n])
     records = tr.fit(check_kinds_at)
     kinds = {c: {leaf.sharding.memory_kind for leaf in jax.tree.leaves(getattr(tr.state, c))} for c in ("params", "opt_state")}
     records += tr.fit()
@@ -302,7 +302,7 @@ def test_planner_bytes_equal_real_shard_bytes():
 
 
 def _compiled_device_total(*overrides) -> int:
-    return Trainer(tiny_config(*overrides)).memory_plan().totals["device"]
+    return Trainer(tiny_config(*SMALLER, *overrides)).memory_plan().totals["device"]
 
 
 AUTO_ALL = ["memory.params=auto", "memory.opt_state=auto", "memory.activations=auto"]
@@ -320,7 +320,7 @@ def test_auto_with_tight_budget_offloads_in_order_on_the_compiled_step(all_devic
     assert kinds == {"params": {"device"}, "opt_state": {"pinned_host"}}
     np.testing.assert_allclose(losses, all_device, atol=1e-5, rtol=0)
 
-    tr = Trainer(tiny_config(*AUTO_ALL, f"memory.device_budget_bytes={acts_off}"))
+    tr = Trainer(tiny_config(*SMALLER, *AUTO_ALL, f"memory.device_budget_bytes={acts_off}"))
     p = tr.placement
     assert (p.opt_state, p.activations, p.params) == ("pinned_host", "offload", "device")
     plan = tr.memory_plan()
@@ -348,20 +348,20 @@ def test_auto_when_nothing_fits_exits_2_with_bytes_per_category(tmp_path):
 def test_grad_accum_1x32_equals_4x8():
     one = _fit("train.global_batch=32", "train.micro_batch=32", check_kinds_at=1)[1]
     tr, four, _ = _fit("train.global_batch=32", "train.micro_batch=8", check_kinds_at=1)
-    assert tr.cfg.train.grad_accum == 4 and tr.loader.global_shape == (4, 8, 129)
+    assert tr.cfg.train.grad_accum == 4 and tr.loader.global_shape == (4, 8, 33)
     np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
 def test_micro_batch_auto_picks_largest_that_fits(capsys):
-    sized = Trainer(tiny_config("train.global_batch=32", "train.micro_batch=16"))
+    sized = Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=16"))
     need16 = sized.memory_plan().totals["device"]
-    tr = Trainer(tiny_config("train.global_batch=32", "train.micro_batch=auto", f"memory.device_budget_bytes={need16}"))
-    assert tr.cfg.train.grad_accum == 2 and tr.loader.global_shape == (2, 16, 129)
+    tr = Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=auto", f"memory.device_budget_bytes={need16}"))
+    assert tr.cfg.train.grad_accum == 2 and tr.loader.global_shape == (2, 16, 33)
     assert f"train.micro_batch=auto: micro-batch 16 x grad_accum 2 (step needs {need16:,} B per device" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"^train.micro_batch=auto: no micro-batch fits memory.device_budget_bytes=1,000 "
                                           r"\(device bytes per micro-batch size: 32: [\d,]+ B; 16: [\d,]+ B; 8: [\d,]+ B\)$"):
-        Trainer(tiny_config("train.global_batch=32", "train.micro_batch=auto", "memory.device_budget_bytes=1000"))
+        Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=auto", "memory.device_budget_bytes=1000"))
 
 
 # ------------------------------------------------------------------ scripts/plan.py
@@ -397,9 +397,9 @@ def test_plan_memory_section_compiled_where_devices_exist():
 @pytest.mark.slow
 def test_offloaded_state_checkpoints_and_resumes_in_its_memory_kind(tmp_path, all_device):
     host = ["memory.params=pinned_host", "memory.opt_state=pinned_host"]
-    first = Trainer(tiny_config(*host, steps=5), run_dir=tmp_path)
+    first = Trainer(tiny_config(*SMALLER, *host, steps=5), run_dir=tmp_path)
     head = [r["loss"] for r in first.fit(3)]  # stops (and checkpoints) at step 3 of the same 5-step schedule
-    resumed = Trainer(tiny_config(*host, steps=5), run_dir=tmp_path)
+    resumed = Trainer(tiny_config(*SMALLER, *host, steps=5), run_dir=tmp_path)
     resumed.state = resumed.restore_or_init()
     assert int(resumed.state.step) == 3
     for c in ("params", "opt_state"):

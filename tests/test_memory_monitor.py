@@ -6,7 +6,7 @@ import pytest
 from framework import memory
 from framework.config import MemoryConfig
 from framework.trainer import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import SMALLER, tiny_config
 
 HEADROOM = 1_000_000
 LIMIT = 10**12
@@ -62,7 +62,7 @@ def _run(monitor: memory.MemoryMonitor | None, *overrides):
     class Followed(Trainer):
         memory_monitor = monitor or memory.MemoryMonitor()
 
-    tr = Followed(tiny_config("train.global_batch=16", *overrides, steps=5))
+    tr = Followed(tiny_config("train.global_batch=16", *SMALLER, *overrides, steps=5))
     return tr, np.array([r["loss"] for r in tr.fit()])
 
 
