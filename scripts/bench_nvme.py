@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the NVMe tier's streamed optimizer update against the disk's own bandwidth; prints one JSON object.
 
-python scripts/bench_nvme.py [--mb 256] [--chunk-mb 8] [--repeats 3] [--cpu-devices 8] [--dir DIR]
+python scripts/bench_nvme.py [--mb 256] [--chunk-mb 4] [--repeats 3] [--cpu-devices 8] [--dir DIR]
 
 An AdamW state of --mb MB (float32 matrices 1024x1024 sharded fsdp over the devices, mu and nu
 in files under --dir, default a fresh temporary dir) goes through ``NvmeOptimizer.update``.
@@ -34,7 +34,7 @@ import _cli
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=256.0, help="optimizer state size in MB (default 256)")
-    p.add_argument("--chunk-mb", type=float, default=8.0, help="memory.nvme_chunk_bytes in MB (default 8)")
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="memory.nvme_chunk_bytes in MiB (default 4, as the config)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("--dir", default=None, help="directory on the disk to measure (default: a fresh temporary dir)")

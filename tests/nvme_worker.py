@@ -45,7 +45,7 @@ def rss(cfg) -> None:
                       "finite": bool(all(np.isfinite(np.asarray(x)).all() for x in leaves))}))
 
 
-def crash(cfg, crash_step: int) -> None:
+def crash(cfg, run_dir: str, crash_step: int) -> None:
     from framework import memory
     from framework.trainer import Trainer
 
@@ -64,7 +64,7 @@ def crash(cfg, crash_step: int) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
 
     memory.NvmeOptimizer = Crashing  # the Trainer builds its NVMe tier from this name
-    Trainer(cfg, run_dir=args.run_dir).fit()
+    Trainer(cfg, run_dir=run_dir).fit()
 
 
 if __name__ == "__main__":
@@ -76,4 +76,4 @@ if __name__ == "__main__":
     from framework.config import load_config
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_lm.yaml", overrides)
-    rss(config) if args.mode == "rss" else crash(config, args.crash_step)
+    rss(config) if args.mode == "rss" else crash(config, args.run_dir, args.crash_step)

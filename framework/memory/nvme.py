@@ -260,7 +260,7 @@ class NvmeOptimizer:
     def apply(self, state, metrics, grads):
         """The compiled step's outputs (state with the step counted, metrics, gradients) -> the updated state."""
         step = int(jax.device_get(state.step)) - 1
-        return type(state)(**{**vars(state), "params": self.update(state.params, grads, step)}), metrics
+        return replace(state, params=self.update(state.params, grads, step)), metrics
 
     def update(self, params, grads, step: int):
         """Parameters after optimizer step ``step`` (0-based), streaming the moments through memory in chunks.
