@@ -158,7 +158,8 @@ class ShardingConfig:
 
 @dataclass
 class MemoryConfig:
-    """Memory tier per data category (framework/memory/): ``device``, ``pinned_host`` or ``auto``.
+    """Memory tier per data category (framework/memory/): ``device``, ``pinned_host`` or ``auto``
+    (``opt_state`` also ``nvme``: files in ``nvme_dir``, streamed through a host update; memory/nvme.py).
 
     ``activations``: ``save`` (keep all), ``remat`` (recompute), ``offload`` (tagged values to
     pinned_host) or ``auto``; ``activation_names`` overrides the choice per ``checkpoint_name`` tag
