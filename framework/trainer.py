@@ -231,12 +231,11 @@ class Trainer:
         """The state as the step holds it: without the optimizer state when that lives in files (memory/nvme.py)."""
         return state if self.nvme is None else dataclasses.replace(state, opt_state=None)
 
-    def checkpoint_state(self, state: TrainState | None = None) -> TrainState:
+    def checkpoint_state(self) -> TrainState:
         """The state to checkpoint: the optimizer state read from its files when on nvme (the all-device layout)."""
-        state = self.state if state is None else state
         if self.nvme is None:
-            return state
-        return dataclasses.replace(state, opt_state=self.nvme.opt_state(int(jax.device_get(state.step))))
+            return self.state
+        return dataclasses.replace(self.state, opt_state=self.nvme.opt_state(int(jax.device_get(self.state.step))))
 
     def restore_or_init(self) -> TrainState:
         """Resume per ``checkpoint.resume``: never a silent fresh start over an earlier run."""
