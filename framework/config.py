@@ -158,7 +158,8 @@ class ShardingConfig:
 
 @dataclass
 class MemoryConfig:
-    """Memory tier per data category (framework/memory/): ``device``, ``pinned_host`` or ``auto``.
+    """Memory tier per data category (framework/memory/): ``device``, ``pinned_host`` or ``auto``
+    (``opt_state`` also ``nvme``: files in ``nvme_dir``, streamed through a host update; memory/nvme.py).
 
     ``activations``: ``save`` (keep all), ``remat`` (recompute), ``offload`` (tagged values to
     pinned_host) or ``auto``; ``activation_names`` overrides the choice per ``checkpoint_name`` tag
@@ -170,12 +171,14 @@ class MemoryConfig:
     """
 
     params: Literal["device", "pinned_host", "auto"] = "device"
-    opt_state: Literal["device", "pinned_host", "auto"] = "device"
+    opt_state: Literal["device", "pinned_host", "auto", "nvme"] = "device"  # nvme: files in nvme_dir (memory/nvme.py)
     activations: Literal["save", "remat", "offload", "auto"] = "save"
     activation_names: dict[str, Literal["save", "remat", "offload"]] = field(default_factory=dict)
     device_budget_bytes: Optional[int] = None
     headroom_bytes: Optional[int] = None
     regrow_after_steps: int = 0
+    nvme_dir: str = ""  # opt_state=nvme: a local-disk directory; each process keeps its shards in process_<i>/
+    nvme_chunk_bytes: int = 4 << 20  # opt_state=nvme: bytes of each moment streamed per chunk of the update
 
 
 @dataclass
@@ -451,6 +454,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"memory.headroom_bytes={cfg.memory.headroom_bytes}: expected a non-negative integer or null")
     if cfg.memory.regrow_after_steps < 0:
         raise ConfigError(f"memory.regrow_after_steps={cfg.memory.regrow_after_steps}: expected a non-negative integer")
+    if cfg.memory.nvme_chunk_bytes < 4:
+        raise ConfigError(f"memory.nvme_chunk_bytes={cfg.memory.nvme_chunk_bytes}: expected bytes >= 4 (one float32)")
+    if cfg.memory.opt_state == "nvme":
+        from framework.memory.nvme import check_config
+
+        check_config(cfg)
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")

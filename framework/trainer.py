@@ -88,6 +88,12 @@ class Trainer:
         self.abstract = self.base_abstract
         if remat_policy is not None or self.stream_params:
             self.abstract = abstract_state(self.cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
+        self.nvme = None  # memory tiers: with opt_state on nvme the step leaves the update to files on disk (memory/nvme.py)
+        if placement.opt_state == memory.NVME:
+            self.nvme = memory.NvmeOptimizer(self.cfg, self.mesh, self.abstract.shapes.params,
+                                             sharding.named(self.mesh, self.abstract.specs.params),
+                                             self.abstract.shapes.opt_state, self.abstract.specs.opt_state)
+            self.abstract = memory.without_opt_state(self.abstract)
         self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
         self.state_specs = self.abstract.specs
         self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
@@ -95,7 +101,7 @@ class Trainer:
         self._jitted_step = jax.jit(
             self._traced_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, self.replicated),
+            out_shardings=(self.state_shardings, self.replicated) + ((self.device_state_shardings.params,) if self.nvme else ()),
             donate_argnums=0,
         )
         self._jitted_eval = jax.jit(  # params are read, not donated: training goes on from them
@@ -124,7 +130,7 @@ class Trainer:
 
     def _compiled_needs(self, grad_accum: int) -> memory.MemoryNeeds:
         """Compile the step for ``grad_accum`` (kept for when it runs) and read its needs."""
-        needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, grad_accum)
+        needs = memory.state_needs(self.cfg, self.base_abstract, self.axis_sizes, self.batch_axes, grad_accum)
         return memory.with_compiled_activations(needs, self.placement, self._compiled_step(grad_accum).memory_analysis(),
                                                 self.devices[0].platform)
 
@@ -197,7 +203,7 @@ class Trainer:
         """Bytes per device per category and memory kind; activations from the compiled step unless told otherwise."""
         if compiled_activations:
             self.compile()
-            needs = memory.state_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
+            needs = memory.state_needs(self.cfg, self.base_abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
             needs = memory.with_compiled_activations(needs, self.placement, self._compiled.memory_analysis(),
                                                      self.devices[0].platform)
         else:
@@ -213,9 +219,23 @@ class Trainer:
         if self.cfg.model.init_from:
             params = hf.load_params(self.cfg.model.init_from, self.cfg.model, self.abstract.shapes.params,
                                     self.abstract.logical_axes, self.device_state_shardings.params)
-            return jax.jit(lambda p: init_state(self.cfg, self.tx, params=p), out_shardings=self.state_shardings,
-                           donate_argnums=0)(params)
-        return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=self.state_shardings)()
+            state = jax.jit(lambda p: self._held(init_state(self.cfg, self.tx, params=p)), out_shardings=self.state_shardings,
+                            donate_argnums=0)(params)
+        else:
+            state = jax.jit(lambda: self._held(init_state(self.cfg, self.tx)), out_shardings=self.state_shardings)()
+        if self.nvme is not None:
+            self.nvme.init()
+        return state
+
+    def _held(self, state: TrainState) -> TrainState:
+        """The state as the step holds it: without the optimizer state when that lives in files (memory/nvme.py)."""
+        return state if self.nvme is None else dataclasses.replace(state, opt_state=None)
+
+    def checkpoint_state(self) -> TrainState:
+        """The state to checkpoint: the optimizer state read from its files when on nvme (the all-device layout)."""
+        if self.nvme is None:
+            return self.state
+        return dataclasses.replace(self.state, opt_state=self.nvme.opt_state(int(jax.device_get(self.state.step))))
 
     def restore_or_init(self) -> TrainState:
         """Resume per ``checkpoint.resume``: never a silent fresh start over an earlier run."""
@@ -242,8 +262,14 @@ class Trainer:
             return self.init_state()
         self.check_resume_config(ck.latest_good_step())
         with self.goodput.span("checkpoint_restore"):
-            state = ck.restore("latest", abstract_target(self.abstract.shapes, self.state_shardings))
+            target = abstract_target(self.abstract.shapes, self.state_shardings)
+            if self.nvme is not None:  # the optimizer state comes to host memory, then goes to its files
+                target = dataclasses.replace(target, opt_state=self.nvme.target())
+            state = ck.restore("latest", target)
             step = int(jax.device_get(state.step))
+            if self.nvme is not None:
+                self.nvme.load(state.opt_state, step)
+                state = self._held(state)
         # steps after the checkpoint are trained again: logged no more, and counted as replayed
         self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, step))
         print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
@@ -319,10 +345,13 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss = loss / accum
 
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr_schedule(state.step)}
+        if self.nvme is not None:  # memory tiers: the update streams the state from disk after this program (memory/nvme.py)
+            clipped = grads if self.nvme.clip is None else self.nvme.clip.update(grads, optax.EmptyState())[0]
+            return dataclasses.replace(state, step=state.step + 1, data_pos=state.data_pos + 1), metrics, clipped
         params = self._on_device(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr_schedule(state.step)}
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, data_pos=state.data_pos + 1
         )
@@ -339,10 +368,10 @@ class Trainer:
             state = jax.device_put(state, to_device)  # params stay in their kind: the model streams them per layer
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
                 broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes (issue 6)
-            state, metrics = self.train_step(state, batch)
+            state, *outputs = self.train_step(state, batch)  # outputs: metrics (and the gradients, with opt_state on nvme)
         if offloaded:
             state = jax.device_put(state, self.state_shardings)
-        return state, metrics
+        return state, *outputs
 
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         """One train step, following the device's memory (framework/memory/monitor.py).
@@ -356,7 +385,8 @@ class Trainer:
             self.compile()
             accum = self.cfg.train.grad_accum
             try:
-                return self._compiled(state, batch if batch.shape[0] == accum else self._regroup(batch, accum))
+                outputs = self._compiled(state, batch if batch.shape[0] == accum else self._regroup(batch, accum))
+                return outputs if self.nvme is None else self.nvme.apply(*outputs)
             except jax.errors.JaxRuntimeError as e:  # the donated state is intact if the step never started
                 if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \
                         or not self._shrink_micro_batch(state, "the step ran out of device memory (RESOURCE_EXHAUSTED)"):
@@ -528,7 +558,7 @@ class Trainer:
                         self._log_eval(step + 1, writer)
                 if save:
                     with self.goodput.span("checkpoint_save"):
-                        self.checkpointer.save(step + 1, self.state)
+                        self.checkpointer.save(step + 1, self.checkpoint_state())
                 if evaluate or save:
                     last_done = time.perf_counter()  # evaluation and saving are no step's time
             if pending is not None:
@@ -537,10 +567,10 @@ class Trainer:
             with self.goodput.span("checkpoint_save"):
                 if self.checkpointer is not None and preempted_at is not None:
                     if self.checkpointer.latest_good_step() != reached:
-                        self.checkpointer.save(reached, self.state)
+                        self.checkpointer.save(reached, self.checkpoint_state())
                     self.checkpointer.wait()  # synchronous: the process may be gone soon after
                 elif self.checkpointer is not None and reached == total > start and self.checkpointer.last_saved_step != total:
-                    self.checkpointer.save(total, self.state)  # the final state is always kept
+                    self.checkpointer.save(total, self.checkpoint_state())  # the final state is always kept
         finally:
             if self.checkpointer is not None:
                 with self.goodput.span("checkpoint_save"):

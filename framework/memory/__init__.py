@@ -3,10 +3,12 @@
 policy.py   categories, memory kinds, the placement policy, remat/offload policies, transfer checks
 planner.py  bytes per device per category and memory kind (exact, compiled or estimated)
 monitor.py  the devices' memory state while training runs (MemoryMonitor) and the budget it gives
+nvme.py     the NVMe tier: the optimizer state in files on local disk, streamed through the update in chunks
 
 Everything is re-exported here: ``from framework import memory`` and ``memory.X`` work.
 """
 from framework.memory.monitor import MemoryMonitor, MemoryReading, needs_budget, resolve_budget
+from framework.memory.nvme import NVME, NvmeOptimizer, NvmeStateError, disk_bytes, without_opt_state
 from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_device_bytes,
                                       device_bytes_by_category, device_share, estimate_needs, format_plan,
                                       host_state_bytes, make_plan, plan_memory, residual_bytes, shard_bytes,

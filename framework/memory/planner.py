@@ -153,6 +153,9 @@ def format_plan(plan: dict) -> list[str]:
         reason = plan["reasons"].get(c, "")
         lines.append(f"  {c:<12}{mib(b[DEVICE]):>14}{mib(b[HOST]):>15}  {plan['figures'][c]:<10}{plan['placement'][c]}"
                      + (f" ({reason})" if reason else ""))
+    for c, b in plan["bytes_per_device"].items():
+        if b.get("nvme"):
+            lines.append(f"  {c:<12}{mib(b['nvme']):>14} per device in files under memory.nvme_dir (nvme)")
     t = plan["totals"]
     fits = "" if plan["fits"] is None else ("  fits" if plan["fits"] else "  DOES NOT FIT")
     lines.append(f"  {'total':<12}{mib(t[DEVICE]):>14}{mib(t[HOST]):>15}{fits}")

@@ -1,0 +1,396 @@
+"""Memory tiers, the NVMe tier: the optimizer state in files on local disk, streamed through the update.
+
+With ``memory.opt_state: nvme`` the optimizer's moments never live in the state pytree. Each
+process keeps its unique shards of them (a replica held by several of its devices once) in one
+flat float32 file per moment under ``memory.nvme_dir/process_<i>/``. The compiled step computes
+the gradients (clipped by global norm, as optax's chain does) and stops; ``NvmeOptimizer.update``
+then walks the process's parameter shards in chunks of ``memory.nvme_chunk_bytes``: a reader
+thread reads the next chunks' moments ahead, the main thread does the elementwise arithmetic in
+numpy (optax's formulas, step for step), a writer thread writes the new moments behind. Peak
+memory is the parameters and gradients the step already holds plus a few chunks, never the state.
+
+Files are read and written with positional I/O (``os.preadv``/``os.pwrite``) into buffers of
+one chunk, not ``np.memmap``: pages of a mapping count in the process's resident set until the
+kernel decides to drop them, so a mapped update could not promise a memory bound; and not
+tensorstore: flat per-process files need no chunked array format or new dependency.
+
+Checkpoints hold the state as an all-device run does (an optax pytree): ``opt_state`` reads the
+files into arrays at save time and ``load`` writes a restored pytree back, from any mesh. A
+marker (``state.json``) says which step the files hold and whether an update is under way: a
+save of files an update left half-written (a crash, an error) is refused, and a restart always
+rewrites the files from the last checkpoint, so no checkpoint mixes two steps.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from framework.config import Config, ConfigError, OptimizerConfig
+from framework.optimizer import decay_mask, learning_rate_schedule
+
+NVME = "nvme"
+MARKER = "state.json"
+READ_AHEAD = 2  # chunks read ahead of the arithmetic; as many may wait to be written behind it
+_ITEM = 4  # float32 bytes: the state on disk is float32 (train.param_dtype=float32 is required)
+
+
+def moment_names(cfg: OptimizerConfig) -> tuple[str, ...]:
+    """The optax state fields that are per-parameter arrays, by optimizer (the files a process keeps)."""
+    if cfg.name in ("adam", "adamw"):
+        return ("mu", "nu")
+    if cfg.name == "lion":
+        return ("mu",)
+    if cfg.name == "sgd":
+        return ("trace",) if cfg.momentum else ()
+    raise ConfigError(f"memory.opt_state=nvme supports the elementwise optimizers adamw, adam, sgd, lion; "
+                      f"optimizer.name={cfg.name!r} is not one")
+
+
+class NvmeStateError(RuntimeError):
+    """The files do not hold the step asked for (an update was interrupted, or another run wrote them)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One unique shard of one parameter held by this process, and where it lies in each moment file."""
+
+    leaf: int  # index among the flattened parameters
+    index: tuple  # ((start, stop), ...) per dimension: the shard's place in the parameter
+    shape: tuple
+    offset: int  # elements before it in each moment file
+    size: int
+
+
+def _key(index, shape) -> tuple:
+    return tuple((s.start or 0, dim if s.stop is None else s.stop) for s, dim in zip(index, shape))
+
+
+def local_segments(shapes: list, shardings: list) -> list[Segment]:
+    """This process's unique shards of each parameter, in a fixed order (leaf, then position)."""
+    segments, offset = [], 0
+    for leaf, (x, s) in enumerate(zip(shapes, shardings)):
+        keys = sorted({_key(idx, x.shape) for idx in s.addressable_devices_indices_map(x.shape).values()})
+        for key in keys:
+            shape = tuple(b - a for a, b in key)
+            size = int(np.prod(shape, dtype=np.int64))
+            segments.append(Segment(leaf, key, shape, offset, size))
+            offset += size
+    return segments
+
+
+def disk_bytes(cfg: OptimizerConfig, param_shapes, param_shardings) -> int:
+    """Bytes this process keeps on disk: its unique parameter shards x 4 bytes x the optimizer's moments
+    (8 bytes per parameter for Adam)."""
+    segments = local_segments(jax.tree.leaves(param_shapes), jax.tree.leaves(param_shardings))
+    return sum(s.size for s in segments) * _ITEM * len(moment_names(cfg))
+
+
+def check_config(cfg: Config) -> None:
+    """One-line errors for what the NVMe tier cannot do (called by ``config.validate``)."""
+    m = cfg.memory
+    if not m.nvme_dir:
+        raise ConfigError("memory.opt_state=nvme needs memory.nvme_dir: a directory on local disk for the optimizer state")
+    moment_names(cfg.optimizer)
+    if cfg.train.param_dtype != "float32":
+        raise ConfigError(f"memory.opt_state=nvme keeps a float32 state: train.param_dtype={cfg.train.param_dtype!r} "
+                          "must be float32 (bfloat16 compute: train.dtype=bfloat16)")
+    if cfg.elastic.enabled:
+        raise ConfigError("memory.opt_state=nvme does not support elastic.enabled=true (try-runs would share its files)")
+
+
+# ------------------------------------------------------------------ optax's update, on a chunk
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The numbers of one update: optimizer constants and this step's learning rate and bias corrections."""
+
+    name: str
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    step_size: np.float32  # -lr(step), as optax's scale_by_learning_rate
+    bc1: np.float32  # Adam's bias corrections 1 - b**(step + 1), in float32 as optax computes them
+    bc2: np.float32
+
+
+def make_rule(cfg: OptimizerConfig, schedule, step: int) -> Rule:
+    count = np.float32(step + 1)
+    bc = lambda b: np.float32(1) - np.float32(b) ** count  # noqa: E731
+    step_size = np.float32(jax.device_get(-1 * schedule(jnp.asarray(step, jnp.int32))))
+    return Rule(cfg.name, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.momentum, step_size, bc(cfg.b1), bc(cfg.b2))
+
+
+def update_chunk(r: Rule, p: np.ndarray, g: np.ndarray, moments: list[np.ndarray], decays: bool) -> np.ndarray:
+    """New parameters of one chunk; ``moments`` are updated in place. The formulas and their order are optax's
+    (scale_by_adam / scale_by_lion / trace, add_decayed_weights, scale_by_learning_rate, apply_updates)."""
+    if r.name in ("adam", "adamw"):
+        mu, nu = moments
+        mu[...] = (1 - r.b1) * g + r.b1 * mu
+        nu[...] = (1 - r.b2) * (g ** 2) + r.b2 * nu
+        u = (mu / r.bc1) / (np.sqrt(nu / r.bc2) + np.float32(r.eps))
+    elif r.name == "lion":
+        (mu,) = moments
+        u = np.sign((1.0 - r.b1) * g + r.b1 * mu)
+        mu[...] = (1 - r.b2) * g + r.b2 * mu
+    elif moments:  # sgd with momentum
+        (trace,) = moments
+        trace[...] = g + r.momentum * trace
+        u = trace.copy()
+    else:
+        u = g.copy()
+    if decays and r.name in ("adamw", "lion") and r.weight_decay:
+        u = u + r.weight_decay * p
+    return p + r.step_size * u
+
+
+# ------------------------------------------------------------------ file I/O
+
+
+def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise NvmeStateError(f"short read at byte {offset}: the state file is smaller than its layout")
+        view, offset = view[n:], offset + n
+
+
+def _pwrite(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(buf)).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class NvmeOptimizer:
+    """The optimizer state of one process in files, and the streamed update over it.
+
+    ``param_shardings`` are the parameters' shardings (the moments share them); ``opt_shapes`` and
+    ``opt_specs`` the optax state's shapes and specs, for checkpoints in the all-device layout.
+    """
+
+    def __init__(self, cfg: Config, mesh, param_shapes, param_shardings, opt_shapes, opt_specs):
+        self.cfg = cfg.optimizer
+        self.moments = moment_names(cfg.optimizer)
+        self.chunk = max(cfg.memory.nvme_chunk_bytes // _ITEM, 1)
+        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+        self.mesh = mesh
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(param_shapes)
+        self.leaf_of = {path: i for i, (path, _) in enumerate(flat)}
+        self.shapes = [x for _, x in flat]
+        self.shardings = jax.tree.leaves(param_shardings)
+        self.decays = jax.tree.leaves(decay_mask(param_shapes, cfg.optimizer.decay_embeddings))
+        self.opt_shapes, self.opt_specs = opt_shapes, opt_specs
+        self.segments = local_segments(self.shapes, self.shardings)
+        self.elements = sum(s.size for s in self.segments)
+        self.directory = Path(cfg.memory.nvme_dir).expanduser() / f"process_{jax.process_index()}"
+        self.files = {m: self.directory / f"{m}.f32" for m in self.moments}
+        self.clip = optax.clip_by_global_norm(cfg.optimizer.grad_clip) if cfg.optimizer.grad_clip > 0 else None
+        self._open()
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.elements * _ITEM * len(self.moments)
+
+    def _open(self) -> None:
+        where = f"memory.nvme_dir={self.directory.parent}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            held = sum(f.stat().st_size for f in self.files.values() if f.is_file())
+            free = shutil.disk_usage(self.directory).free
+            if free + held < self.disk_bytes:
+                raise ConfigError(f"{where}: the optimizer state needs {self.disk_bytes:,} B on disk, "
+                                  f"{free + held:,} B are free")
+            self._fds = {m: os.open(f, os.O_RDWR | os.O_CREAT, 0o644) for m, f in self.files.items()}
+        except OSError as e:
+            raise ConfigError(f"{where}: {e.strerror}: {e.filename}") from None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    # ------------------------------------------------------------------ the step the files hold
+
+    def _mark(self, step: int, complete: bool) -> None:
+        tmp = self.directory / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "complete": complete, "elements": self.elements,
+                                   "moments": list(self.moments)}))
+        os.replace(tmp, self.directory / MARKER)
+
+    def held_step(self) -> int | None:
+        """The step whose state the files hold; None when an update was interrupted or they hold another layout."""
+        try:
+            m = json.loads((self.directory / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        ok = m.get("complete") and m.get("elements") == self.elements and m.get("moments") == list(self.moments)
+        return m["step"] if ok else None
+
+    def _expect(self, step: int, doing: str) -> None:
+        held = self.held_step()
+        if held != step:
+            state = "an interrupted update" if held is None else f"step {held}"
+            raise NvmeStateError(f"cannot {doing} step {step}: {self.directory} holds {state}")
+
+    def init(self, step: int = 0) -> None:
+        """Fresh state (zeros, as optax's ``init`` for these optimizers): files truncated to their size."""
+        self._mark(step, False)
+        for fd in self._fds.values():
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.elements * _ITEM)
+        self._mark(step, True)
+
+    # ------------------------------------------------------------------ the update
+
+    def apply(self, state, metrics, grads):
+        """The compiled step's outputs (state with the step counted, metrics, gradients) -> the updated state."""
+        step = int(jax.device_get(state.step)) - 1
+        return replace(state, params=self.update(state.params, grads, step)), metrics
+
+    def update(self, params, grads, step: int):
+        """Parameters after optimizer step ``step`` (0-based), streaming the moments through memory in chunks.
+
+        Like a donated jit argument, ``params`` and ``grads`` are deleted as their new values are made.
+        """
+        self._expect(step, "update")
+        self._mark(step, False)
+        rule = make_rule(self.cfg, self.schedule, step)
+        p_leaves, g_leaves = jax.tree.leaves(params), jax.tree.leaves(grads)
+        new: dict[int, dict] = collections.defaultdict(dict)  # leaf -> segment key -> new values
+        left = collections.Counter(s.leaf for s in self.segments)
+        out = [None] * len(p_leaves)
+        with ThreadPoolExecutor(1, "nvme-read") as reader, ThreadPoolExecutor(1, "nvme-write") as writer:
+            reads, writes = collections.deque(), collections.deque()
+            items = iter(self._items())
+            for item in items:  # read-ahead: the first chunks
+                reads.append((item, reader.submit(self._read, item)))
+                if len(reads) == READ_AHEAD:
+                    break
+            current = None
+            while reads:
+                (seg, lo, hi), future = reads.popleft()
+                moments = future.result()
+                nxt = next(items, None)
+                if nxt is not None:
+                    reads.append((nxt, reader.submit(self._read, nxt)))
+                if current is None or current[0] is not seg:
+                    p_flat, g_flat = (self._host(leaves[seg.leaf], seg).reshape(-1) for leaves in (p_leaves, g_leaves))
+                    current = (seg, p_flat, g_flat, np.empty(seg.size, np.float32))
+                _, p_flat, g_flat, p_new = current
+                p_new[lo:hi] = update_chunk(rule, p_flat[lo:hi], g_flat[lo:hi], moments, self.decays[seg.leaf])
+                writes.append(writer.submit(self._write, (seg, lo, hi), moments))  # write-behind
+                while len(writes) > READ_AHEAD:
+                    writes.popleft().result()
+                if hi == seg.size:  # the segment is done: its new values, and the leaf once all its segments are
+                    new[seg.leaf][seg.index] = p_new.reshape(seg.shape)
+                    current = p_flat = g_flat = p_new = None
+                    left[seg.leaf] -= 1
+                    if left[seg.leaf] == 0:
+                        out[seg.leaf] = self._put(seg.leaf, new.pop(seg.leaf), p_leaves, g_leaves)
+            for w in writes:
+                w.result()
+        self._mark(step + 1, True)
+        return jax.tree.unflatten(jax.tree.structure(params), out)
+
+    def _items(self):
+        for seg in self.segments:
+            for lo in range(0, seg.size, self.chunk):
+                yield seg, lo, min(lo + self.chunk, seg.size)
+
+    def _read(self, item) -> list[np.ndarray]:
+        seg, lo, hi = item
+        bufs = [np.empty(hi - lo, np.float32) for _ in self.moments]
+        for m, buf in zip(self.moments, bufs):
+            _pread(self._fds[m], buf, (seg.offset + lo) * _ITEM)
+        return bufs
+
+    def _write(self, item, bufs) -> None:
+        seg, lo, _ = item
+        for m, buf in zip(self.moments, bufs):
+            _pwrite(self._fds[m], buf, (seg.offset + lo) * _ITEM)
+
+    def _host(self, leaf: jax.Array, seg: Segment) -> np.ndarray:
+        """The segment of ``leaf`` in host memory (a device-to-host copy on accelerators; a view on CPU)."""
+        shard = next(s for s in leaf.addressable_shards if _key(s.index, leaf.shape) == seg.index)
+        return np.asarray(shard.data, dtype=np.float32)
+
+    def _put(self, i: int, values: dict, p_leaves: list, g_leaves: list) -> jax.Array:
+        """Leaf ``i`` rebuilt from its new segments in its sharding; the old parameter and gradient deleted."""
+        old = p_leaves[i]
+        arrays = [jax.device_put(values[_key(s.index, old.shape)], s.data.sharding) for s in old.addressable_shards]
+        leaf = jax.make_array_from_single_device_arrays(old.shape, old.sharding, arrays)
+        for x in (old, g_leaves[i]):
+            x.delete()
+        return leaf
+
+    # ------------------------------------------------------------------ checkpoints: the all-device layout
+
+    def _moment_of(self, path) -> tuple[str, int] | None:
+        """(moment, parameter leaf) of an optax state leaf's path; None for counters."""
+        for j, key in enumerate(path):
+            if isinstance(key, jax.tree_util.GetAttrKey) and key.name in self.moments:
+                return key.name, self.leaf_of[tuple(path[j + 1:])]
+        return None
+
+    def target(self):
+        """ShapeDtypeStructs of the optax state in host memory, to restore a checkpoint's state into (then ``load``)."""
+        return jax.tree.map(
+            lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, spec, memory_kind="pinned_host")),
+            self.opt_shapes, self.opt_specs)
+
+    def load(self, opt_state, step: int) -> None:
+        """Write a restored optax state (arrays on this mesh) into the files; they then hold ``step``."""
+        self._mark(step, False)
+        by_leaf = collections.defaultdict(list)
+        for s in self.segments:
+            by_leaf[s.leaf].append(s)
+        for path, x in jax.tree_util.tree_leaves_with_path(opt_state):
+            found = self._moment_of(path)
+            if found is None:
+                continue
+            m, i = found
+            for seg in by_leaf[i]:
+                _pwrite(self._fds[m], self._host(x, seg), seg.offset * _ITEM)
+        self._mark(step, True)
+
+    def opt_state(self, step: int):
+        """The optax state at ``step`` as arrays in host memory, for a checkpoint (counters = ``step``)."""
+        self._expect(step, "save")
+        seg_of = {(s.leaf, s.index): s for s in self.segments}
+
+        def leaf(path, x, spec):
+            sharding = NamedSharding(self.mesh, spec, memory_kind="pinned_host")
+            found = self._moment_of(path)
+            if found is None:
+                return jax.device_put(jnp.full(x.shape, step, x.dtype), sharding)
+            m, i = found
+
+            def read(index):
+                seg = seg_of[(i, _key(index, x.shape))]
+                buf = np.empty(seg.size, np.float32)
+                _pread(self._fds[m], buf, seg.offset * _ITEM)
+                return buf.reshape(seg.shape)
+
+            return jax.make_array_from_callback(x.shape, sharding, read)
+
+        return jax.tree_util.tree_map_with_path(leaf, self.opt_shapes, self.opt_specs)
+
+
+def without_opt_state(abstract):
+    """The run's abstract state as the compiled step sees it when the optimizer state is on disk."""
+    return replace(abstract, shapes=replace(abstract.shapes, opt_state=None), specs=replace(abstract.specs, opt_state=None))

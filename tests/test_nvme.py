@@ -1,0 +1,168 @@
+"""The NVMe tier (framework/memory/nvme.py): optimizer state in files, streamed through a host update.
+
+Same losses as the all-device run, optax's numbers per optimizer, disk bytes as planned, a
+bounded resident set during the update (a real process), checkpoints in the all-device layout
+that restore onto another mesh, and a crash mid-update (SIGKILL) that no checkpoint mixes.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from framework import memory, sharding
+from framework.checkpoint import Checkpointer, abstract_target
+from framework.config import ConfigError
+from framework.optimizer import build_optimizer
+from framework.trainer import Trainer
+from helpers import ROOT, tiny_config
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_mlp=64", "train.seq_len=16",
+         "train.global_batch=8", "optimizer.warmup_steps=3", "data.source=synthetic", "checkpoint.async=false"]
+STEPS = 10
+
+
+def nvme(tmp_path, name="nvme", chunk=1024):
+    return ["memory.opt_state=nvme", f"memory.nvme_dir={tmp_path / name}", f"memory.nvme_chunk_bytes={chunk}"]
+
+
+def state_arrays(tree) -> list[np.ndarray]:
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory):
+    """The all-device run: losses and its checkpoints (every 5 steps), the reference for every test here."""
+    run_dir = tmp_path_factory.mktemp("device_run")
+    trainer = Trainer(tiny_config(*SMALL, "checkpoint.every_steps=5", steps=STEPS), run_dir=run_dir)
+    losses = [r["loss"] for r in trainer.fit()]
+    return trainer, np.array(losses), run_dir / "checkpoints"
+
+
+def restored(directory, step, trainer):
+    """Checkpoint ``step`` read into the all-device layout of ``trainer``'s mesh."""
+    ck = Checkpointer(directory)
+    try:
+        return ck.restore(step, abstract_target(trainer.abstract.shapes, trainer.state_shardings))
+    finally:
+        ck.close()
+
+
+def test_nvme_config_errors_are_one_line(tmp_path):
+    cases = {
+        (): "memory.opt_state=nvme needs memory.nvme_dir",
+        (f"memory.nvme_dir={tmp_path}", "optimizer.name=adafactor"): "optimizer.name='adafactor' is not one",
+        (f"memory.nvme_dir={tmp_path}", "train.param_dtype=bfloat16"): "must be float32",
+        (f"memory.nvme_dir={tmp_path}", "elastic.enabled=true"): "does not support elastic.enabled=true",
+        (f"memory.nvme_dir={tmp_path}", "memory.nvme_chunk_bytes=2"): "memory.nvme_chunk_bytes=2: expected bytes >= 4",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+            tiny_config("memory.opt_state=nvme", *overrides)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd", "sgd_no_momentum"])
+def test_streamed_update_is_optax_update(tmp_path, name):
+    """Three updates of a sharded tree (split, replicated and uneven leaves, chunks crossing shards)
+    give optax's parameters and state; decay masked as the framework's."""
+    opt = ["optimizer.name=sgd", "optimizer.momentum=0"] if name == "sgd_no_momentum" else [f"optimizer.name={name}"]
+    cfg = tiny_config(*opt, "optimizer.grad_clip=0", "optimizer.warmup_steps=1", "optimizer.weight_decay=0.1",
+                      *nvme(tmp_path, chunk=60), steps=3)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    shapes = {"kernel": (16, 24), "bias": (24,), "embed": (40, 8), "scale": (8,)}
+    specs = {"kernel": P("fsdp"), "bias": P(), "embed": P("fsdp", None), "scale": P()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+    rand = lambda: {k: jax.device_put(jax.random.normal(next(keys), s), shardings[k]) for k, s in shapes.items()}  # noqa: E731
+    params = rand()
+    tx = build_optimizer(cfg.optimizer, cfg.train.steps)
+    opt_state = tx.init(params)
+    opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, params), specs)
+    store = memory.NvmeOptimizer(cfg, mesh, jax.eval_shape(lambda: params), shardings,
+                                 jax.eval_shape(tx.init, params), opt_specs)
+    store.init()
+    streamed = jax.tree.map(jnp.copy, params)
+    for step in range(3):
+        grads = rand()
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        streamed = store.update(streamed, jax.tree.map(jnp.copy, grads), step)
+        for k in shapes:
+            assert streamed[k].sharding == shardings[k]
+            np.testing.assert_allclose(np.asarray(streamed[k]), np.asarray(params[k]), rtol=0, atol=2e-6, err_msg=k)
+    for ours, theirs in zip(state_arrays(store.opt_state(3)), state_arrays(opt_state)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+    moments = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 1, "sgd_no_momentum": 0}[name]
+    assert store.disk_bytes == sum(os.path.getsize(f) for f in store.files.values()) == 4 * moments * (16 * 24 + 24 + 40 * 8 + 8)
+    store.close()
+
+
+@pytest.mark.slow
+def test_nvme_run_equals_all_device_through_a_crash_and_another_mesh(tmp_path, device_run):
+    """10 steps (warm-up, cosine schedule, clipping, decay mask) with the state on nvme and checkpoints every
+    3 steps; SIGKILL in the middle of step 8's update. Step 6 is the newest checkpoint, the files say an
+    update was interrupted (a save of them is refused); the run resumed on a (2, 4) mesh rewrites them from
+    step 6 and finishes. Its 10 losses equal the all-device run's, its files hold 8 bytes per parameter
+    (Adam) as planned, and its checkpoint holds the optimizer state as the all-device run's does."""
+    reference, reference_losses, reference_ckpt = device_run
+    run_dir = tmp_path / "run"
+    overrides = [*SMALL, "checkpoint.every_steps=3", *nvme(tmp_path), f"train.steps={STEPS}",
+                 "logging.progress=false", "logging.tensorboard=false"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "nvme_worker.py"), "crash", "--run-dir", str(run_dir),
+                           "--crash-step", "7", *overrides], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    marker = json.loads((tmp_path / "nvme" / "process_0" / memory.nvme.MARKER).read_text())
+    assert marker["step"] == 7 and marker["complete"] is False
+    ck = Checkpointer(run_dir / "checkpoints")
+    assert ck.latest_good_step() == 6 and not (run_dir / "checkpoints" / "7").exists()
+    ck.close()
+
+    resumed = Trainer(tiny_config(*overrides, "mesh.data=2", "mesh.fsdp=4", steps=STEPS), run_dir=run_dir)
+    with pytest.raises(memory.NvmeStateError, match="holds an interrupted update"):
+        resumed.nvme.opt_state(7)
+    resumed.fit()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # 1-6 from the crashed process, 7-10 resumed
+    np.testing.assert_allclose([r["loss"] for r in records], reference_losses, rtol=0, atol=1e-5)
+    assert resumed.state.opt_state is None  # nothing of the optimizer state in the state the step holds
+    files = sum(os.path.getsize(f) for f in resumed.nvme.files.values())
+    planned = memory.disk_bytes(resumed.cfg.optimizer, resumed.abstract.shapes.params, resumed.device_state_shardings.params)
+    assert files == planned == 8 * resumed.abstract.param_count
+    plan = resumed.memory_plan().to_dict()["bytes_per_device"]["opt_state"]
+    assert plan == {"device": 0, "pinned_host": 0, "nvme": memory.state_needs(
+        resumed.cfg, resumed.base_abstract, resumed.axis_sizes, resumed.batch_axes, 1).opt_state}
+    ours, theirs = (restored(d, STEPS, reference) for d in (run_dir / "checkpoints", reference_ckpt))
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(state_arrays(ours.opt_state), state_arrays(theirs.opt_state)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    resumed.nvme.close()
+
+
+RSS_MODEL = ["model.d_model=512", "model.n_layers=4", "model.n_heads=8", "model.d_mlp=2048", "train.seq_len=16",
+             "train.global_batch=8", "data.source=synthetic", "train.steps=3", "logging.progress=false",
+             "logging.tensorboard=false"]
+
+
+@pytest.mark.slow
+def test_update_resident_memory_stays_far_under_the_state(tmp_path):
+    """A 12.8M-parameter model (Adam state: 102 MB in files): the process's peak resident memory during
+    an update rises by at most two of its largest parameter, sixteen chunks and 4 MiB, which is under a
+    fifth of the state. Loading the state, or keeping old parameters alive, would break the bound."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    chunk = 256 << 10
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "nvme_worker.py"), "rss", *RSS_MODEL,
+                           *nvme(tmp_path, chunk=chunk)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert m["finite"] and m["state_bytes"] > 100e6
+    bound = 2 * m["largest_leaf_bytes"] + 16 * chunk + (4 << 20)
+    assert bound < m["state_bytes"] / 5
+    assert m["peak"] - m["rss_before"] < bound, m
