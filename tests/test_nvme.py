@@ -21,7 +21,7 @@ from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import ConfigError
 from framework.optimizer import build_optimizer
 from framework.trainer import Trainer
-from helpers import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_mlp=64", "train.seq_len=16",
          "train.global_batch=8", "optimizer.warmup_steps=3", "data.source=synthetic", "checkpoint.async=false"]
