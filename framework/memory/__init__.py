@@ -2,10 +2,12 @@
 
 policy.py   categories, memory kinds, the placement policy, remat/offload policies, transfer checks
 planner.py  bytes per device per category and memory kind (exact, compiled or estimated)
+host.py     the optimizer update on the host where pinned_host state lives, gradients in host memory
 monitor.py  the devices' memory state while training runs (MemoryMonitor) and the budget it gives
 
 Everything is re-exported here: ``from framework import memory`` and ``memory.X`` work.
 """
+from framework.memory.host import HostUpdateCheck, check_host_update, on_host
 from framework.memory.monitor import MemoryMonitor, MemoryReading, needs_budget, resolve_budget
 from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_device_bytes,
                                       device_bytes_by_category, device_share, estimate_needs, format_plan,
