@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 from jax.experimental.compute_on import compute_on
 
-HOST_COMPUTE = 'mhlo.frontend_attributes = {_xla_compute_type = "host"}'
+HOST_COMPUTE = '_xla_compute_type = "host"'  # the placement jax gives a compute_on("device_host") call and its ops
 
 
 def on_host(fn: Callable) -> Callable:
