@@ -23,6 +23,7 @@ class ConfigError(Exception):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+HOST_OPTIMIZERS = ("adamw", "adam", "sgd", "lion")  # their updates run on the host (memory.opt_state=pinned_host)
 TOKEN_METADATA = "metadata.json"  # a token store's description (framework/data/prepare.py writes it)
 VOCAB_MULTIPLE = 128  # model.vocab_size: auto pads the store's vocabulary up to a multiple of this
 
@@ -168,10 +169,13 @@ class MemoryConfig:
     ``headroom_bytes``: when free device memory (``Trainer.memory_monitor``) falls under it before a
     step, the step runs with a smaller micro-batch (null: no check; an out-of-memory step is retried
     smaller either way); ``regrow_after_steps``: steps with room before growing back (0: never).
+    ``opt_state: pinned_host`` also runs the optimizer update on the host, where the state lives;
+    ``grads: pinned_host`` sends each micro-batch's gradients to host memory and accumulates them there.
     """
 
     params: Literal["device", "pinned_host", "auto"] = "device"
     opt_state: Literal["device", "pinned_host", "auto", "nvme"] = "device"  # nvme: files in nvme_dir (memory/nvme.py)
+    grads: Literal["device", "pinned_host"] = "device"
     activations: Literal["save", "remat", "offload", "auto"] = "save"
     activation_names: dict[str, Literal["save", "remat", "offload"]] = field(default_factory=dict)
     device_budget_bytes: Optional[int] = None
@@ -452,6 +456,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"memory.device_budget_bytes={cfg.memory.device_budget_bytes}: expected a positive integer or null")
     if cfg.memory.headroom_bytes is not None and cfg.memory.headroom_bytes < 0:
         raise ConfigError(f"memory.headroom_bytes={cfg.memory.headroom_bytes}: expected a non-negative integer or null")
+    if cfg.memory.opt_state == "pinned_host" and cfg.optimizer.name not in HOST_OPTIMIZERS:
+        raise ConfigError(f"memory.opt_state=pinned_host: optimizer.name={cfg.optimizer.name} cannot update on the host (its "
+                          f"update makes arrays in device memory); use {', '.join(HOST_OPTIMIZERS)} or memory.opt_state=device")
     if cfg.memory.regrow_after_steps < 0:
         raise ConfigError(f"memory.regrow_after_steps={cfg.memory.regrow_after_steps}: expected a non-negative integer")
     if cfg.memory.nvme_chunk_bytes < 4:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from framework.config import OptimizerConfig
@@ -44,6 +45,29 @@ def decay_mask(params, decay_embeddings: bool):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves together, as ``optax.tree.norm`` sums it (leaf by leaf, in tree order).
+
+    Safe inside a host computation (``compute_on("device_host")``): optax squares ``leaf.imag``,
+    which for real leaves is a zero array created in device memory, and host and device
+    operands cannot meet in one op.
+    """
+    squares = [jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(squares[1:], squares[0]))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (same arithmetic, same empty state) with the host-safe ``global_norm``."""
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        within = norm < max_norm
+        scale = lambda t: jax.lax.select(within, t, (t / norm.astype(t.dtype)) * max_norm)  # noqa: E731
+        return jax.tree.map(scale, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     lr = learning_rate_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731 (optax calls it with the params)
@@ -58,5 +82,5 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTra
     else:  # adafactor
         opt = optax.adafactor(lr)
     if cfg.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+        opt = optax.chain(clip_by_global_norm(cfg.grad_clip), opt)
     return opt

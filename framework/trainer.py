@@ -7,6 +7,7 @@ Subclass and override ``loss_fn``, ``train_step``, ``eval_step``, ``on_step_end`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
 from framework.mesh import MeshManager, describe
 from framework.metrics import MetricsWriter, ProgressBar, drop_records_after
-from framework.optimizer import learning_rate_schedule
+from framework.optimizer import global_norm, learning_rate_schedule
 from framework.state import TrainState, abstract_state, init_state
 
 
@@ -98,6 +99,8 @@ class Trainer:
         self.state_specs = self.abstract.specs
         self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
         self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, placement)
+        self.host_update = placement.opt_state == memory.HOST  # ZeRO-Offload: the update runs where the state lives
+        self.grad_shardings = jax.tree.map(lambda s: s.with_memory_kind(placement.grads), self.device_state_shardings.params)
         self._jitted_step = jax.jit(
             self._traced_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -326,50 +329,71 @@ class Trainer:
         """Accumulate gradients over the micro-batches on axis 0, then one optimizer update."""
         accum = batch.shape[0]
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
-        param_shardings = self.device_state_shardings.params
+        add, mean = functools.partial(jax.tree.map, jnp.add), functools.partial(jax.tree.map, lambda g: g / accum)
+        on_host = self.placement.grads == memory.HOST
+        if on_host:  # memory tiers: gradients accumulate in host memory, so the sums run there
+            add, mean = memory.on_host(add), memory.on_host(mean)
 
         def micro_step(carry, micro_batch):
             grads_sum, loss_sum = carry
             (loss, _), grads = grad_fn(state.params, micro_batch, state.rng)
-            grads = self._on_device(grads)  # memory tiers: streamed params give their gradients in pinned_host
-            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
+            return (add(grads_sum, self._to_grads_tier(grads)), loss_sum + loss), None
 
         if accum == 1:
             (loss, _), grads = grad_fn(state.params, batch[0], state.rng)
-            grads = self._on_device(grads)
-            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+            grads = self._to_grads_tier(grads)
         else:
             zeros = jax.tree.map(jnp.zeros_like, self._on_device(state.params))
+            zeros = jax.device_put(zeros, self.grad_shardings) if on_host else zeros
             (grads, loss), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32)), batch)
-            grads = jax.tree.map(lambda g: g / accum, grads)
+            grads = mean(grads)
             loss = loss / accum
 
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr_schedule(state.step)}
+        grad_norm = memory.on_host(global_norm)(grads) if on_host else optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(state.step)}
         if self.nvme is not None:  # memory tiers: the update streams the state from disk after this program (memory/nvme.py)
             clipped = grads if self.nvme.clip is None else self.nvme.clip.update(grads, optax.EmptyState())[0]
             return dataclasses.replace(state, step=state.step + 1, data_pos=state.data_pos + 1), metrics, clipped
-        params = self._on_device(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = self.optimizer_update(state.params, grads, state.opt_state)
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, data_pos=state.data_pos + 1
         )
         return new_state, metrics
+
+    def optimizer_update(self, params, grads, opt_state):
+        """New params and optimizer state: on the device, or on the host where pinned_host optimizer state lives.
+
+        On the host (ZeRO-Offload) the gradients and parameters travel to host memory, the update
+        runs there as one host computation, and the optimizer state never comes to the device.
+        """
+        def update(params, grads, opt_state):
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        if self.host_update:
+            host = jax.tree.map(lambda s: s.with_memory_kind(memory.HOST), self.device_state_shardings.params)
+            return memory.on_host(update)(jax.device_put(params, host), jax.device_put(grads, host), opt_state)
+        if self.placement.grads == memory.HOST:
+            grads = jax.device_put(grads, self.device_state_shardings.params)
+        return update(self._on_device(params), grads, opt_state)
+
+    def _to_grads_tier(self, grads):
+        """One micro-batch's gradients, sharded as the params, in ``memory.grads``'s kind (streamed params give them in pinned_host)."""
+        if self.placement.grads == memory.HOST:
+            return jax.device_put(grads, self.grad_shardings)
+        return jax.lax.with_sharding_constraint(self._on_device(grads), self.device_state_shardings.params)
 
     def _on_device(self, params_like):
         """Streamed parameters (and their gradients) to device memory for the update; otherwise unchanged."""
         return jax.device_put(params_like, self.device_state_shardings.params) if self.stream_params else params_like
 
     def _traced_step(self, state, batch):
-        offloaded = memory.HOST in self.placement.kinds().values()
-        if offloaded:  # memory tiers: host-resident categories come to the device for the step and go back after
-            to_device = dataclasses.replace(self.device_state_shardings, params=self.state_shardings.params)
-            state = jax.device_put(state, to_device)  # params stay in their kind: the model streams them per layer
+        # memory tiers: pinned_host state is used where it lives (the model streams params per layer, the
+        # update runs on the host), and what the step returns goes back to the state's kinds
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
                 broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes (issue 6)
             state, *outputs = self.train_step(state, batch)  # outputs: metrics (and the gradients, with opt_state on nvme)
-        if offloaded:
+        if memory.HOST in self.placement.kinds().values():
             state = jax.device_put(state, self.state_shardings)
         return state, *outputs
 

@@ -2,11 +2,13 @@
 
 policy.py   categories, memory kinds, the placement policy, remat/offload policies, transfer checks
 planner.py  bytes per device per category and memory kind (exact, compiled or estimated)
+host.py     the optimizer update on the host where pinned_host state lives, gradients in host memory
 monitor.py  the devices' memory state while training runs (MemoryMonitor) and the budget it gives
 nvme.py     the NVMe tier: the optimizer state in files on local disk, streamed through the update in chunks
 
 Everything is re-exported here: ``from framework import memory`` and ``memory.X`` work.
 """
+from framework.memory.host import HostUpdateCheck, check_host_update, on_host
 from framework.memory.monitor import MemoryMonitor, MemoryReading, needs_budget, resolve_budget
 from framework.memory.nvme import NVME, NvmeOptimizer, NvmeStateError, disk_bytes, without_opt_state
 from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_device_bytes,

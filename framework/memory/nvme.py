@@ -37,7 +37,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from framework.config import Config, ConfigError, OptimizerConfig
-from framework.optimizer import decay_mask, learning_rate_schedule
+from framework.optimizer import clip_by_global_norm, decay_mask, learning_rate_schedule
 
 NVME = "nvme"
 MARKER = "state.json"
@@ -199,7 +199,7 @@ class NvmeOptimizer:
         self.elements = sum(s.size for s in self.segments)
         self.directory = Path(cfg.memory.nvme_dir).expanduser() / f"process_{jax.process_index()}"
         self.files = {m: self.directory / f"{m}.f32" for m in self.moments}
-        self.clip = optax.clip_by_global_norm(cfg.optimizer.grad_clip) if cfg.optimizer.grad_clip > 0 else None
+        self.clip = clip_by_global_norm(cfg.optimizer.grad_clip) if cfg.optimizer.grad_clip > 0 else None
         self._open()
 
     @property

@@ -81,7 +81,7 @@ def category_bytes(needs: MemoryNeeds, placement: Placement) -> dict[str, dict[s
     out = {c: {k: 0 for k in KINDS} for c in CATEGORIES}
     out["params"][placement.params] = needs.params
     out["opt_state"][placement.opt_state] = needs.opt_state
-    out["grads"][DEVICE] = needs.grads
+    out["grads"][placement.grads] = needs.grads
     out["batch"][DEVICE] = needs.batch
     out["activations"] = dict(needs.activations[placement.activations])
     return out
@@ -123,7 +123,7 @@ class MemoryPlan:
             "totals": self.totals,
             "fits": self.fits,
             "placement": {"params": self.placement.params, "opt_state": self.placement.opt_state,
-                          "activations": self.placement.activations, "grads": DEVICE, "batch": DEVICE},
+                          "activations": self.placement.activations, "grads": self.placement.grads, "batch": DEVICE},
             "reasons": self.placement.reasons,
             "activation_source": self.activation_source,
         }

@@ -43,18 +43,20 @@ def has_auto(cfg: MemoryConfig) -> bool:
 
 @dataclasses.dataclass
 class Placement:
-    """Memory kind of ``params`` and ``opt_state``, activation mode, and why each was chosen."""
+    """Memory kind of ``params``, ``opt_state`` and ``grads``, activation mode, and why each was chosen."""
 
     params: str = DEVICE
     opt_state: str = DEVICE
     activations: str = "save"
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    grads: str = DEVICE
 
     def kinds(self) -> dict[str, str]:
+        """The state's categories (what the TrainState holds between steps) and their kinds."""
         return {"params": self.params, "opt_state": self.opt_state}
 
-    def key(self) -> tuple[str, str, str]:
-        return self.params, self.opt_state, self.activations
+    def key(self) -> tuple[str, str, str, str]:
+        return self.params, self.opt_state, self.activations, self.grads
 
 
 class PlacementPolicy:
@@ -74,7 +76,7 @@ class PlacementPolicy:
         requested = {"params": cfg.params, "opt_state": cfg.opt_state, "activations": cfg.activations}
         on_device = {"params": DEVICE, "opt_state": DEVICE, "activations": "save"}
         offloaded = {"params": HOST, "opt_state": HOST, "activations": "offload"}
-        placement = Placement(reasons={})
+        placement = Placement(reasons={"grads": "set in config"} if cfg.grads != DEVICE else {}, grads=cfg.grads)
         for category, choice in requested.items():
             setattr(placement, category, on_device[category] if choice == "auto" else choice)
             if choice != "auto":
