@@ -14,6 +14,7 @@ activations of every micro-batch in flight; the bubble is (S - 1) / (M + S - 1).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -54,7 +55,9 @@ def gpipe(stage_fn: Callable, stage_params, x: jax.Array, p: Pipeline, logical_a
     Micro-batch m takes rows m, m + M, m + 2M, ...: with the batch split over the data-parallel
     devices, each micro-batch stays split the same way (no data moves to form them).
     """
-    S, M = p.stages, p.microbatches
+    # the config makes M divide every step's batch; a trace of fewer rows (the planner's one-row
+    # trace for checkpoint names) runs with as many micro-batches as divide it
+    S, M = p.stages, math.gcd(p.microbatches, x.shape[0])
     rows = x.shape[0] // M
     xs = jnp.swapaxes(x.reshape(rows, M, *x.shape[1:]), 0, 1)  # (M, rows, ...)
     buffer_axes = ("stage", *logical_axes)

@@ -261,6 +261,14 @@ class Transformer(nnx.Module):
         x = (_to_device(self.ln_f) if self.stream_params else self.ln_f)(x)
         return self._logits(x)
 
+    def one_layer(self):
+        """(fn(layer params, x) -> x, shapes of one layer's params): a single stacked layer as the model runs it,
+        remat included; the planner traces it for the activation bytes one pipeline stage keeps per layer."""
+        graphdef, stacked = nnx.split(self.blocks)
+        call = self._block_fn()
+        layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+        return (lambda layer, x: call(nnx.merge(graphdef, layer), x)), layer
+
     def _pipelined(self, run, x):
         """The stacked layers as pipeline stages: each stage scans its own contiguous layers."""
         graphdef, stacked = nnx.split(self.blocks)

@@ -1,0 +1,139 @@
+"""Pipeline stages (mesh.stage): the same losses and gradients as the unpipelined model, each stage's devices
+holding only their layers (as the planner says), checkpoints across stage counts, config errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from framework import memory, sharding
+from framework.checkpoint import Checkpointer, abstract_target
+from framework.config import ConfigError, load_config
+from framework.mesh import MeshManager
+from framework.pipeline import bubble_fraction
+from framework.state import abstract_state
+from framework.trainer import Trainer
+from tests.helpers import TINY, tiny_config
+
+SMALL = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.d_mlp=64", "model.max_seq_len=16",
+         "train.seq_len=16", "train.global_batch=8", "model.scan_layers=true", "data.source=synthetic"]
+CASES = {  # name: (overrides, devices)
+    "stage=2": (["mesh.stage=2", "mesh.fsdp=1", "train.pipeline_microbatches=4"], 2),
+    "stage=4": (["mesh.stage=4", "mesh.fsdp=1", "train.pipeline_microbatches=2"], 4),
+    "stage=2,data=2,fsdp=2": (["mesh.stage=2", "mesh.data=2", "mesh.fsdp=2", "train.pipeline_microbatches=2"], 8),
+    "stage=4,fsdp=2,remat": (["mesh.stage=4", "mesh.fsdp=2", "model.remat=true", "train.pipeline_microbatches=2"], 8),
+    "stage=2,fsdp=2,tensor=2": (["mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2", "train.pipeline_microbatches=2"], 8),
+}
+_trainers = {}
+
+
+def trainer(name):
+    if name not in _trainers:
+        overrides, n = CASES[name] if name in CASES else (["mesh.fsdp=1"], 1)
+        _trainers[name] = Trainer(tiny_config(*SMALL, *overrides, steps=2), devices=jax.devices()[:n])
+    return _trainers[name]
+
+
+def loss_and_grads(tr, params, batch):
+    """The trainer's loss and its gradient, in the trainer's shardings and activation rules."""
+    rng = jax.random.key_data(jax.random.key(0))
+
+    def f(p, b):
+        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
+            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
+
+    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
+    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
+    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tr = trainer("unpipelined")
+    params = jax.device_get(tr.init_state().params)
+    batch = np.random.default_rng(0).integers(0, 256, (8, 17), dtype=np.int32)
+    return params, batch, loss_and_grads(tr, params, batch)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "tensor" in n else []) for n in CASES])
+def test_loss_and_gradients_equal_unpipelined(reference, name):
+    params, batch, (ref_loss, ref_grads) = reference
+    loss, grads = loss_and_grads(trainer(name), params, batch)
+    assert abs(loss - ref_loss) < 1e-5
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
+    assert len(flat_ref) == len(jax.tree.leaves(grads)) > 10
+    for (path, want), got in zip(flat_ref, jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_each_stage_holds_only_its_layers_as_planned():
+    tr = trainer("stage=4,fsdp=2,remat")
+    state = tr.init_state()
+    plan = memory.pipeline_plan(tr.cfg, tr.abstract, tr.axis_sizes, tr.batch_axes, tr.cfg.train.grad_accum)
+    assert [s.layers for s in plan.per_stage] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert plan.bubble_fraction == bubble_fraction(4, 2) == 3 / 5
+    # the devices of stage s hold layer s of every stacked weight, and nothing of the other layers
+    for s, stage_devices in enumerate(tr.mesh.devices):
+        for leaf in jax.tree.leaves(state.params["blocks"]):
+            for shard in leaf.addressable_shards:
+                if shard.device in stage_devices.flat:
+                    assert shard.index[0] == slice(s, s + 1)
+    blocks_total = sum(x.nbytes for x in jax.tree.leaves(state.params["blocks"]))
+    held = memory.shard_bytes(state.params["blocks"])["device"]
+    assert held == sharding.bytes_per_device(tr.abstract.shapes.params["blocks"], tr.abstract.specs.params["blocks"],
+                                             tr.axis_sizes) <= blocks_total // 4  # a quarter, less what fsdp splits too
+    assert memory.shard_bytes(state.params)["device"] == plan.per_stage[0].param_bytes
+    # the compiled step's inputs per device: this stage's params and optimizer state and its batch shard, no more
+    compiled = tr.compiled_step
+    batch_bytes = 8 * 17 * 4 // 2  # (grad_accum 1, 8 rows over fsdp 2, 17 tokens) int32
+    assert compiled.memory_analysis().argument_size_in_bytes == memory.shard_bytes(state)["device"] + batch_bytes
+    assert "collective-permute" in compiled.as_text()  # activations move stage to stage
+
+
+def test_checkpoint_restores_across_stage_counts(tmp_path):
+    saver, targets = trainer("stage=2,data=2,fsdp=2"), [trainer("stage=4,fsdp=2,remat"), trainer("unpipelined")]
+    rng = np.random.default_rng(1)
+    values = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype) if x.dtype == np.float32
+                          else np.full(x.shape, 3, x.dtype), saver.abstract.shapes)
+    state = jax.device_put(values, saver.state_shardings)
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(3, state)
+    ck.wait()
+    for tr in targets:
+        restored = ck.restore(3, abstract_target(tr.abstract.shapes, tr.state_shardings))
+        leaves = zip(jax.tree_util.tree_leaves_with_path(values), jax.tree.leaves(restored), jax.tree.leaves(tr.state_shardings))
+        for (path, want), got, placed in leaves:
+            assert got.sharding.is_equivalent_to(placed, got.ndim)  # onto the other stage count's layout
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_fit_with_grad_accum_equals_unpipelined():
+    """Through the framework's compiled step: pipelining inside each of 2 accumulated micro-batches."""
+    ref = Trainer(tiny_config(*SMALL, "mesh.fsdp=1", steps=2), devices=jax.devices()[:1]).fit()
+    got = Trainer(tiny_config(*SMALL, *CASES["stage=2,data=2,fsdp=2"][0], "train.grad_accum=2", steps=2)).fit()
+    assert got[0]["mesh"] == {"stage": 2, "data": 2, "fsdp": 2, "tensor": 1}
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.stage=3"], "model.n_layers=4 is not divisible by mesh.stage=3"),
+    (["mesh.stage=2", "train.pipeline_microbatches=3"],
+     "train.pipeline_microbatches=3 does not divide the micro-batch 16 (train.global_batch=16 / train.grad_accum=1)"),
+    (["mesh.stage=2", "model.scan_layers=false"], "mesh.stage=2 needs model.name=transformer with model.scan_layers=true "
+     "(the stages cut the stacked layers), got model.name=transformer model.scan_layers=False"),
+    (["mesh.stage=0"], "mesh.stage=0: expected a positive number of pipeline stages or -1"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.scan_layers=true", *overrides])
+    assert str(e.value) == message
+
+
+def test_stage_fill_checks_layers():
+    cfg = load_config(TINY, ["model.scan_layers=true", "mesh.stage=-1", "mesh.fsdp=1"])
+    sizes = MeshManager(cfg.mesh).axis_sizes(8)
+    assert sizes == {"stage": 8, "data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ConfigError, match=r"^model.n_layers=4 is not divisible by mesh.stage=8$"):
+        abstract_state(cfg, sizes)
+    assert MeshManager(load_config(TINY, ["mesh.stage=1"]).mesh).axis_sizes(8) == {"data": 1, "fsdp": 8, "tensor": 1}
