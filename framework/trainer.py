@@ -168,7 +168,8 @@ class Trainer:
         """Micro-batch sizes that divide the global batch and split over the data-parallel devices, largest first."""
         t = self.cfg.train
         dp = math.prod(self.axis_sizes[a] for a in self.batch_axes)
-        candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0 and m % dp == 0]
+        candidates = [m for m in range(t.global_batch, 0, -1)
+                      if t.global_batch % m == 0 and m % dp == 0 and m % t.pipeline_microbatches == 0]
         if not candidates:
             raise ConfigError(f"train.global_batch={t.global_batch} has no micro-batch divisible by the data-parallel size {dp}")
         return candidates

@@ -1,5 +1,7 @@
 """Pipeline stages (mesh.stage): the same losses and gradients as the unpipelined model, each stage's devices
 holding only their layers (as the planner says), checkpoints across stage counts, config errors."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +139,29 @@ def test_stage_fill_checks_layers():
     with pytest.raises(ConfigError, match=r"^model.n_layers=4 is not divisible by mesh.stage=8$"):
         abstract_state(cfg, sizes)
     assert MeshManager(load_config(TINY, ["mesh.stage=1"]).mesh).axis_sizes(8) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_tryrun_vertical_candidates_cut_more_stages(tmp_path):
+    from framework.tryrun import TryRunController, format_decision
+
+    cfg = tiny_config(*SMALL, "elastic.enabled=true", "train.pipeline_microbatches=2", steps=2)
+    ctl = TryRunController(Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:2]))
+    pipelined = [(c.mesh, c.grad_accum) for c in ctl.candidates(8, 1) if c.kind == "pipeline"]
+    assert pipelined == [({"stage": 2, "data": 4, "fsdp": 1, "tensor": 1}, 1),
+                         ({"stage": 2, "data": 2, "fsdp": 2, "tensor": 1}, 1),
+                         ({"stage": 2, "data": 1, "fsdp": 4, "tensor": 1}, 1)]
+    ctl.trainer = Trainer(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, stage=2, fsdp=1)), run_dir=tmp_path,
+                          devices=jax.devices()[:2])  # already 2 stages: the next count that divides 4 layers is 4
+    ctl.dropped = []
+    assert [c.mesh for c in ctl.candidates(8, 1) if c.kind == "pipeline"] == [
+        {"stage": 4, "data": 2, "fsdp": 1, "tensor": 1}, {"stage": 4, "data": 1, "fsdp": 2, "tensor": 1}]
+    assert ctl.dropped == [{"kind": "pipeline", "n_devices": 8, "split": 2,
+                            "reason": "no stage count above 2 divides the split 2 and model.n_layers=4"}]
+    row = {"kind": "pipeline", "mesh": {"stage": 4, "data": 1, "fsdp": 2, "tensor": 1}, "n_devices": 8, "grad_accum": 1,
+           "samples_per_s": 10.0, "improvement": 0.1, "compile_s": 1.0, "source": "tryrun"}
+    text = format_decision({"step": 4, "trigger": "startup", "available_devices": 8, "min_devices": 1,
+                            "integer_multiple": True, "baseline": {**row, "kind": "baseline"}, "candidates": [row],
+                            "chosen": row, "adopted": True, "threshold": 0.05, "max_useful_devices": 8,
+                            "seconds": dict.fromkeys(["checkpoint", "tryrun_compile", "tryrun_restore",
+                                                      "tryrun_measured", "restore", "total"], 0.0)})
+    assert "  pipeline   s4:1x2x1          8" in text and "adopted pipeline s4:1x2x1 on 8 devices" in text
