@@ -111,9 +111,11 @@ def test_checkpoint_restores_across_stage_counts(tmp_path):
 
 @pytest.mark.slow
 def test_fit_with_grad_accum_equals_unpipelined():
-    """Through the framework's compiled step: pipelining inside each of 2 accumulated micro-batches."""
+    """Through the framework's compiled step: pipelining inside each of 2 accumulated micro-batches, the
+    optimizer state in pinned_host (memory tiers)."""
     ref = Trainer(tiny_config(*SMALL, "mesh.fsdp=1", steps=2), devices=jax.devices()[:1]).fit()
-    got = Trainer(tiny_config(*SMALL, *CASES["stage=2,data=2,fsdp=2"][0], "train.grad_accum=2", steps=2)).fit()
+    got = Trainer(tiny_config(*SMALL, *CASES["stage=2,data=2,fsdp=2"][0], "train.grad_accum=2",
+                              "memory.opt_state=pinned_host", steps=2)).fit()
     assert got[0]["mesh"] == {"stage": 2, "data": 2, "fsdp": 2, "tensor": 1}
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], atol=1e-5)
 
@@ -125,6 +127,8 @@ def test_fit_with_grad_accum_equals_unpipelined():
     (["mesh.stage=2", "model.scan_layers=false"], "mesh.stage=2 needs model.name=transformer with model.scan_layers=true "
      "(the stages cut the stacked layers), got model.name=transformer model.scan_layers=False"),
     (["mesh.stage=0"], "mesh.stage=0: expected a positive number of pipeline stages or -1"),
+    (["mesh.stage=2", "memory.params=pinned_host"], "mesh.stage=2 with memory.params=pinned_host: parameters streamed "
+     "from host do not run inside pipeline stages (each stage holds only its own layers); use memory.params=device"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
