@@ -149,11 +149,12 @@ def plan_pipeline_layout(cfg: Config, n_devices: int, replicas: int, split: int,
     found = plan_layout(cfg, "pipeline", n_devices, replicas, split // stages, prefer_tensor)
     if isinstance(found, str):
         return found
-    micro = t.global_batch // found.grad_accum
-    if micro % t.pipeline_microbatches:
-        return f"train.pipeline_microbatches={t.pipeline_microbatches} does not divide the micro-batch {micro}"
-    found.mesh = {STAGE: stages, **found.mesh}
-    return found
+    dp = math.prod(found.mesh[a] for a in batch_axes_of(cfg))
+    accum = grad_accum_for(t.global_batch, dp * t.pipeline_microbatches, t.grad_accum)  # pieces split like the batch
+    if accum is None:
+        return (f"train.global_batch={t.global_batch} does not split into train.pipeline_microbatches="
+                f"{t.pipeline_microbatches} pieces over data-parallel size {dp}")
+    return Layout("pipeline", n_devices, {STAGE: stages, **found.mesh}, accum)
 
 
 def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:

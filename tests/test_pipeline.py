@@ -1,6 +1,7 @@
 """Pipeline stages (mesh.stage): the same losses and gradients as the unpipelined model, each stage's devices
 holding only their layers (as the planner says), checkpoints across stage counts, config errors."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from framework.mesh import MeshManager
 from framework.pipeline import bubble_fraction
 from framework.state import abstract_state
 from framework.trainer import Trainer
-from tests.helpers import TINY, tiny_config
+from tests.helpers import ROOT, TINY, tiny_config
 
 SMALL = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.d_mlp=64", "model.max_seq_len=16",
          "train.seq_len=16", "train.global_batch=8", "model.scan_layers=true", "data.source=synthetic"]
@@ -136,6 +137,12 @@ def test_config_errors(overrides, message):
     assert str(e.value) == message
 
 
+def test_pipeline_pieces_must_split_over_data_parallel_devices():
+    with pytest.raises(ConfigError, match=r"^train.pipeline_microbatches=8 cuts the micro-batch 8 into pieces of 1 rows, "
+                                          r"not divisible by the data-parallel size 2 \(mesh.data\*mesh.fsdp\)$"):
+        Trainer(tiny_config(*SMALL, "mesh.stage=4", "mesh.fsdp=2", "train.pipeline_microbatches=8"))
+
+
 def test_stage_fill_checks_layers():
     cfg = load_config(TINY, ["model.scan_layers=true", "mesh.stage=-1", "mesh.fsdp=1"])
     sizes = MeshManager(cfg.mesh).axis_sizes(8)
@@ -169,3 +176,27 @@ def test_tryrun_vertical_candidates_cut_more_stages(tmp_path):
                             "seconds": dict.fromkeys(["checkpoint", "tryrun_compile", "tryrun_restore",
                                                       "tryrun_measured", "restore", "total"], 0.0)})
     assert "  pipeline   s4:1x2x1          8" in text and "adopted pipeline s4:1x2x1 on 8 devices" in text
+
+
+def test_plan_script_shows_each_stage(capsys, monkeypatch):
+    """scripts/plan.py on devices we do not have (in-process: its planning is what is tested, not the interpreter)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts" / "plan.py")
+    plan_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_script)
+    args = ["--config", TINY, "--devices", "16", *SMALL, "mesh.stage=4", "mesh.data=2", "train.pipeline_microbatches=4"]
+    plan_script.main([*args, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["mesh"] == {"stage": 4, "data": 2, "fsdp": 2, "tensor": 1}
+    stages = report["pipeline"]["per_stage"]
+    assert [s["layers"] for s in stages] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+    assert report["pipeline"]["bubble_fraction"] == 3 / 7 and report["pipeline"]["rows_per_microbatch"] == 2
+    blocks = [p for p in report["params"] if p["name"].startswith("blocks/")]
+    assert all(p["spec"][0] == "stage" for p in blocks)
+    assert stages[0]["param_bytes"] == report["memory"]["bytes_per_device"]["params"]["device"]
+    assert all(s["activation_bytes"] > 0 for s in stages)
+    plan_script.main(args)
+    text = capsys.readouterr().out
+    assert "pipeline: 4 stages x 4 micro-batches of 2 rows (GPipe), bubble (S-1)/(M+S-1) = 42.9%" in text
