@@ -115,9 +115,9 @@ def test_fit_with_grad_accum_equals_unpipelined():
     """Through the framework's compiled step: pipelining inside each of 2 accumulated micro-batches, the
     optimizer state in pinned_host (memory tiers)."""
     ref = Trainer(tiny_config(*SMALL, "mesh.fsdp=1", steps=2), devices=jax.devices()[:1]).fit()
-    got = Trainer(tiny_config(*SMALL, *CASES["stage=2,data=2,fsdp=2"][0], "train.grad_accum=2",
+    got = Trainer(tiny_config(*SMALL, *CASES["stage=2,fsdp=2,tensor=2"][0], "train.grad_accum=2",
                               "memory.opt_state=pinned_host", steps=2)).fit()
-    assert got[0]["mesh"] == {"stage": 2, "data": 2, "fsdp": 2, "tensor": 1}
+    assert got[0]["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "tensor": 2}
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], atol=1e-5)
 
 
