@@ -200,3 +200,14 @@ def test_plan_script_shows_each_stage(capsys, monkeypatch):
     plan_script.main(args)
     text = capsys.readouterr().out
     assert "pipeline: 4 stages x 4 micro-batches of 2 rows (GPipe), bubble (S-1)/(M+S-1) = 42.9%" in text
+
+
+def test_generation_unstacks_a_pipelined_runs_params():
+    """Decoding is not pipelined: a stage=2 run's params unstack onto its mesh, the stage axis replicating them."""
+    from framework.generate import unstacked
+
+    tr = trainer("stage=2,data=2,fsdp=2")
+    values = jax.tree.map(lambda x: np.ones(x.shape, x.dtype), tr.abstract.shapes.params)
+    dcfg, params, _ = unstacked(tr.cfg, jax.device_put(values, tr.state_shardings.params), tr.mesh)
+    assert not dcfg.model.scan_layers and sorted(params["blocks"]) == [0, 1, 2, 3]
+    assert params["blocks"][3]["mlp"]["fc_in"]["kernel"].sharding.spec == P("fsdp", "tensor")  # no stage: replicated over it
