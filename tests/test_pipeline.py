@@ -25,7 +25,6 @@ CASES = {  # name: (overrides, devices)
     "stage=4": (["mesh.stage=4", "mesh.fsdp=1", "train.pipeline_microbatches=2"], 4),
     "stage=2,data=2,fsdp=2": (["mesh.stage=2", "mesh.data=2", "mesh.fsdp=2", "train.pipeline_microbatches=2"], 8),
     "stage=4,fsdp=2,remat": (["mesh.stage=4", "mesh.fsdp=2", "model.remat=true", "train.pipeline_microbatches=2"], 8),
-    "stage=2,fsdp=2,tensor=2": (["mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2", "train.pipeline_microbatches=2"], 8),
 }
 _trainers = {}
 
@@ -58,7 +57,7 @@ def reference():
     return params, batch, loss_and_grads(tr, params, batch)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "tensor" in n else []) for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_loss_and_gradients_equal_unpipelined(reference, name):
     params, batch, (ref_loss, ref_grads) = reference
     loss, grads = loss_and_grads(trainer(name), params, batch)
@@ -112,11 +111,11 @@ def test_checkpoint_restores_across_stage_counts(tmp_path):
 
 @pytest.mark.slow
 def test_fit_with_grad_accum_equals_unpipelined():
-    """Through the framework's compiled step: pipelining inside each of 2 accumulated micro-batches, the
-    optimizer state in pinned_host (memory tiers)."""
+    """Through the framework's compiled step: pipelining inside each of 2 accumulated micro-batches, with
+    tensor parallelism in each stage and the optimizer state in pinned_host (memory tiers)."""
     ref = Trainer(tiny_config(*SMALL, "mesh.fsdp=1", steps=2), devices=jax.devices()[:1]).fit()
-    got = Trainer(tiny_config(*SMALL, *CASES["stage=2,fsdp=2,tensor=2"][0], "train.grad_accum=2",
-                              "memory.opt_state=pinned_host", steps=2)).fit()
+    got = Trainer(tiny_config(*SMALL, "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2", "train.pipeline_microbatches=2",
+                              "train.grad_accum=2", "memory.opt_state=pinned_host", steps=2)).fit()
     assert got[0]["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "tensor": 2}
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], atol=1e-5)
 
