@@ -63,6 +63,7 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     dcn_data: int = 1  # data-parallel replicas across slices (multi-slice / DCN)
+    stage: int = 1  # pipeline stages (framework/pipeline.py): the layer stack cut into this many pieces on disjoint devices
     axis_names: list[str] = field(default_factory=lambda: ["data", "fsdp", "tensor"])
 
 
@@ -80,6 +81,7 @@ class TrainConfig:
     compilation_cache_dir: str = ""  # persistent XLA compilation cache (jax_compilation_cache_dir); empty: off
     eval_every: int = 0  # steps between evaluations on held-out data (and after the last step); 0: off
     eval_batches: int = 4  # global batches per evaluation: always eval positions 0..eval_batches-1
+    pipeline_microbatches: int = 1  # mesh.stage > 1: pipeline micro-batches per grad_accum micro-batch (GPipe)
 
 
 @dataclass
@@ -140,7 +142,7 @@ class ShardingConfig:
             ["vocab", "tensor"],
             ["head_dim", None],
             ["length", None],
-            ["layers", None],
+            ["layers", "stage"],  # stacked layers: contiguous pieces per pipeline stage (no axis when mesh.stage=1)
         ]
     )
     activation_rules: list[list[Any]] = field(
@@ -153,6 +155,7 @@ class ShardingConfig:
             ["kv_heads", "tensor"],
             ["vocab", "tensor"],
             ["head_dim", None],
+            ["stage", "stage"],  # the pipeline's per-stage buffers
         ]
     )
 
@@ -423,7 +426,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(DTYPES)}")
     positive = {
         "train.steps": t.steps, "train.global_batch": t.global_batch, "train.seq_len": t.seq_len,
-        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "train.pipeline_microbatches": t.pipeline_microbatches,
         "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
         "model.vocab_size": m.vocab_size, "checkpoint.keep": cfg.checkpoint.keep, "train.eval_batches": t.eval_batches,
     }
@@ -470,12 +473,50 @@ def validate(cfg: Config) -> None:
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")
+    validate_pipeline(cfg)
     validate_optimizer(cfg.optimizer, t.steps)
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps={cfg.checkpoint.every_steps}: expected 0 (only at the end) or a positive integer")
     if cfg.checkpoint.every_minutes < 0:
         raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: expected a number >= 0 (0: off)")
     validate_elastic(cfg.elastic)
+
+
+def validate_pipeline(cfg: Config) -> None:
+    """``mesh.stage`` and ``train.pipeline_microbatches``; a stage count of -1 is checked again once filled (state.py)."""
+    stage, t = cfg.mesh.stage, cfg.train
+    if stage == 0 or stage < -1:
+        raise ConfigError(f"mesh.stage={stage}: expected a positive number of pipeline stages or -1")
+    micro = t.global_batch // t.grad_accum
+    if isinstance(t.micro_batch, int):
+        micro = t.micro_batch
+    if t.micro_batch != "auto" and micro % t.pipeline_microbatches:
+        raise ConfigError(f"train.pipeline_microbatches={t.pipeline_microbatches} does not divide the micro-batch {micro} "
+                          f"(train.global_batch={t.global_batch} / train.grad_accum={t.grad_accum})")
+    if stage == 1:
+        return
+    check_stages(cfg, stage)
+    if cfg.mesh.dcn_data != 1:
+        raise ConfigError(f"mesh.stage={stage} with mesh.dcn_data={cfg.mesh.dcn_data}: pipeline stages are not supported "
+                          "across slices; use mesh.dcn_data=1")
+    if cfg.memory.params != "device":
+        raise ConfigError(f"mesh.stage={stage} with memory.params={cfg.memory.params}: parameters streamed from host do not "
+                          "run inside pipeline stages (each stage holds only its own layers); use memory.params=device")
+    if cfg.broadcast.mode != "none":
+        raise ConfigError(f"mesh.stage={stage} with broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not "
+                          "run inside pipeline stages; use broadcast.mode=none")
+
+
+def check_stages(cfg: Config, stages: int) -> None:
+    """The model can be cut into ``stages`` contiguous pieces of stacked layers."""
+    m = cfg.model
+    if stages == -1 or stages == 1:
+        return
+    if m.name != "transformer" or not m.scan_layers:
+        raise ConfigError(f"mesh.stage={stages} needs model.name=transformer with model.scan_layers=true "
+                          f"(the stages cut the stacked layers), got model.name={m.name} model.scan_layers={m.scan_layers}")
+    if m.n_layers % stages:
+        raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by mesh.stage={stages}")
 
 
 def validate_optimizer(o: OptimizerConfig, steps: int) -> None:

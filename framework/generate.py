@@ -17,6 +17,7 @@ from flax import nnx
 
 from framework import sharding
 from framework.config import Config, ConfigError
+from framework.mesh import STAGE
 from framework.state import abstract_state
 
 
@@ -37,7 +38,8 @@ def unstacked(cfg: Config, params: dict, mesh) -> tuple[Config, dict, object]:
     Returns the decode config (no scan, no remat), its params in its shardings, and its graphdef.
     """
     dcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, remat=False))
-    abstract = abstract_state(dcfg, dict(zip(mesh.axis_names, mesh.axis_sizes)))
+    # decoding is not pipelined: a run's stage axis, if any, only replicates the unstacked layers
+    abstract = abstract_state(dcfg, {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a != STAGE})
     if cfg.model.scan_layers:
         blocks = params["blocks"]
         params = {**params, "blocks": {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(cfg.model.n_layers)}}

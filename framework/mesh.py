@@ -19,6 +19,8 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from framework.config import ConfigError, MeshConfig
 
+STAGE = "stage"  # the pipeline axis (framework/pipeline.py): outermost, so each stage is a contiguous device subset
+
 
 def factorizations(n: int, axis_names: Sequence[str] = ("data", "fsdp", "tensor")) -> list[dict[str, int]]:
     """Every way to write ``n`` as an ordered product of one size per axis."""
@@ -40,10 +42,15 @@ class MeshManager:
 
     def requested(self) -> dict[str, int]:
         data, fsdp, tensor = self.axis_names
-        return {data: self.cfg.data, fsdp: self.cfg.fsdp, tensor: self.cfg.tensor}
+        stage = {STAGE: self.cfg.stage} if self.cfg.stage != 1 else {}
+        return {**stage, data: self.cfg.data, fsdp: self.cfg.fsdp, tensor: self.cfg.tensor}
 
     def axis_sizes(self, n_devices: int) -> dict[str, int]:
-        """Sizes per axis for ``n_devices`` (the per-slice share when multi-slice), -1 filled."""
+        """Sizes per axis for ``n_devices`` (the per-slice share when multi-slice), -1 filled.
+
+        The ``stage`` axis comes first and only when there is more than one stage, so a mesh
+        without a pipeline is the same mesh it always was.
+        """
         sizes = self.requested()
         for name, s in sizes.items():
             if s == 0 or s < -1:
@@ -72,7 +79,12 @@ class MeshManager:
                 " (set one axis to -1 to fill it)"
             )
         if self.cfg.dcn_data > 1:
+            if STAGE in sizes:
+                raise ConfigError(f"mesh.stage={sizes[STAGE]} with mesh.dcn_data={self.cfg.dcn_data}: pipeline stages are "
+                                  "not supported across slices; use mesh.dcn_data=1")
             sizes[self.axis_names[0]] *= self.cfg.dcn_data
+        if sizes.get(STAGE) == 1:
+            del sizes[STAGE]
         return sizes
 
     @staticmethod
@@ -88,12 +100,12 @@ class MeshManager:
             grid = self._hybrid_grid(devices, shape)
         else:
             grid = self._local_grid(devices, shape)
-        return Mesh(grid, self.axis_names, axis_types=(AxisType.Auto,) * len(shape))
+        return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(shape))
 
     def abstract(self, n_devices: int) -> AbstractMesh:
         """A device-less mesh of any size, for planning and lowering without the hardware."""
         sizes = self.axis_sizes(n_devices)
-        return AbstractMesh(tuple(sizes.values()), self.axis_names, axis_types=(AxisType.Auto,) * len(sizes))
+        return AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
     @staticmethod
     def _local_grid(devices: list, shape: tuple[int, ...]) -> np.ndarray:

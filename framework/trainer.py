@@ -26,7 +26,7 @@ from framework import broadcast, goodput, hf, memory, preemption, rundir, shardi
 from framework.checkpoint import CheckpointError, Checkpointer, abstract_target, warn
 from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader, Prefetcher, make_source
-from framework.mesh import MeshManager, describe
+from framework.mesh import STAGE, MeshManager, describe
 from framework.metrics import MetricsWriter, ProgressBar, drop_records_after
 from framework.optimizer import global_norm, learning_rate_schedule
 from framework.state import TrainState, abstract_state, init_state
@@ -141,15 +141,25 @@ class Trainer:
         rules = sharding.rules_table(self.cfg.sharding.activation_rules)
         return tuple(a for a in rules.get("batch", ()) if a in self.axis_sizes)
 
+    @property
+    def _pipeline_microbatches(self) -> int:
+        """Pieces each micro-batch is cut into by the pipeline (1 without a ``stage`` axis)."""
+        return self.cfg.train.pipeline_microbatches if STAGE in self.axis_sizes else 1
+
     def _check_batch(self) -> None:
         t = self.cfg.train
         dp = math.prod(self.axis_sizes[a] for a in self.batch_axes)
         micro = t.global_batch // t.grad_accum
+        axes = "*".join(f"mesh.{a}" for a in self.batch_axes)
         if micro % dp:
-            axes = "*".join(f"mesh.{a}" for a in self.batch_axes)
             raise ConfigError(
                 f"train.global_batch={t.global_batch} (micro-batch {micro} with train.grad_accum={t.grad_accum}) "
                 f"is not divisible by the data-parallel size {dp} ({axes})"
+            )
+        if micro % (dp * self._pipeline_microbatches):  # pipeline micro-batches split as the micro-batch does
+            raise ConfigError(
+                f"train.pipeline_microbatches={t.pipeline_microbatches} cuts the micro-batch {micro} into pieces of "
+                f"{micro // t.pipeline_microbatches} rows, not divisible by the data-parallel size {dp} ({axes})"
             )
 
     def _loader(self, split: str) -> BatchLoader:
@@ -177,7 +187,8 @@ class Trainer:
         """Micro-batch sizes that divide the global batch and split over the data-parallel devices, largest first."""
         t = self.cfg.train
         dp = math.prod(self.axis_sizes[a] for a in self.batch_axes)
-        candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0 and m % dp == 0]
+        candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0
+                      and m % t.pipeline_microbatches == 0 and m % (dp * self._pipeline_microbatches) == 0]
         if not candidates:
             raise ConfigError(f"train.global_batch={t.global_batch} has no micro-batch divisible by the data-parallel size {dp}")
         return candidates

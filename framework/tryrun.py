@@ -4,7 +4,8 @@ When the available devices change (or every N steps, or at start-up) the control
 the train state with orbax, works out how many devices one model replica needs, builds
 *horizontal* candidates (more data-parallel replicas of that minimal split; only when the
 available count is an integer multiple of it) and *vertical* ones (the model split over
-more devices), restores the checkpoint onto each candidate's mesh, measures a few steps,
+more devices: over fsdp/tensor, and, kind ``pipeline``, its stacked layers cut into more
+pipeline stages where the layer count allows), restores the checkpoint onto each candidate's mesh, measures a few steps,
 and adopts the best only if it beats the baseline by ``elastic.threshold``. Training then
 continues from the checkpoint on the chosen mesh, so try-run steps never count: step,
 optimizer state and data position are those of the checkpoint, and the global batch stays
@@ -34,6 +35,7 @@ from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError
 from framework.data import Prefetcher
 from framework.distributed import from_primary, spread_over_processes
+from framework.mesh import STAGE
 from framework.metrics import drop_records_after
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
@@ -43,7 +45,7 @@ ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
 class Layout:
     """One way to run: a mesh over the first ``n_devices`` devices and the accumulation that keeps the batch."""
 
-    kind: str  # "horizontal", "vertical", "baseline" (current layout, possibly shrunk)
+    kind: str  # "horizontal", "vertical", "pipeline" (vertical: more pipeline stages), "baseline" (current, possibly shrunk)
     n_devices: int
     mesh: dict[str, int]  # axis name -> size
     grad_accum: int
@@ -137,6 +139,24 @@ def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: in
     return "; ".join(reasons)
 
 
+def plan_pipeline_layout(cfg: Config, n_devices: int, replicas: int, split: int, stages: int,
+                         prefer_tensor: int = 1) -> Layout | str:
+    """``replicas`` copies of the model cut into ``stages`` pipeline stages over ``split`` devices (each stage's
+    share split over fsdp x tensor as ``plan_layout`` does), or why none fits."""
+    m, t = cfg.model, cfg.train
+    if m.n_layers % stages:
+        return f"model.n_layers={m.n_layers} is not divisible by {stages} stages"
+    found = plan_layout(cfg, "pipeline", n_devices, replicas, split // stages, prefer_tensor)
+    if isinstance(found, str):
+        return found
+    dp = math.prod(found.mesh[a] for a in batch_axes_of(cfg))
+    accum = grad_accum_for(t.global_batch, dp * t.pipeline_microbatches, t.grad_accum)  # pieces split like the batch
+    if accum is None:
+        return (f"train.global_batch={t.global_batch} does not split into train.pipeline_microbatches="
+                f"{t.pipeline_microbatches} pieces over data-parallel size {dp}")
+    return Layout("pipeline", n_devices, {STAGE: stages, **found.mesh}, accum)
+
+
 def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
     """``plan_layout``, None when nothing fits."""
     found = plan_layout(cfg, kind, n_devices, replicas, split, prefer_tensor)
@@ -146,9 +166,10 @@ def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int
 def with_layout(cfg: Config, layout: Layout) -> Config:
     """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
     data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
+    stage = layout.mesh.get(STAGE, 1)
     return dataclasses.replace(
         cfg,
-        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, dcn_data=1),
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, dcn_data=1),
         train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
                                   micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
     )
@@ -182,7 +203,7 @@ class TryRunController:
         self.checkpoints = checkpoints or trainer.checkpointer
         if self.checkpoints is None:
             raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
-        names = list(trainer.mesh.axis_names)
+        names = list(self.cfg.mesh.axis_names)
         self.data_axis, self.fsdp_axis, self.tensor_axis = names
         self.log_path = Path(trainer.run_dir) / "tryrun.jsonl" if trainer.run_dir is not None else None
         self.decisions: list[dict] = []
@@ -246,7 +267,32 @@ class TryRunController:
         for split in range(min_devices + 1, n_devices + 1):
             if n_devices % split == 0:
                 out.append(self.layout("vertical", n_devices, n_devices // split, split))
+        out += self.pipeline_candidates(n_devices, min_devices)
         return [c for c in out if c is not None]
+
+    def pipeline_candidates(self, n_devices: int, min_devices: int) -> list[Layout | None]:
+        """Vertical by pipeline: for each split of the model over more devices, its stacked layers (``model.scan_layers``)
+        cut into the next stage count above the current one that divides the split and the layer count."""
+        m = self.cfg.model
+        if m.name != "transformer" or not m.scan_layers:
+            return []
+        now = self.trainer.axis_sizes.get(STAGE, 1)
+        out = []
+        for split in range(min_devices + 1, n_devices + 1):
+            if n_devices % split:
+                continue
+            stages = next((s for s in range(now + 1, split + 1) if split % s == 0 and m.n_layers % s == 0), None)
+            if stages is None:
+                self.drop("pipeline", n_devices, split, f"no stage count above {now} divides the split {split} "
+                          f"and model.n_layers={m.n_layers}")
+                continue
+            found = plan_pipeline_layout(self.cfg, n_devices, n_devices // split, split, stages,
+                                         self.trainer.axis_sizes[self.tensor_axis])
+            if isinstance(found, str):
+                self.drop("pipeline", n_devices, split, found)
+                found = None
+            out.append(found)
+        return out
 
     def drop(self, kind: str, n_devices: int, split: int, reason: str) -> None:
         self.dropped.append({"kind": kind, "n_devices": n_devices, "split": split, "reason": reason})
@@ -275,7 +321,7 @@ class TryRunController:
     def shrunk_layout(self, trainer, n_devices: int, min_devices: int) -> Layout:
         """The current layout on fewer devices: same model split, fewer replicas; else the nearest split that fits."""
         current = trainer.axis_sizes
-        split = current[self.fsdp_axis] * current[self.tensor_axis]
+        split = current.get(STAGE, 1) * current[self.fsdp_axis] * current[self.tensor_axis]
         splits = sorted((s for s in range(min_devices, n_devices + 1) if n_devices % s == 0), key=lambda s: abs(s - split))
         for s in splits:
             found = self.layout("baseline", n_devices, n_devices // s, s)
@@ -596,25 +642,31 @@ def target_of(trainer) -> Any:
     return abstract_target(trainer.abstract.shapes, trainer.state_shardings)
 
 
+def mesh_text(mesh: dict) -> str:
+    """data x fsdp x tensor, with the stage count in front for a pipelined mesh (``s2:1x2x2``)."""
+    sizes = "x".join(str(v) for k, v in mesh.items() if k != STAGE)
+    return f"s{mesh[STAGE]}:{sizes}" if STAGE in mesh else sizes
+
+
 def format_decision(d: dict) -> str:
     """A decision as the table printed during training."""
     s = d["seconds"]
     lines = [
         f"try-run at step {d['step']} ({d['trigger']}): {d['available_devices']} devices available, "
         f"{d['min_devices']} per model replica, integer multiple: {'yes' if d['integer_multiple'] else 'no'}",
-        f"  {'kind':<11}{'mesh':<9}{'devices':>8}{'accum':>6}{'samples/s':>11}{'vs base':>9}{'compile s':>10}  source",
+        f"  {'kind':<11}{'mesh':<11}{'devices':>8}{'accum':>6}{'samples/s':>11}{'vs base':>9}{'compile s':>10}  source",
     ]
     for row in (d["baseline"], *d["candidates"]):
-        mesh = "x".join(str(v) for v in row["mesh"].values())
+        mesh = mesh_text(row["mesh"])
         vs = "" if row is d["baseline"] else f"{row['improvement']:+.1%}"
         lines.append(
-            f"  {row['kind']:<11}{mesh:<9}{row['n_devices']:>8}{row['grad_accum']:>6}{row['samples_per_s']:>11.1f}"
+            f"  {row['kind']:<11}{mesh:<11}{row['n_devices']:>8}{row['grad_accum']:>6}{row['samples_per_s']:>11.1f}"
             f"{vs:>9}{row['compile_s']:>10.2f}  {row['source']}"
         )
     for row in d.get("dropped", []):
-        lines.append(f"  {row['kind']:<11}{'-':<9}{row['n_devices']:>8}{'':>6}{'dropped':>11}  {row['reason']}")
+        lines.append(f"  {row['kind']:<11}{'-':<11}{row['n_devices']:>8}{'':>6}{'dropped':>11}  {row['reason']}")
     chosen = d["chosen"]
-    mesh = "x".join(str(v) for v in chosen["mesh"].values())
+    mesh = mesh_text(chosen["mesh"])
     verdict = (f"adopted {chosen['kind']} {mesh} on {chosen['n_devices']} devices ({chosen['improvement']:+.1%} > {d['threshold']:.0%})"
                if d["adopted"] else f"kept baseline {mesh} on {chosen['n_devices']} devices (best candidate not > {d['threshold']:.0%})")
     lines.append(f"  -> {verdict}; max useful devices so far: {d['max_useful_devices']}"

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from framework import broadcast
+from framework import broadcast, pipeline
 from framework.config import ModelConfig
 from framework.sharding import constrain
 
@@ -199,13 +199,17 @@ class Transformer(nnx.Module):
     ``stream_params``: parameters live in pinned_host and each layer's weights are brought to
     the device where the layer runs. The fetch sits inside the remat boundary: with checkpointed
     layers the backward pass fetches them again; without, the device copies are kept for backward.
+    ``pipeline``: the scanned layer stack runs as pipeline stages (framework/pipeline.py); the
+    parameters are the same either way, only their sharding differs.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: Callable | None = None, stream_params: bool = False):
+                 remat_policy: Callable | None = None, stream_params: bool = False,
+                 pipeline: pipeline.Pipeline | None = None):
         self.cfg, self.dtype = cfg, dtype
         self.remat_policy = remat_policy
         self.stream_params = stream_params
+        self.pipeline = pipeline
         self.tied = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt"
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype)
         self.pos_embed = (
@@ -246,13 +250,31 @@ class Transformer(nnx.Module):
             def run(block, h):
                 return call(block, h)
 
-            with broadcast.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
-                x = run(self.blocks, x)
+            if self.pipeline is not None:
+                x = self._pipelined(run, x)
+            else:
+                with broadcast.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
+                    x = run(self.blocks, x)
         else:
             for block in self.blocks:
                 x = call(block, x)
         x = (_to_device(self.ln_f) if self.stream_params else self.ln_f)(x)
         return self._logits(x)
+
+    def one_layer(self):
+        """(fn(layer params, x) -> x, shapes of one layer's params): a single stacked layer as the model runs it,
+        remat included; the planner traces it for the activation bytes one pipeline stage keeps per layer."""
+        graphdef, stacked = nnx.split(self.blocks)
+        call = self._block_fn()
+        layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+        return (lambda layer, x: call(nnx.merge(graphdef, layer), x)), layer
+
+    def _pipelined(self, run, x):
+        """The stacked layers as pipeline stages: each stage scans its own contiguous layers."""
+        graphdef, stacked = nnx.split(self.blocks)
+        stage_fn = lambda stage_blocks, h: run(nnx.merge(graphdef, stage_blocks), h)
+        x = pipeline.gpipe(stage_fn, pipeline.to_stages(stacked, self.pipeline.stages), x, self.pipeline, BLC)
+        return constrain(x, BLC)
 
     def _logits(self, x):
         w = self._fetch(self.embed[...]).T if self.tied else self._fetch(self.unembed[...])

@@ -45,6 +45,7 @@ def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
         })
     report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
     report["memory"] = memory_section(cfg, n_devices, abstract, estimate)
+    report["pipeline"] = pipeline_section(cfg, axis_sizes, abstract)
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
     return report
@@ -102,6 +103,16 @@ def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dic
     return memory.plan_memory(cfg.memory, needs, axis_sizes, budget).to_dict()
 
 
+def pipeline_section(cfg, axis_sizes: dict, abstract) -> dict | None:
+    """Per pipeline stage: layers, bytes per device, bubble (None without a ``stage`` axis)."""
+    from framework import memory, sharding
+
+    rules = sharding.rules_table(cfg.sharding.activation_rules)
+    batch_axes = tuple(a for a in rules.get("batch", ()) if a in axis_sizes)
+    plan = memory.pipeline_plan(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum)
+    return None if plan is None else plan.to_dict()
+
+
 def print_text(report: dict) -> None:
     print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters")
     width = max(len(p["name"]) for p in report["params"])
@@ -112,6 +123,10 @@ def print_text(report: dict) -> None:
     from framework.memory import format_plan
 
     print("\n".join(format_plan(report["memory"])))
+    if report.get("pipeline") is not None:
+        from framework.pipeline import format_plan as format_pipeline
+
+        print("\n".join(format_pipeline(report["pipeline"])))
     print_broadcast(report)
 
 

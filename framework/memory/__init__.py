@@ -13,7 +13,7 @@ from framework.memory.monitor import MemoryMonitor, MemoryReading, needs_budget,
 from framework.memory.nvme import NVME, NvmeOptimizer, NvmeStateError, disk_bytes, without_opt_state
 from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_device_bytes,
                                       device_bytes_by_category, device_share, estimate_needs, format_plan,
-                                      host_state_bytes, make_plan, plan_memory, residual_bytes, shard_bytes,
+                                      host_state_bytes, make_plan, pipeline_plan, plan_memory, residual_bytes, shard_bytes,
                                       state_needs, with_compiled_activations)
 from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, OFFLOAD_ORDER, OffloadCheck,
                                      Placement, PlacementPolicy, activation_choices, activation_policy,

@@ -16,11 +16,11 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from framework import sharding
+from framework import pipeline, sharding
 from framework.config import Config, ConfigError, MemoryConfig
 from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, Placement, PlacementPolicy,
                                      has_auto, layer_policy, model_loss)
-from framework.state import AbstractState, abstract_state
+from framework.state import AbstractState, abstract_state, pipeline_of
 
 
 def shard_bytes(tree) -> dict[str, int]:
@@ -240,3 +240,33 @@ def host_state_bytes(abstract: AbstractState, placement: Placement, axis_sizes: 
         sharding.bytes_per_device(getattr(abstract.shapes, c), getattr(abstract.specs, c), axis_sizes)
         for c, kind in placement.kinds().items() if kind == HOST
     )
+
+
+def pipeline_plan(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
+                  grad_accum: int) -> pipeline.PipelinePlan | None:
+    """Per pipeline stage: layers, parameter bytes per device (exact), activation bytes of the micro-batches in flight
+    (estimated: one layer's residuals for one pipeline micro-batch, traced, plus its input, times the stage's layers
+    and GPipe's M micro-batches in flight), and the bubble. None without a ``stage`` axis."""
+    from flax import nnx
+
+    p = pipeline_of(cfg, axis_sizes)
+    if p is None:
+        return None
+    t = cfg.train
+    micro = t.global_batch // grad_accum
+    rows = micro // p.microbatches
+    dp = math.prod(axis_sizes[a] for a in batch_axes)
+    params = abstract.shapes.params
+    is_layer = lambda path: path[0].key == "blocks"
+    flat, specs = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(
+        abstract.specs.params, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    layer_bytes = sum(sharding.bytes_per_device([x], [s], axis_sizes) for (path, x), s in zip(flat, specs) if is_layer(path))
+    other_bytes = sum(sharding.bytes_per_device([x], [s], axis_sizes) for (path, x), s in zip(flat, specs) if not is_layer(path))
+    model = nnx.merge(abstract.graphdef, params)
+    fn, layer = model.one_layer()
+    x = jax.ShapeDtypeStruct((rows, t.seq_len, cfg.model.d_model), jnp.dtype(t.dtype))
+    kept = sum(residual_bytes(fn, layer, x, micro_batch=rows, batch_shards=dp, n_devices=math.prod(axis_sizes.values())).values())
+    kept += -(-math.prod(x.shape) * x.dtype.itemsize // dp)  # the layer's input, carried by the scan
+    source = (f"estimate: one layer's traced residuals + its input for a micro-batch of {rows} rows over "
+              f"{dp} data-parallel devices, x {cfg.model.n_layers // p.stages} layers x {p.microbatches} in flight")
+    return pipeline.plan(cfg.model.n_layers, p, micro, layer_bytes, other_bytes, kept, source)

@@ -1,0 +1,130 @@
+"""Pipeline stages: the stacked layers cut into ``mesh.stage`` contiguous pieces, GPipe schedule.
+
+The formulation is MaxText's "vmap over stages + shift": the stacked layer params
+(layers, ...) are viewed as (stages, layers per stage, ...) with the stage dimension sharded
+over the ``stage`` mesh axis, so each stage's devices hold only their own layers. A buffer
+(stages, micro-batch, ...) holds each stage's current activation; every tick runs all stages
+at once (``jax.vmap`` with ``spmd_axis_name``, each on its own devices) and then shifts the
+buffer by one stage (``jnp.roll`` on the stage-sharded dimension, which XLA compiles to a
+collective-permute: the ppermute between neighbouring stages). Micro-batch m enters stage 0
+at tick m and leaves the last stage at tick m + stages - 1; ``jax.grad`` of the loop is the
+backward pipeline. GPipe: all forwards, then all backwards, so each stage keeps the
+activations of every micro-batch in flight; the bubble is (S - 1) / (M + S - 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from framework.mesh import STAGE
+from framework.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How the model's layer stack is pipelined: stage count and micro-batches per forward."""
+
+    stages: int
+    microbatches: int
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """Share of the ticks a stage idles in a GPipe schedule: (S - 1) / (M + S - 1)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def stage_layers(n_layers: int, stages: int) -> list[tuple[int, int]]:
+    """[first, last] layer index of each stage: contiguous, equal pieces."""
+    per = n_layers // stages
+    return [(s * per, (s + 1) * per - 1) for s in range(stages)]
+
+
+def to_stages(stacked, stages: int):
+    """Stacked layer leaves (layers, ...) -> (stages, layers per stage, ...); the layer dim is already stage-sharded."""
+    return jax.tree.map(lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:]), stacked)
+
+
+def gpipe(stage_fn: Callable, stage_params, x: jax.Array, p: Pipeline, logical_axes) -> jax.Array:
+    """``stage_fn(params of one stage, h) -> h`` applied stage after stage to ``x`` (batch first), pipelined.
+
+    ``logical_axes`` name x's dimensions (batch first) for the activation sharding rules.
+    Micro-batch m takes rows m, m + M, m + 2M, ...: with the batch split over the data-parallel
+    devices, each micro-batch stays split the same way (no data moves to form them).
+    """
+    # the config makes M divide every step's batch; a trace of fewer rows (the planner's one-row
+    # trace for checkpoint names) runs with as many micro-batches as divide it
+    S, M = p.stages, math.gcd(p.microbatches, x.shape[0])
+    rows = x.shape[0] // M
+    xs = jnp.swapaxes(x.reshape(rows, M, *x.shape[1:]), 0, 1)  # (M, rows, ...)
+    buffer_axes = ("stage", *logical_axes)
+    first = (jnp.arange(S) == 0).reshape(S, *(1,) * x.ndim)
+    run_stages = jax.vmap(stage_fn, spmd_axis_name=STAGE)  # each stage on its own devices
+
+    def tick(carry, t):
+        prev, outs = carry
+        shifted = jnp.roll(prev, 1, axis=0)  # stage s takes what stage s-1 gave last tick (collective-permute)
+        fed = jnp.where(first, jax.lax.dynamic_index_in_dim(xs, jnp.minimum(t, M - 1), 0), shifted)
+        out = constrain(run_stages(stage_params, constrain(fed, buffer_axes)), buffer_axes)
+        # the last stage finishes micro-batch t - (S-1); earlier ticks write slot 0, which tick S-1 overwrites
+        outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(t - (S - 1), 0), 0)
+        return (out, outs), None
+
+    buffer = constrain(jnp.zeros((S, *xs.shape[1:]), x.dtype), buffer_axes)
+    (_, outs), _ = jax.lax.scan(tick, (buffer, jnp.zeros_like(xs)), jnp.arange(M + S - 1))
+    return jnp.swapaxes(outs, 0, 1).reshape(x.shape)
+
+
+# ------------------------------------------------------------------ the planner's view per stage
+
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: int
+    layers: tuple[int, int]  # first, last layer index
+    param_bytes: int  # per device of this stage: its layers' shards plus the unpipelined params (embeddings, final norm)
+    activation_bytes: int  # per device: activations kept for the micro-batches in flight (GPipe: all M)
+
+
+@dataclasses.dataclass
+class PipelinePlan:
+    stages: int
+    microbatches: int
+    rows_per_microbatch: int
+    bubble_fraction: float
+    per_stage: list[StagePlan]
+    activation_source: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan(n_layers: int, p: Pipeline, micro_batch: int, layer_param_bytes: int, other_param_bytes: int,
+         layer_activation_bytes: int, source: str) -> PipelinePlan:
+    """Per stage: layers, param bytes per device, activation bytes of the in-flight micro-batches, and the bubble.
+
+    ``layer_param_bytes``: one device's shard of all stacked layers (already divided by the stage count);
+    ``layer_activation_bytes``: what one layer keeps for backward, per device, for one pipeline micro-batch.
+    """
+    per_stage = n_layers // p.stages
+    stages = [
+        StagePlan(s, layers, layer_param_bytes + other_param_bytes, p.microbatches * per_stage * layer_activation_bytes)
+        for s, layers in enumerate(stage_layers(n_layers, p.stages))
+    ]
+    return PipelinePlan(p.stages, p.microbatches, micro_batch // p.microbatches, bubble_fraction(p.stages, p.microbatches),
+                        stages, source)
+
+
+def format_plan(plan: Mapping) -> list[str]:
+    """The per-stage table printed by scripts/plan.py."""
+    lines = [f"pipeline: {plan['stages']} stages x {plan['microbatches']} micro-batches of {plan['rows_per_microbatch']} rows "
+             f"(GPipe), bubble (S-1)/(M+S-1) = {plan['bubble_fraction']:.1%}",
+             f"  {'stage':>5}  {'layers':<9} {'param bytes':>15} {'activation bytes':>17}"]
+    for s in plan["per_stage"]:
+        first, last = s["layers"]
+        lines.append(f"  {s['stage']:>5}  {f'{first}-{last}':<9} {s['param_bytes']:>15,} {s['activation_bytes']:>17,}")
+    lines.append(f"  (per device; activations: {plan['activation_source']})")
+    return lines
