@@ -530,10 +530,9 @@ class TryRunController:
             t0 = time.perf_counter()
             state = self.checkpoints.restore(self._source_step, target_of(trainer))
             self._restore_s += time.perf_counter() - t0
-            if source is None:  # the source of the layouts that follow
-                self._source = state
-                return jax.tree.map(jnp.copy, state) if fresh else state
-            return state
+            if source is not None:
+                return state
+            self._source = source = state  # the source of the layouts that follow
         if not fresh:
             return jax.device_put(source, trainer.state_shardings)
         return copy_buffers(source, jax.device_put(source, trainer.state_shardings, may_alias=False))

@@ -116,7 +116,8 @@ def main(argv=None) -> None:
             mesh = lambda m, n: "x".join(str(v) for v in m.values()) + f" on {n}"
             print(f"| step {tr['step']} | {tr['available_devices']} | {cell('checkpoint')} | {cell('tryrun_compile')} | "
                   f"{cell('tryrun_restore')} | {cell('tryrun_measured')} | {cell('restore')} | {cell('total')} | "
-                  f"{mesh(tr['adopted'], tr['adopted_devices'])} | {mesh(tr['exhaustive_pick'], tr['exhaustive_devices'])} |")
+                  f"{mesh(tr['adopted'], tr['adopted_devices'])} | "
+                  f"{mesh(tr['exhaustive_pick'], tr['exhaustive_devices']) if args.long_steps else '-'} |")
         for tr in report["triggers"]:
             print(f"step {tr['step']}: {tr['layouts_tried']} layouts tried, all seen before: {tr['all_seen_before']}, "
                   f"state from {tr['state_from']}; decision {tr['seconds']['total']:.2f} s vs bound (checkpoint + 3 steps "
