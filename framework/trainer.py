@@ -563,41 +563,36 @@ class Trainer:
         self.compile()
         writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard)
         bar = ProgressBar(total, start, self.cfg.logging.progress)
-        prefetch = Prefetcher(self.loader, int(jax.device_get(self.state.data_pos)), self.cfg.data.prefetch)
         records: list[dict] = []
-        pending = None  # metrics of the step in flight: fetched one step late so dispatch never blocks
-        self.goodput.loop_started()
-        last_done = time.perf_counter()
         preempted_at = None
-        try:
-            for step in range(start, total):
-                if preemption.requested(step):
-                    preempted_at = step  # the step in flight finishes below; this one never starts
-                    break
-                if self.elastic is not None and step > start and self.elastic.triggered(step):
-                    break  # the controller remeshes at this step boundary, then calls fit() again
-                _, batch = prefetch.next()
-                self.state, metrics = self.step(self.state, batch)
-                if pending is not None:
-                    last_done = self._finish(pending, last_done, records, writer, bar)
-                pending = (step, metrics)
-                evaluate = eval_every and ((step + 1) % eval_every == 0 or step + 1 == total)
-                save = self.checkpointer is not None and self.checkpointer.should_save(step + 1)
-                if evaluate or save:
-                    # log the step first: metrics.jsonl stays in step order and a run resumed
-                    # from the checkpoint has lost no metrics
-                    last_done = self._finish(pending, last_done, records, writer, bar)
-                    pending = None
+
+        def stop_before(step: int) -> bool:
+            nonlocal preempted_at
+            if preemption.requested(step):
+                preempted_at = step  # the step in flight finishes; this one never starts
+                return True
+            # the try-run controller remeshes at this step boundary, then calls fit() again
+            return self.elastic is not None and step > start and self.elastic.triggered(step)
+
+        def work_after(step: int):
+            evaluate = eval_every and ((step + 1) % eval_every == 0 or step + 1 == total)
+            save = self.checkpointer is not None and self.checkpointer.should_save(step + 1)
+            if not (evaluate or save):
+                return None
+
+            def work():  # the step is logged first: metrics.jsonl stays in step order, a resumed run lost no metrics
                 if evaluate:
                     with self.goodput.span("evaluation"):
                         self._log_eval(step + 1, writer)
                 if save:
                     with self.goodput.span("checkpoint_save"):
                         self.checkpointer.save(step + 1, self.checkpoint_state())
-                if evaluate or save:
-                    last_done = time.perf_counter()  # evaluation and saving are no step's time
-            if pending is not None:
-                self._finish(pending, last_done, records, writer, bar)
+            return work
+
+        self.goodput.loop_started()
+        try:
+            self.run_steps(start, total, lambda step, values, dt: self._finish(step, values, dt, records, writer, bar),
+                           stop_before, work_after)
             reached = int(jax.device_get(self.state.step))  # below total when the try-run controller stopped the loop
             with self.goodput.span("checkpoint_save"):
                 if self.checkpointer is not None and preempted_at is not None:
@@ -610,7 +605,6 @@ class Trainer:
             if self.checkpointer is not None:
                 with self.goodput.span("checkpoint_save"):
                     self.checkpointer.wait()
-            prefetch.close()
             bar.close()
             writer.close()
         if preempted_at is not None:
@@ -618,16 +612,53 @@ class Trainer:
                                        self.checkpointer.directory if self.checkpointer is not None else None)
         return records
 
+    def run_steps(self, start: int, stop: int, on_step, stop_before=None, work_after=None) -> None:
+        """Steps ``start``..``stop``-1 on ``self.state``: the one loop that live training and the try-runs
+        (framework/tryrun.py) both time their steps with, so that their samples/s compare fairly.
+
+        Batches come from the prefetcher; each step is dispatched before the previous one's metrics are
+        fetched, so dispatch never waits on the host. ``on_step(step, metrics, seconds)`` gets each step's
+        metrics (host values) as they arrive; a step's seconds are the interval between two arrivals.
+        ``stop_before(step)`` true ends the loop before ``step``; ``work_after(step)`` may return work to run
+        once ``step`` has finished (evaluation, a checkpoint): its time is no step's.
+        """
+        prefetch = Prefetcher(self.loader, int(jax.device_get(self.state.data_pos)), self.cfg.data.prefetch)
+        pending = None  # (step, metrics) of the step in flight
+        last_done = time.perf_counter()
+
+        def finish() -> None:
+            nonlocal last_done
+            values = jax.device_get(pending[1])
+            now = time.perf_counter()
+            on_step(pending[0], values, now - last_done)
+            last_done = now
+
+        try:
+            for step in range(start, stop):
+                if stop_before is not None and stop_before(step):
+                    break
+                _, batch = prefetch.next()
+                self.state, metrics = self.step(self.state, batch)
+                if pending is not None:
+                    finish()
+                pending = (step, metrics)
+                work = work_after(step) if work_after is not None else None
+                if work is not None:
+                    finish()
+                    pending = None
+                    work()
+                    last_done = time.perf_counter()
+            if pending is not None:
+                finish()
+        finally:
+            prefetch.close()
+
     def _log_eval(self, step: int, writer: MetricsWriter) -> None:
         record = {"step": step, **self.evaluate()}
         writer.write(record)
         self.on_eval_end(step, record)
 
-    def _finish(self, pending, last_done: float, records, writer, bar) -> float:
-        step, metrics = pending
-        values = jax.device_get(metrics)
-        now = time.perf_counter()
-        dt = now - last_done
+    def _finish(self, step: int, values: dict, dt: float, records, writer, bar) -> None:
         t = self.cfg.train
         record = {
             "step": step + 1,
@@ -647,7 +678,6 @@ class Trainer:
             writer.write(record)
         bar.update(record)
         self.on_step_end(step + 1, record)
-        return now
 
 
 def enable_compilation_cache(path: str) -> None:

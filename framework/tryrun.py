@@ -5,18 +5,20 @@ the train state with orbax, works out how many devices one model replica needs, 
 *horizontal* candidates (more data-parallel replicas of that minimal split; only when the
 available count is an integer multiple of it) and *vertical* ones (the model split over
 more devices: over fsdp/tensor, and, kind ``pipeline``, its stacked layers cut into more
-pipeline stages where the layer count allows), restores the checkpoint onto each candidate's mesh, measures a few steps,
-and adopts the best only if it beats the baseline by ``elastic.threshold``. Training then
-continues from the checkpoint on the chosen mesh, so try-run steps never count: step,
-optimizer state and data position are those of the checkpoint, and the global batch stays
-fixed (gradient accumulation adapts when the micro-batch does not divide the new
-data-parallel size).
+pipeline stages where the layer count allows), starts each candidate from the saved state (the
+live state resharded in memory while its devices are all still there, else the checkpoint),
+measures a few steps with the loop that times live steps, and adopts the best only if it beats
+the baseline by ``elastic.threshold``. Training then continues from the saved state on the
+chosen mesh, so try-run steps never count: step, optimizer state and data position are those
+of the checkpoint, and the global batch stays fixed (gradient accumulation adapts when the
+micro-batch does not divide the new data-parallel size).
 
 Extension points (subclass): ``available_devices``, ``min_devices``, ``candidates``,
 ``score``, ``should_adopt``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,12 +30,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from framework import memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import Config, ConfigError
-from framework.data import Prefetcher
 from framework.distributed import from_primary, spread_over_processes
 from framework.mesh import STAGE
 from framework.metrics import drop_records_after
@@ -212,6 +214,7 @@ class TryRunController:
         self.rolling: deque[float] = deque(maxlen=ROLLING_STEPS)
         self._trainers = {self._key(trainer): trainer}  # compiled steps kept: returning to a mesh costs no compile
         self._seen_available = len(trainer.devices)
+        self._source, self._source_step, self._restore_s = None, 0, 0.0  # a decision's state: see starting_from
 
     # ------------------------------------------------------------------ extension points
 
@@ -422,7 +425,7 @@ class TryRunController:
                               f"{timeout:g} s (elastic.wait_timeout_s)")
 
     def decide(self, trainer, step: int, reason: str):
-        """One decision at ``step``: save, candidates, try-runs, adopt or keep, restore. Returns the trainer to continue with."""
+        """One decision at ``step``: save, candidates, try-runs, adopt or keep. Returns the trainer to continue with."""
         began = time.perf_counter()
         self.trainer = trainer
         clock = trainer.goodput
@@ -432,9 +435,13 @@ class TryRunController:
                 self.checkpoints.save(step, trainer.state)
             self.checkpoints.wait()
         checkpoint_s = time.perf_counter() - t0
-        trainer.state = None  # free the live copy: try-runs and the final restore read the checkpoint
+        live, trainer.state = trainer.state, None
         self.wait_for_devices(step)  # after a shrink: with the state saved, as long as it takes
         available = self.available_devices(step)
+        # try-runs and the chosen layout start from the live state, resharded in memory, while all its devices
+        # are still there; else (devices lost, or resumed at start-up) from the checkpoint, restored once
+        source = live if live is not None and set(trainer.devices) <= set(available) else None
+        del live
         usable = self.usable_devices(step)
         useful = devices_to_use(self.best_by_count, self.elastic.threshold, len(usable))
         idle = len(usable) - useful
@@ -442,7 +449,7 @@ class TryRunController:
             usable = spread_over_processes(usable, useful)
         n = len(usable)
 
-        with clock.span("tryruns"):  # everything up to the final restore: candidates, try-runs, scores
+        with clock.span("tryruns"), self.starting_from(source, step):  # candidates, try-runs, scores, the chosen state
             min_devices = int(from_primary([self.min_devices(n)])[0])  # device capacities may differ between processes
             self.dropped = []
             layouts = self.candidates(n, min_devices)
@@ -475,11 +482,10 @@ class TryRunController:
             adopted = best is not None and self.should_adopt(best, baseline)
             chosen = best if adopted else baseline
             next_trainer = self.trainer_for(chosen.layout, trainer.devices if chosen is baseline and runnable else usable)
-
-        t0 = time.perf_counter()
-        with clock.span("checkpoint_restore"):
-            next_trainer.state = self.checkpoints.restore(step, target_of(next_trainer))
-        restore_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            next_trainer.state = self.start_state(next_trainer, fresh=False)  # the values saved at ``step``
+            jax.block_until_ready(next_trainer.state)
+            restore_s = time.perf_counter() - t0
         next_trainer.compile()
         if next_trainer is not trainer:
             self.rolling.clear()
@@ -501,10 +507,12 @@ class TryRunController:
             "threshold": self.elastic.threshold,
             "max_useful_devices": max_useful_devices(self.best_by_count, self.elastic.threshold),
             "idle_devices": idle,
+            "state_from": "checkpoint" if source is None else "live",
             "seconds": {
                 "checkpoint": checkpoint_s,
                 "tryrun_compile": baseline.compile_s + compile_wall,
                 "tryrun_restore": sum(tr.restore_s for tr in (baseline, *trials)),
+                "checkpoint_restore": self._restore_s,  # of the two above and ``restore``: orbax reads
                 "tryrun_measured": sum(tr.measure_s for tr in (baseline, *trials)),
                 "restore": restore_s,
                 "total": time.perf_counter() - began,
@@ -531,12 +539,12 @@ class TryRunController:
             return list(pool.map(timed, trainers))
 
     def try_run(self, layout: Layout, devices: Sequence[jax.Device], step: int, compiled_in: float | None = None) -> Trial:
-        """Restore the checkpoint onto ``layout``, compile (unless ``compiled_in`` seconds already did), warm up,
-        measure; the state is thrown away after."""
+        """Start ``layout`` from the decision's state (``start_state``), compile (unless ``compiled_in`` seconds
+        already did), warm up, measure; the state is thrown away after."""
         tr = self.trainer_for(layout, devices)
         compile_s = self.compile_all([tr])[0] if compiled_in is None else compiled_in
         t0 = time.perf_counter()
-        state = self.checkpoints.restore(step, target_of(tr))
+        state = self.start_state(tr, fresh=True)
         jax.block_until_ready(state)
         restore_s = time.perf_counter() - t0
 
@@ -549,6 +557,31 @@ class TryRunController:
         return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times[e.warmup_steps:]), "tryrun",
                      compile_s=compile_s, restore_s=restore_s, measure_s=measure_s,
                      samples=len(step_times) * self.cfg.train.global_batch)
+
+    @contextlib.contextmanager
+    def starting_from(self, state, step: int):
+        """Try-runs (and the chosen layout) start from ``state``, or (None) from the checkpoint at ``step``."""
+        self._source, self._source_step, self._restore_s = state, step, 0.0
+        try:
+            yield
+        finally:
+            self._source = None
+
+    def start_state(self, trainer, fresh: bool):
+        """The decision's state on ``trainer``'s shardings: the source state resharded in memory
+        (``jax.device_put``: the same values, bit for bit), the checkpoint restored the first time there is none
+        (``self._restore_s`` counts it). ``fresh``: in buffers of its own, since a try-run's steps donate them."""
+        source = self._source
+        if source is None or not can_reshard(source, trainer.devices):
+            t0 = time.perf_counter()
+            state = self.checkpoints.restore(self._source_step, target_of(trainer))
+            self._restore_s += time.perf_counter() - t0
+            if source is not None:
+                return state
+            self._source = source = state  # the source of the layouts that follow
+        if not fresh:
+            return jax.device_put(source, trainer.state_shardings)
+        return copy_buffers(source, jax.device_put(source, trainer.state_shardings, may_alias=False))
 
     # ------------------------------------------------------------------ the decision log
 
@@ -563,27 +596,32 @@ class TryRunController:
 
 
 def live_step_times(trainer, state, steps: int) -> list[float]:
-    """Step times measured as ``Trainer.fit`` measures live steps: batches from the prefetcher, each step
-    dispatched before the previous one's metrics are fetched, a step's time the interval between completions.
-    ``state`` (a restored copy) is consumed."""
-    prefetch = Prefetcher(trainer.loader, int(jax.device_get(state.data_pos)), trainer.cfg.data.prefetch)
-    times, pending = [], None
-    last = time.perf_counter()
+    """Seconds of each of ``steps`` steps from ``state`` (a copy, consumed), run and timed by the loop that
+    times live steps (``Trainer.run_steps``); the trainer's own state is left as it was."""
+    live, trainer.state = trainer.state, state
+    start = int(jax.device_get(state.step))
+    times: list[float] = []
     try:
-        for _ in range(steps):
-            _, batch = prefetch.next()
-            state, metrics = trainer.step(state, batch)
-            if pending is not None:
-                jax.device_get(pending)
-                now = time.perf_counter()
-                times.append(now - last)
-                last = now
-            pending = metrics
-        jax.device_get(pending)
-        times.append(time.perf_counter() - last)
+        trainer.run_steps(start, start + steps, lambda step, metrics, seconds: times.append(seconds))
     finally:
-        prefetch.close()
+        trainer.state = live
     return times
+
+
+def can_reshard(state, devices: Sequence[jax.Device]) -> bool:
+    """Whether ``jax.device_put`` can move ``state`` onto ``devices``: always within one process; across
+    processes only onto the devices it is on (another device set goes through the checkpoint)."""
+    return jax.process_count() == 1 or set(jax.tree.leaves(state)[0].sharding.device_set) == set(devices)
+
+
+def copy_buffers(source, moved):
+    """``moved`` with every array that shares a buffer with ``source`` copied: a try-run donates its state,
+    and ``jax.device_put`` reuses source buffers where it can (a replicated array onto a subset of its
+    devices, even with ``may_alias=False``); donating those would delete the source."""
+    def pointers(x) -> set[int]:
+        return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
+
+    return jax.tree.map(lambda a, b: jnp.copy(b) if pointers(a) & pointers(b) else b, source, moved)
 
 
 def saved_mesh(checkpoints: Checkpointer, step: int) -> dict[str, int]:

@@ -3,9 +3,11 @@
 
 1. One elastic run: per trigger, seconds in checkpoint, try-runs (compile / restore /
    measured) and the final restore, as a share of the whole run's wall time.
-2. Exhaustive check: every layout a trigger considered (baseline and candidates) is run
-   separately for ``--long-steps`` steps; the pick of those longer measurements (with the
-   same threshold rule) is compared with what the controller adopted.
+2. Decision cost against the bound "checkpoint + 3 steps per candidate" (each candidate's steps
+   at its try-run's median step time), for triggers whose layouts were all seen before.
+3. Exhaustive check (``--long-steps`` > 0): every layout a trigger considered (baseline and
+   candidates) is run separately for ``--long-steps`` steps; the pick of those longer
+   measurements (with the same threshold rule) is compared with what the controller adopted.
 
 python scripts/bench_tryrun.py --config configs/tiny_lm.yaml --run-dir runs/bench_tryrun [key=value ...]
 """
@@ -24,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", required=True)
     p.add_argument("--cpu-devices", type=int, default=8)
     p.add_argument("--steps", type=int, default=90)
-    p.add_argument("--long-steps", type=int, default=20, help="measured steps per layout in the exhaustive check")
+    p.add_argument("--long-steps", type=int, default=20, help="measured steps per layout in the exhaustive check (0: none)")
     p.add_argument("overrides", nargs="*")
     return p.parse_intermixed_args(argv)
 
@@ -66,10 +68,21 @@ def main(argv=None) -> None:
         decisions = [json.loads(line) for line in (run_dir / "tryrun.jsonl").read_text().splitlines()]
 
         report = {"whole_run_s": whole, "steps": args.steps, "triggers": []}
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        seen = {(tuple(first["mesh"].items()), cfg.train.grad_accum)}  # the run's first layout
         for d in decisions:
             s = d["seconds"]
+            tried = [r for r in (d["baseline"], *d["candidates"]) if r["source"] == "tryrun"]
+            keys = {(tuple(r["mesh"].items()), r["grad_accum"]) for r in tried}
+            all_seen = keys <= seen
+            seen |= keys
+            # the bound: the checkpoint plus 3 steps per candidate, each at its try-run's median step time
+            bound = s["checkpoint"] + sum(3 * cfg.train.global_batch / r["measured_samples_per_s"] for r in tried)
             rows = []
             for row in (d["baseline"], *d["candidates"]):
+                if not args.long_steps:
+                    rows.append({**row, "long_samples_per_s": None})
+                    continue
                 layout = Layout(row["kind"], row["n_devices"], row["mesh"], row["grad_accum"])
                 long = Trainer(with_layout(cfg, layout), devices=jax.devices()[: layout.n_devices])
                 long.state = long.init_state()
@@ -83,11 +96,13 @@ def main(argv=None) -> None:
                     long.state, m = long.step(long.state, b)
                 jax.block_until_ready((long.state, m))
                 rows.append({**row, "long_samples_per_s": cfg.train.global_batch * args.long_steps / (time.perf_counter() - t)})
-            pick = exhaustive_pick(rows, d["threshold"])
+            pick = exhaustive_pick(rows, d["threshold"]) if args.long_steps else d["chosen"]
             same = pick["mesh"] == d["chosen"]["mesh"] and pick["n_devices"] == d["chosen"]["n_devices"]
             report["triggers"].append({
                 "step": d["step"], "available_devices": d["available_devices"], "seconds": s,
-                "share": {k: v / whole for k, v in s.items()}, "rows": rows,
+                "share": {k: v / whole for k, v in s.items()}, "rows": rows, "state_from": d.get("state_from"),
+                "layouts_tried": len(tried), "all_seen_before": all_seen, "bound_s": bound,
+                "within_bound": s["total"] <= bound,
                 "adopted": d["chosen"]["mesh"], "adopted_devices": d["chosen"]["n_devices"],
                 "exhaustive_pick": pick["mesh"], "exhaustive_devices": pick["n_devices"], "agree": same,
             })
@@ -101,7 +116,14 @@ def main(argv=None) -> None:
             mesh = lambda m, n: "x".join(str(v) for v in m.values()) + f" on {n}"
             print(f"| step {tr['step']} | {tr['available_devices']} | {cell('checkpoint')} | {cell('tryrun_compile')} | "
                   f"{cell('tryrun_restore')} | {cell('tryrun_measured')} | {cell('restore')} | {cell('total')} | "
-                  f"{mesh(tr['adopted'], tr['adopted_devices'])} | {mesh(tr['exhaustive_pick'], tr['exhaustive_devices'])} |")
+                  f"{mesh(tr['adopted'], tr['adopted_devices'])} | "
+                  f"{mesh(tr['exhaustive_pick'], tr['exhaustive_devices']) if args.long_steps else '-'} |")
+        for tr in report["triggers"]:
+            print(f"step {tr['step']}: {tr['layouts_tried']} layouts tried, all seen before: {tr['all_seen_before']}, "
+                  f"state from {tr['state_from']}; decision {tr['seconds']['total']:.2f} s vs bound (checkpoint + 3 steps "
+                  f"per candidate) {tr['bound_s']:.2f} s: {'met' if tr['within_bound'] else 'not met'}")
+        if not args.long_steps:
+            return
         for tr in report["triggers"]:
             print(f"step {tr['step']}: " + "; ".join(
                 f"{r['kind']} {'x'.join(str(v) for v in r['mesh'].values())}/{r['n_devices']}: try-run {r['measured_samples_per_s']:.0f}, "

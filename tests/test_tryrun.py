@@ -2,7 +2,9 @@
 import dataclasses
 import json
 import math
+import statistics
 import sys
+import time
 
 import jax
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
 from framework.trainer import Trainer
-from framework.tryrun import Trial, TryRunController, devices_to_use, grad_accum_for, max_useful_devices
+from framework.tryrun import Trial, TryRunController, devices_to_use, grad_accum_for, max_useful_devices, target_of
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 from tests.test_distributed import run
 
@@ -175,8 +177,12 @@ def test_adoption_threshold_with_deterministic_score(tmp_path):
     assert second["adopted"] is True and second["chosen"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert adopted.axis_sizes == {"data": 2, "fsdp": 2, "tensor": 1}
     assert second["candidates"][0]["compile_s"] < first["candidates"][0]["compile_s"]  # compiled step reused
-    # the adopted trainer holds the checkpointed state, not a try-run's
+    # the adopted trainer holds the checkpointed state, not a try-run's: the live state resharded in memory
+    # (no orbax read), bit for bit the values saved
     assert int(adopted.state.step) == 0 and int(adopted.state.data_pos) == 0
+    assert first["state_from"] == second["state_from"] == "live" and second["seconds"]["checkpoint_restore"] == 0
+    saved = Checkpointer(tmp_path / "checkpoints").restore(0, target_of(adopted))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(adopted.state)))
     for key in ("trigger", "step", "available_devices", "min_devices", "integer_multiple", "baseline",
                 "candidates", "chosen", "adopted", "checkpoint_step", "seconds", "max_useful_devices"):
         assert key in second
@@ -205,6 +211,9 @@ def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
     decisions = read_log(tmp_path / "elastic")
     assert [(d["step"], d["available_devices"], d["integer_multiple"]) for d in decisions] == [
         (3, 4, True), (6, 6, False), (9, 8, True)]
+    # devices lost: the try-runs start from the checkpoint (read once); devices added: from the live state
+    assert [d["state_from"] for d in decisions] == ["checkpoint", "live", "live"]
+    assert decisions[1]["seconds"]["checkpoint_restore"] == decisions[2]["seconds"]["checkpoint_restore"] == 0
     # 6 devices, 4 per replica: no horizontal candidate, and the one vertical split (6) runs no layout (batch 16
     # over 6 or 3, tensor 3 or 6 over 4 heads): both are in the log with their reasons, none is tried
     assert decisions[1]["candidates"] == []
@@ -273,3 +282,40 @@ def test_processes_follow_process_0_decisions_when_their_scores_differ(tmp_path)
 
     fixed = Trainer(small(steps=steps)).fit()
     np.testing.assert_allclose(results["p0"]["losses"], [rec["loss"] for rec in fixed], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ fairness and cost
+
+
+class SteadyStep(Trainer):
+    """Each step first waits 80 ms on the host, while the step before runs: a step long against timing noise,
+    whose length does not follow the load other processes put on the shared cores."""
+
+    def step(self, state, batch):
+        time.sleep(0.08)
+        return super().step(state, batch)
+
+
+@pytest.mark.slow  # 15-60 s: mostly compiling the init and the step on the shared cores
+def test_tryrun_of_the_current_mesh_scores_as_its_live_steps(tmp_path):
+    # Live steps and try-run steps are run and timed by one loop (Trainer.run_steps), on the same data path and
+    # warm-up rule: on an unchanged device set a try-run of the current mesh measures what the live rolling
+    # baseline measured. Several decisions, each a live segment then a try-run; the median ratio decides.
+    cfg = small("elastic.enabled=true", "elastic.warmup_steps=1", "elastic.tryrun_steps=5",
+                "elastic.trigger=every_n_steps", "elastic.every_n_steps=8", steps=100)
+    trainer = SteadyStep(cfg, run_dir=tmp_path)
+    ctl = TryRunController(trainer)
+    trainer.state = trainer.init_state()
+    ratios, step = [], 0
+    for _ in range(5):
+        trainer.elastic = ctl
+        segment = trainer.fit()  # stops at the next multiple of 8, where the controller would decide
+        trainer.elastic = None
+        ctl.rolling.extend(r["step_time_s"] for r in segment[cfg.elastic.warmup_steps:])  # as TryRunController.fit
+        step += 8
+        rolling = cfg.train.global_batch / statistics.median(ctl.rolling)
+        with ctl.starting_from(trainer.state, step):
+            trial = ctl.try_run(ctl.current_layout(trainer), trainer.devices, step)
+        ratios.append(trial.measured_samples_per_s / rolling)
+        assert int(trainer.state.step) == step  # the try-run ran on a copy: the live state goes on from here
+    assert abs(statistics.median(ratios) - 1) < 0.05, ratios
