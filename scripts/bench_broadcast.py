@@ -20,7 +20,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--modes", nargs="+", default=["auto", "kernel", "map", "none"])
+    p.add_argument("--modes", nargs="+", default=["auto", "kernel", "map", "none"], choices=["auto", "kernel", "map", "none"],
+                   help="put key=value overrides before this flag (or after --): it takes every word that follows")
     p.add_argument("--compress", nargs="+", default=["none"], choices=["none", "bf16", "int8"])
     p.add_argument("--losses", action="store_true", help="print every step's loss")
     p.add_argument("--cpu-devices", type=int, default=8)
