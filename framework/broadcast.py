@@ -665,6 +665,9 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
                           f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
     layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
+    # A vocabulary table whose rows do not divide over P would have to be replicated, its gradient
+    # all-reduced once per reader (lookup and tied head): XLA's own layout (width split) moves less.
+    layers = [layer for layer in layers if not layer.param or splittable(layer, devices)]
     leaves = jax.tree.leaves(abstract_params)
     param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
     stored_itemsize = param_bytes / sum(x.size for x in leaves)  # layers record the compute dtype, not the stored one

@@ -67,3 +67,11 @@ def test_map_head_and_lookup_move_fewer_bytes_than_none(measured):
     assert abs(plan.total_bytes - report.total) <= 0.15 * report.total
     assert report.total < measured["none"][1].total, (report.total, measured["none"][1].total)
     np.testing.assert_allclose(losses, measured["none"][2], rtol=1e-5)
+
+
+def test_vocabulary_not_dividing_over_p_is_left_to_xla():
+    """GPT-2's 50257 words do not split over 8: a replicated table would all-reduce its gradient once per
+    reader (measured 624 MB vs none's 556 MB for gpt2_124m, 2 layers); the table keeps its own layout."""
+    abstract = abstract_state(tiny_config(*WIDE_VOCAB, "model.vocab_size=1025", "broadcast.mode=auto"), MESH)
+    assert [layer.name for layer in abstract.broadcast_plan.layers if layer.param] == []
+    assert abstract.specs.params["embed"] == PartitionSpec("tensor", "fsdp")  # the param rules' layout
