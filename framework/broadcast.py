@@ -211,6 +211,7 @@ class BroadcastPlan:
     layers: list[LayerPlan]
     other_param_bytes: int = 0  # parameters outside the plan (embeddings, norms): XLA syncs their gradients
     budget_bytes: int | None = None  # per-device bytes a layer's broadcast buffers may hold (None: no limit)
+    xla_table_bytes: int = 0  # vocabulary tables left to XLA (rows do not divide over P): gathered per reader, gradient reduce-scattered
 
     @property
     def other_sync_bytes(self) -> int:
@@ -223,7 +224,7 @@ class BroadcastPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.layer_bytes + self.other_sync_bytes
+        return self.layer_bytes + self.other_sync_bytes + self.xla_table_bytes
 
     def get(self, name: str) -> LayerPlan | None:
         return next((layer for layer in self.layers if layer.name == name), None)
@@ -241,7 +242,8 @@ class BroadcastPlan:
         return {"devices": self.devices, "axes": list(self.axes), "compress": self.compress, "budget_bytes": self.budget_bytes,
                 "unit": "bytes per device per micro-batch (forward + backward)",
                 "layer_bytes": self.layer_bytes, "other_param_bytes": self.other_param_bytes,
-                "other_sync_bytes": self.other_sync_bytes, "total_bytes": self.total_bytes, "layers": layers}
+                "other_sync_bytes": self.other_sync_bytes, "xla_table_bytes": self.xla_table_bytes,
+                "total_bytes": self.total_bytes, "layers": layers}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -262,7 +264,8 @@ class BroadcastPlan:
                 f"{layer.in_layout + '->' + layer.out_layout:<15} {layer.compress:<8} {layer.reason}"
             )
         rows.append("(x: calls per micro-batch; kernel/map: one call's sizes; moved/held: per device, moved over all calls)")
-        rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,} "
+        tables = f" + vocabulary tables left to XLA: {self.xla_table_bytes:,}" if self.xla_table_bytes else ""
+        rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,}{tables} "
                     f"= predicted total {self.total_bytes:,} bytes per device per micro-batch")
         return "\n".join(rows)
 
@@ -289,7 +292,7 @@ def check_overrides(cfg: BroadcastConfig) -> None:
 
 
 def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
-              other_param_bytes: int = 0, budget_bytes: int | None = None) -> BroadcastPlan:
+              other_param_bytes: int = 0, budget_bytes: int | None = None, xla_table_bytes: int = 0) -> BroadcastPlan:
     """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
 
     A pinned layer keeps its mode; a layer whose output channels do not divide over P can
@@ -378,7 +381,7 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
             kernel_held_bytes=held[i]["kernel"], map_held_bytes=held[i]["map"], reason=why,
             param=layer.param, transposed=layer.transposed,
         ))
-    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes, budget_bytes)
+    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes, budget_bytes, xla_table_bytes)
 
 
 # ------------------------------------------------------------------ recording layer shapes
@@ -664,10 +667,10 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
         raise ConfigError(f"broadcast.mode={b.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
                           f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
-    layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
+    traced = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
     # A vocabulary table whose rows do not divide over P would have to be replicated, its gradient
     # all-reduced once per reader (lookup and tied head): XLA's own layout (width split) moves less.
-    layers = [layer for layer in layers if not layer.param or splittable(layer, devices)]
+    layers = [layer for layer in traced if not layer.param or splittable(layer, devices)]
     leaves = jax.tree.leaves(abstract_params)
     param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
     stored_itemsize = param_bytes / sum(x.size for x in leaves)  # layers record the compute dtype, not the stored one
@@ -675,9 +678,22 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
     elements = {layer.param or layer.name: layer.repeats * (math.prod(layer.kernel_shape) + layer.bias_elements)
                 for layer in layers}
     planned = round(stored_itemsize * sum(elements.values()))
+    # Tables left to XLA, stored split by width over the batch axes (FSDP): gathered for each reader,
+    # their gradient reduce-scattered once. Stored otherwise, they stay with the other parameters.
+    left = [layer for layer in traced if layer not in layers]
+    width_axes = next((a for logical, a in cfg.sharding.param_rules if logical == "embed"), None) or []
+    width_split = any(a in axes and axis_sizes[a] > 1 for a in ([width_axes] if isinstance(width_axes, str) else width_axes))
+    table_bytes = 0
+    if width_split:
+        for param in {layer.param for layer in left}:
+            table = round(stored_itemsize * math.prod(next(x for x in left if x.param == param).kernel_shape))
+            readers = sum(layer.param == param for layer in left)
+            table_bytes += (readers + 1) * round(_frac(devices) * table)
+            planned += table
     total = cfg.memory.device_budget_bytes
     budget = None if total is None else max(total - resident_bytes, 0)
-    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned, budget_bytes=budget)
+    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned, budget_bytes=budget,
+                     xla_table_bytes=table_bytes)
 
 
 def with_kernel_specs(plan: BroadcastPlan, param_specs: dict, params: dict) -> dict:

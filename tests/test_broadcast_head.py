@@ -75,3 +75,5 @@ def test_vocabulary_not_dividing_over_p_is_left_to_xla():
     abstract = abstract_state(tiny_config(*WIDE_VOCAB, "model.vocab_size=1025", "broadcast.mode=auto"), MESH)
     assert [layer.name for layer in abstract.broadcast_plan.layers if layer.param] == []
     assert abstract.specs.params["embed"] == PartitionSpec("tensor", "fsdp")  # the param rules' layout
+    plan = abstract.broadcast_plan  # the width-split table: gathered for the lookup and the head, gradient reduce-scattered
+    assert plan.xla_table_bytes == 3 * 7 * (1025 * 32 * 4) // 8 and "vocabulary tables left to XLA" in plan.table()
