@@ -12,6 +12,12 @@ moves, never where parameters live. A ``map`` layer's output is split by channel
 next layer of its chain is also ``map`` it gathers straight from that layout, otherwise an
 all-to-all returns it to the batch layout (the transition cost the planner weighs).
 
+The token embedding (kind ``lookup``, the table split by vocabulary) has the same two modes:
+``kernel`` gathers the table and looks up the local tokens; ``map`` looks up every device's
+tokens in the local vocabulary slice and reduce-scatters the partial embeddings (its gradient
+is an all-gather of the embedding gradient). The output head is a dense layer over the
+vocabulary: in ``map`` mode the vocabulary is split and the activations are broadcast.
+
 Outside ``use_plan`` the layers are plain einsums/convolutions (the single-device
 reference and the ``broadcast.mode: none`` behaviour). Byte counts are per device per
 micro-batch (forward + backward), by the convention of ``framework.collectives``.
@@ -58,6 +64,9 @@ class LayerShape:
     chained: bool  # output reaches the next recorded layer through channel-wise ops only
     input_group: int = 0  # consecutive layers reading the very same feature map share one group
     repeats: int = 1  # calls per micro-batch: the scan length for a layer inside ``repeated(n)``
+    out_bytes: int = 0  # bytes per output element, when not act_bytes (a lookup's embeddings, float32 logits)
+    param: str = ""  # stored parameter path, when not ``<name>.kernel`` (``embed``, ``unembed``)
+    transposed: bool = False  # the stored parameter is the kernel's transpose (a tied head reads the embedding table)
 
     @property
     def out_channels(self) -> int:
@@ -66,6 +75,17 @@ class LayerShape:
     @property
     def bias_elements(self) -> int:
         return math.prod(self.kernel_shape[self.out_axis:]) if self.bias else 0
+
+    @property
+    def map_bytes(self) -> int:
+        """The feature map ``map`` mode moves: the input, or for a lookup its output embeddings."""
+        if self.kind == "lookup":
+            return math.prod(self.out_shape) * self.out_bytes
+        return math.prod(self.in_shape) * self.act_bytes
+
+    @property
+    def y_bytes(self) -> int:
+        return math.prod(self.out_shape) * (self.out_bytes or self.act_bytes)
 
 
 def _frac(p: int) -> float:
@@ -103,11 +123,15 @@ def mode_costs(layer: LayerShape, p: int, compress: str = "none") -> dict[str, M
     """Bytes one device moves for this layer in each mode, all its ``repeats`` calls (None: mode impossible)."""
     f, r = _frac(p), layer.repeats
     kernel_full = (math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes
-    x_bytes = math.prod(layer.in_shape) * layer.act_bytes
+    x_bytes = layer.map_bytes
     if p == 1:
         return {"kernel": ModeCost(0, 0), "map": None}
     if not splittable(layer, p):  # replicated kernel: nothing to gather, gradients all-reduced
         return {"kernel": ModeCost(0, r * round(2 * f * kernel_full)), "map": None}
+    if layer.kind == "lookup":  # map: gather the token ids, reduce-scatter the partial embeddings; all-gather their gradient
+        ids = math.prod(layer.in_shape) * layer.act_bytes
+        return {"kernel": ModeCost(r * round(f * kernel_full), r * round(f * kernel_full)),
+                "map": ModeCost(r * (round(f * ids) + round(f * x_bytes)), r * round(f * x_bytes))}
     return {
         "kernel": ModeCost(r * round(f * compressed_kernel_bytes(layer, compress)), r * round(f * kernel_full)),
         "map": ModeCost(r * round(f * x_bytes), r * round(f * x_bytes) if layer.input_grad else 0),
@@ -125,15 +149,22 @@ def held_bytes(layer: LayerShape, p: int, compress: str = "none") -> dict[str, i
     kernel_full = (math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes
     if p == 1 or not splittable(layer, p):
         return {"kernel": 0 if p == 1 else kernel_full, "map": None}  # replicated: only its all-reduced gradient
+    if layer.kind == "lookup":  # map: every device's tokens, their partial embeddings and the embeddings' gradient
+        return {"kernel": 2 * kernel_full, "map": math.prod(layer.in_shape) * layer.act_bytes + 2 * layer.map_bytes}
     wire = compressed_kernel_bytes(layer, compress) if compress != "none" else 0
-    x_bytes = math.prod(layer.in_shape) * layer.act_bytes
-    y_local = math.prod(layer.out_shape) * layer.act_bytes // p
+    x_bytes = layer.map_bytes
+    y_local = layer.y_bytes // p
     return {"kernel": 2 * kernel_full + wire, "map": x_bytes * (2 if layer.input_grad else 1) + y_local}
 
 
 def transition_bytes(layer: LayerShape, p: int) -> int:
-    """All-to-all returning a ``map`` layer's channel-split output to the batch layout (fwd + bwd)."""
-    y_local = math.prod(layer.out_shape) * layer.act_bytes / p
+    """All-to-all returning a ``map`` layer's channel-split output to the batch layout (fwd + bwd).
+
+    A lookup's reduce-scatter already leaves its output in the batch layout: nothing to pay.
+    """
+    if layer.kind == "lookup":
+        return 0
+    y_local = layer.y_bytes / p
     return layer.repeats * 2 * round(_frac(p) * y_local)
 
 
@@ -146,7 +177,7 @@ class LayerPlan:
     kind: str
     kernel_shape: tuple[int, ...]
     kernel_bytes: int  # uncompressed kernel + bias (one call)
-    map_bytes: int  # the input feature map, one micro-batch, global (one call)
+    map_bytes: int  # the feature map map mode moves (input; a lookup's output), one micro-batch, global (one call)
     devices: int  # P
     repeats: int  # calls per micro-batch (scan length); the *_bytes below cover all of them
     kernel_mode_bytes: int
@@ -163,6 +194,8 @@ class LayerPlan:
     kernel_held_bytes: int  # extra bytes one device holds in kernel mode (held_bytes)
     map_held_bytes: int | None
     reason: str  # why this mode: pinned, the only one possible, the only one that fits, or fewest bytes
+    param: str = ""  # stored parameter path, when not ``<name>.kernel``
+    transposed: bool = False  # stored as the kernel's transpose (a tied head)
 
     @property
     def predicted_bytes(self) -> int:
@@ -178,6 +211,7 @@ class BroadcastPlan:
     layers: list[LayerPlan]
     other_param_bytes: int = 0  # parameters outside the plan (embeddings, norms): XLA syncs their gradients
     budget_bytes: int | None = None  # per-device bytes a layer's broadcast buffers may hold (None: no limit)
+    xla_table_bytes: int = 0  # vocabulary tables left to XLA (rows do not divide over P): gathered per reader, gradient reduce-scattered
 
     @property
     def other_sync_bytes(self) -> int:
@@ -190,7 +224,7 @@ class BroadcastPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.layer_bytes + self.other_sync_bytes
+        return self.layer_bytes + self.other_sync_bytes + self.xla_table_bytes
 
     def get(self, name: str) -> LayerPlan | None:
         return next((layer for layer in self.layers if layer.name == name), None)
@@ -208,7 +242,8 @@ class BroadcastPlan:
         return {"devices": self.devices, "axes": list(self.axes), "compress": self.compress, "budget_bytes": self.budget_bytes,
                 "unit": "bytes per device per micro-batch (forward + backward)",
                 "layer_bytes": self.layer_bytes, "other_param_bytes": self.other_param_bytes,
-                "other_sync_bytes": self.other_sync_bytes, "total_bytes": self.total_bytes, "layers": layers}
+                "other_sync_bytes": self.other_sync_bytes, "xla_table_bytes": self.xla_table_bytes,
+                "total_bytes": self.total_bytes, "layers": layers}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -229,7 +264,8 @@ class BroadcastPlan:
                 f"{layer.in_layout + '->' + layer.out_layout:<15} {layer.compress:<8} {layer.reason}"
             )
         rows.append("(x: calls per micro-batch; kernel/map: one call's sizes; moved/held: per device, moved over all calls)")
-        rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,} "
+        tables = f" + vocabulary tables left to XLA: {self.xla_table_bytes:,}" if self.xla_table_bytes else ""
+        rows.append(f"layers: {self.layer_bytes:,} + other parameters' gradient sync: {self.other_sync_bytes:,}{tables} "
                     f"= predicted total {self.total_bytes:,} bytes per device per micro-batch")
         return "\n".join(rows)
 
@@ -256,7 +292,7 @@ def check_overrides(cfg: BroadcastConfig) -> None:
 
 
 def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
-              other_param_bytes: int = 0, budget_bytes: int | None = None) -> BroadcastPlan:
+              other_param_bytes: int = 0, budget_bytes: int | None = None, xla_table_bytes: int = 0) -> BroadcastPlan:
     """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
 
     A pinned layer keeps its mode; a layer whose output channels do not divide over P can
@@ -333,18 +369,19 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
         plans.append(LayerPlan(
             name=layer.name, kind=layer.kind, kernel_shape=tuple(layer.kernel_shape),
             kernel_bytes=(math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes,
-            map_bytes=math.prod(layer.in_shape) * layer.act_bytes, devices=devices, repeats=layer.repeats,
+            map_bytes=layer.map_bytes, devices=devices, repeats=layer.repeats,
             kernel_mode_bytes=cost["kernel"].total,
             map_mode_bytes=None if cost["map"] is None else cost["map"].total,
             transition_bytes=trans[i],
             shared_gather_bytes=cost["map"].forward if modes[i] == "map" and later_map_in_group else 0,
             mode=modes[i],
             in_layout="channel" if channel_in else "batch", out_layout="channel" if channel_out else "batch",
-            compress=cfg.compress if modes[i] == "kernel" and splittable(layer, devices) else "none",
+            compress=cfg.compress if modes[i] == "kernel" and splittable(layer, devices) and layer.kind != "lookup" else "none",
             pinned=pins[i], split_kernel=splittable(layer, devices), out_axis=layer.out_axis,
             kernel_held_bytes=held[i]["kernel"], map_held_bytes=held[i]["map"], reason=why,
+            param=layer.param, transposed=layer.transposed,
         ))
-    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes, budget_bytes)
+    return BroadcastPlan(devices, tuple(axes), cfg.compress, plans, other_param_bytes, budget_bytes, xla_table_bytes)
 
 
 # ------------------------------------------------------------------ recording layer shapes
@@ -457,12 +494,15 @@ def broadcast_apply(
     out_axis: int,
     input_grad: bool = True,
     chained: bool = False,
+    param: str = "",
+    transposed: bool = False,
 ):
     """``compute(x, kernel) (+ bias)`` in the mode the active plan gives layer ``name``.
 
     ``kernel`` holds output channels from dimension ``out_axis`` on; ``bias`` has the shape of
     those trailing dimensions. With no plan active this is the plain computation; while
-    ``trace_layers`` records, the call is recorded as well.
+    ``trace_layers`` records, the call is recorded as well. ``param``/``transposed`` say where
+    the kernel is stored when it is not ``<name>.kernel`` (so the plan can store it split).
     """
     def plain(x, kernel, bias):
         y = compute(x, kernel)
@@ -475,13 +515,13 @@ def broadcast_apply(
             name=name, kind=kind, kernel_shape=tuple(kernel.shape), out_axis=out_axis, in_shape=tuple(x.shape),
             out_shape=tuple(y.shape), act_bytes=jnp.dtype(x.dtype).itemsize,
             param_bytes=jnp.dtype(kernel.dtype).itemsize, bias=bias is not None,
-            input_grad=input_grad, chained=chained, repeats=_REPEATS.get(),
+            input_grad=input_grad, chained=chained, repeats=_REPEATS.get(), out_bytes=jnp.dtype(y.dtype).itemsize,
+            param=param, transposed=transposed,
         ), x))
-    active = _ACTIVE.get()
-    layer = None if active is None else active[0].get(name)
+    layer = _planned(name)
     if layer is None:
         return plain(x, kernel, bias)
-    plan, mesh = active
+    plan, mesh = _ACTIVE.get()
     axes = plan.axes
     y_ndim = jax.eval_shape(plain, x, kernel, bias).ndim
     y_channel_axis = y_ndim - (kernel.ndim - out_axis)  # first output-channel dimension of y
@@ -513,6 +553,52 @@ def broadcast_apply(
     return fn(x, kernel, bias)
 
 
+def _planned(name: str) -> LayerPlan | None:
+    active = _ACTIVE.get()
+    return None if active is None else active[0].get(name)
+
+
+def lookup(tokens, table, *, name: str, param: str = ""):
+    """``table[tokens]``: rows of a (vocab, d) table, in the mode the active plan gives layer ``name``.
+
+    ``kernel``: all-gather the table (split by vocabulary), look up the local tokens; its
+    gradient is reduce-scattered. ``map``: gather every device's token ids, look them up in the
+    local vocabulary slice (zero elsewhere) and reduce-scatter the partial embeddings back to
+    the batch layout; the backward pass all-gathers the embeddings' gradient.
+    """
+    calls = _RECORDER.get()
+    if calls is not None:
+        calls.append((LayerShape(
+            name=name, kind="lookup", kernel_shape=tuple(table.shape), out_axis=0, in_shape=tuple(tokens.shape),
+            out_shape=(*tokens.shape, table.shape[1]), act_bytes=jnp.dtype(tokens.dtype).itemsize,
+            param_bytes=jnp.dtype(table.dtype).itemsize, bias=False, input_grad=False, chained=False,
+            repeats=_REPEATS.get(), out_bytes=jnp.dtype(table.dtype).itemsize, param=param,
+        ), tokens))
+    layer = _planned(name)
+    if layer is None:
+        return jnp.take(table, tokens, axis=0)
+    plan, mesh = _ACTIVE.get()
+    axes = plan.axes
+
+    def body(tokens, table):
+        with layer_scope(name):
+            if layer.mode == "kernel":
+                if layer.split_kernel:
+                    table = jax.lax.all_gather(table, axes, axis=0, tiled=True)
+                return jnp.take(table, tokens, axis=0)
+            tokens = jax.lax.all_gather(tokens, axes, axis=0, tiled=True)
+            local = tokens - jax.lax.axis_index(axes) * table.shape[0]
+            hit = (local >= 0) & (local < table.shape[0])
+            rows = jnp.take(table, jnp.clip(local, 0, table.shape[0] - 1), axis=0)
+            rows = jnp.where(hit[..., None], rows, jnp.zeros((), rows.dtype))
+            return jax.lax.psum_scatter(rows, axes, scatter_dimension=0, tiled=True)
+
+    t_spec = PartitionSpec(axes, *([None] * (table.ndim - 1))) if layer.split_kernel else PartitionSpec()
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(axes), t_spec), out_specs=PartitionSpec(axes),
+                       axis_names=set(axes))
+    return fn(tokens, table)
+
+
 def dense(x, kernel, bias=None, *, name: str, n_in: int = 1, input_grad: bool = True, chained: bool = False):
     """Contract the last ``n_in`` dims of ``x`` with the first ``n_in`` dims of ``kernel``."""
     compute = lambda x, k: jnp.tensordot(x, k, axes=n_in)
@@ -531,11 +617,17 @@ def conv(x, kernel, bias=None, *, name: str, input_grad: bool = True, chained: b
 
 
 def kernel_specs(plan: BroadcastPlan) -> dict[str, tuple[PartitionSpec, PartitionSpec]]:
-    """Layer name -> (kernel spec, bias spec): split by output channel over the plan's axes, or replicated."""
+    """Layer name -> (kernel spec, bias spec) as stored: split by output channel over the plan's axes, or replicated.
+
+    A transposed kernel (a tied head reading the embedding table) gets the spec of its transpose.
+    """
     out = {}
     for layer in plan.layers:
         if layer.split_kernel:
-            out[layer.name] = (_spec(len(layer.kernel_shape), layer.out_axis, plan.axes), PartitionSpec(plan.axes))
+            k_spec = _spec(len(layer.kernel_shape), layer.out_axis, plan.axes)
+            if layer.transposed:
+                k_spec = PartitionSpec(*reversed(tuple(k_spec) + (None,) * (len(layer.kernel_shape) - len(k_spec))))
+            out[layer.name] = (k_spec, PartitionSpec(plan.axes))
         else:
             out[layer.name] = (PartitionSpec(), PartitionSpec())
     return out
@@ -575,32 +667,55 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
         raise ConfigError(f"broadcast.mode={b.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
                           f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
-    layers = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
+    traced = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
+    # A vocabulary table whose rows do not divide over P would have to be replicated, its gradient
+    # all-reduced once per reader (lookup and tied head): XLA's own layout (width split) moves less.
+    layers = [layer for layer in traced if not layer.param or splittable(layer, devices)]
     leaves = jax.tree.leaves(abstract_params)
     param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
     stored_itemsize = param_bytes / sum(x.size for x in leaves)  # layers record the compute dtype, not the stored one
-    planned = round(stored_itemsize * sum(layer.repeats * (math.prod(layer.kernel_shape) + layer.bias_elements)
-                                          for layer in layers))
+    # a tied table is read by two layers (lookup and head) but stored, and its gradient synced, once
+    elements = {layer.param or layer.name: layer.repeats * (math.prod(layer.kernel_shape) + layer.bias_elements)
+                for layer in layers}
+    planned = round(stored_itemsize * sum(elements.values()))
+    # Tables left to XLA, stored split by width over the batch axes (FSDP): gathered for each reader,
+    # their gradient reduce-scattered once. Stored otherwise, they stay with the other parameters.
+    left = [layer for layer in traced if layer not in layers]
+    width_axes = next((a for logical, a in cfg.sharding.param_rules if logical == "embed"), None) or []
+    width_split = any(a in axes and axis_sizes[a] > 1 for a in ([width_axes] if isinstance(width_axes, str) else width_axes))
+    table_bytes = 0
+    if width_split:
+        for param in {layer.param for layer in left}:
+            table = round(stored_itemsize * math.prod(next(x for x in left if x.param == param).kernel_shape))
+            readers = sum(layer.param == param for layer in left)
+            table_bytes += (readers + 1) * round(_frac(devices) * table)
+            planned += table
     total = cfg.memory.device_budget_bytes
     budget = None if total is None else max(total - resident_bytes, 0)
-    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned, budget_bytes=budget)
+    return make_plan(layers, devices, axes, b, other_param_bytes=param_bytes - planned, budget_bytes=budget,
+                     xla_table_bytes=table_bytes)
 
 
 def with_kernel_specs(plan: BroadcastPlan, param_specs: dict, params: dict) -> dict:
-    """``param_specs`` with each planned layer's ``kernel``/``bias`` stored as the plan needs them.
+    """``param_specs`` with each planned layer's kernel (and bias) stored as the plan needs them.
 
-    A scanned layer's stored kernel (in ``params``, shapes) has leading stacking dimensions
-    (the layer axis): those keep the spec they had, the per-layer dimensions get the plan's.
+    A layer's kernel is ``<name>.kernel`` (bias ``<name>.bias``) unless the layer names its
+    ``param`` (``embed``, ``unembed``). A scanned layer's stored kernel (in ``params``, shapes)
+    has leading stacking dimensions (the layer axis): those keep the spec they had, the
+    per-layer dimensions get the plan's.
     """
     out = jax.tree.map(lambda s: s, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for name, (k_spec, b_spec) in kernel_specs(plan).items():
+        layer = plan.get(name)
+        path = (layer.param or f"{name}.kernel").split(".")
         node, shapes = out, params
-        for key in name.split("."):
+        for key in path[:-1]:
             key = int(key) if key.isdigit() and int(key) in node else key
             node, shapes = node[key], shapes[key]
-        lead = len(shapes["kernel"].shape) - len(plan.get(name).kernel_shape)
-        node["kernel"] = _stacked(node["kernel"], k_spec, lead)
-        if "bias" in node:
+        leaf = path[-1]
+        lead = len(shapes[leaf].shape) - len(layer.kernel_shape)
+        node[leaf] = _stacked(node[leaf], k_spec, lead)
+        if not layer.param and "bias" in node:
             node["bias"] = _stacked(node["bias"], b_spec, lead)
     return out
 

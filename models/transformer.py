@@ -240,7 +240,7 @@ class Transformer(nnx.Module):
         return call
 
     def __call__(self, tokens):
-        x = jnp.take(self._fetch(self.embed[...]), tokens, axis=0).astype(self.dtype)
+        x = broadcast.lookup(tokens, self._fetch(self.embed[...]).astype(self.dtype), name="embed", param="embed")
         if self.pos_embed is not None:
             x = x + self._fetch(self.pos_embed[...])[: tokens.shape[1]].astype(self.dtype)
         x = constrain(x, BLC)
@@ -277,8 +277,11 @@ class Transformer(nnx.Module):
         return constrain(x, BLC)
 
     def _logits(self, x):
+        """The output head, a broadcast layer named ``head``: its map mode splits the vocabulary and broadcasts ``x``."""
         w = self._fetch(self.embed[...]).T if self.tied else self._fetch(self.unembed[...])
-        logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = broadcast.broadcast_apply(
+            lambda x, w: jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32), x, w.astype(self.dtype), None,
+            name="head", kind="dense", out_axis=1, param="embed" if self.tied else "unembed", transposed=self.tied)
         return constrain(logits, ("batch", "length", "vocab"))
 
     # ------------------------------------------------------------------ generation (framework/generate.py)

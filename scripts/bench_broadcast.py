@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Step time and measured collective bytes of broadcast plans: auto vs all-kernel vs all-map (vs none).
 
-python scripts/bench_broadcast.py --config configs/cnn_small.yaml [--steps 20] [--modes auto kernel map none] [key=value ...]
-Prints one markdown row per mode: median step time after the first step, and the bytes per
-device per micro-batch that the compiled step's collectives move (measured) and the plan predicts.
+python scripts/bench_broadcast.py --config configs/cnn_small.yaml [--steps 20] [--modes auto kernel map none]
+    [--compress none int8] [--losses] [key=value ...]
+Prints one JSON line per (mode, compress): median step time after the first step, the bytes per
+device per micro-batch that the compiled step's collectives move (measured) and the plan
+predicts, and the final loss (``--losses``: every step's loss, for the int8 loss bound).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import _cli
@@ -17,7 +20,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--modes", nargs="+", default=["auto", "kernel", "map", "none"])
+    p.add_argument("--modes", nargs="+", default=["auto", "kernel", "map", "none"], choices=["auto", "kernel", "map", "none"],
+                   help="put key=value overrides before this flag (or after --): it takes every word that follows")
+    p.add_argument("--compress", nargs="+", default=["none"], choices=["none", "bf16", "int8"])
+    p.add_argument("--losses", action="store_true", help="print every step's loss")
     p.add_argument("--cpu-devices", type=int, default=8)
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
@@ -29,20 +35,30 @@ def main(argv=None) -> None:
         from framework.config import load_config
         from framework.trainer import Trainer
 
-        print(f"{args.config} on {jax.device_count()} {jax.devices()[0].platform} devices, {args.steps} steps")
-        print("| mode | step time (median) | measured bytes/device | predicted bytes/device | final loss |")
-        print("|---|---|---|---|---|")
-        for mode in args.modes:
-            cfg = load_config(args.config, [*args.overrides, f"broadcast.mode={mode}", f"train.steps={args.steps}",
-                                            "logging.progress=false", "logging.tensorboard=false"])
-            trainer = Trainer(cfg)
-            trainer.compile()
-            measured = count_compiled(trainer._compiled, jax.device_count()).total // trainer.cfg.train.grad_accum
-            records = trainer.fit()
-            step = statistics.median(r["step_time_s"] for r in records[1:])
-            plan = trainer.abstract.broadcast_plan
-            predicted = "-" if plan is None else f"{plan.total_bytes:,}"
-            print(f"| {mode} | {step * 1e3:.1f} ms | {measured:,} | {predicted} | {records[-1]['loss']:.4f} |", flush=True)
+        for compress in args.compress:
+            for mode in args.modes:
+                if mode == "none" and compress != "none":
+                    continue  # no plan: nothing travels compressed
+                cfg = load_config(args.config, [*args.overrides, f"broadcast.mode={mode}", f"broadcast.compress={compress}",
+                                                f"train.steps={args.steps}", "logging.progress=false",
+                                                "logging.tensorboard=false"])
+                trainer = Trainer(cfg)
+                trainer.compile()
+                report = count_compiled(trainer.compiled_step, jax.device_count())
+                records = trainer.fit()
+                plan = trainer.abstract.broadcast_plan
+                out = {
+                    "config": args.config, "overrides": args.overrides, "devices": jax.device_count(),
+                    "platform": jax.devices()[0].platform, "mode": mode, "compress": compress, "steps": len(records),
+                    "step_time_s": statistics.median(r["step_time_s"] for r in records[1:]) if len(records) > 1 else None,
+                    "measured_bytes": report.total // cfg.train.grad_accum,
+                    "predicted_bytes": None if plan is None else plan.total_bytes,
+                    "modes": None if plan is None else plan.modes(),
+                    "final_loss": records[-1]["loss"],
+                }
+                if args.losses:
+                    out["losses"] = [r["loss"] for r in records]
+                print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

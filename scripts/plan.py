@@ -141,7 +141,7 @@ def print_broadcast(report: dict) -> None:
         layers = [LayerPlan(**{k: tuple(v) if k == "kernel_shape" else v for k, v in layer.items() if k != "predicted_bytes"})
                   for layer in plan["layers"]]
         print(BroadcastPlan(plan["devices"], tuple(plan["axes"]), plan["compress"], layers, plan["other_param_bytes"],
-                            plan["budget_bytes"]).table())
+                            plan["budget_bytes"], plan["xla_table_bytes"]).table())
     m = report.get("broadcast_measured")
     if m is None:
         return
