@@ -558,25 +558,30 @@ def _planned(name: str) -> LayerPlan | None:
     return None if active is None else active[0].get(name)
 
 
-def lookup(tokens, table, *, name: str, param: str = ""):
-    """``table[tokens]``: rows of a (vocab, d) table, in the mode the active plan gives layer ``name``.
+def lookup(tokens, table, *, name: str, param: str = "", dtype=None):
+    """``table[tokens]`` as ``dtype``: rows of a (vocab, d) table, in the mode the active plan gives layer ``name``.
+
+    Unplanned, the rows are taken, then cast (the table and its gradient stay in their own dtype);
+    planned, the table travels in ``dtype``.
 
     ``kernel``: all-gather the table (split by vocabulary), look up the local tokens; its
     gradient is reduce-scattered. ``map``: gather every device's token ids, look them up in the
     local vocabulary slice (zero elsewhere) and reduce-scatter the partial embeddings back to
     the batch layout; the backward pass all-gathers the embeddings' gradient.
     """
+    dtype = jnp.dtype(dtype or table.dtype)
     calls = _RECORDER.get()
     if calls is not None:
         calls.append((LayerShape(
             name=name, kind="lookup", kernel_shape=tuple(table.shape), out_axis=0, in_shape=tuple(tokens.shape),
             out_shape=(*tokens.shape, table.shape[1]), act_bytes=jnp.dtype(tokens.dtype).itemsize,
-            param_bytes=jnp.dtype(table.dtype).itemsize, bias=False, input_grad=False, chained=False,
-            repeats=_REPEATS.get(), out_bytes=jnp.dtype(table.dtype).itemsize, param=param,
+            param_bytes=dtype.itemsize, bias=False, input_grad=False, chained=False,
+            repeats=_REPEATS.get(), out_bytes=dtype.itemsize, param=param,
         ), tokens))
     layer = _planned(name)
     if layer is None:
-        return jnp.take(table, tokens, axis=0)
+        return jnp.take(table, tokens, axis=0).astype(dtype)
+    table = table.astype(dtype)
     plan, mesh = _ACTIVE.get()
     axes = plan.axes
 

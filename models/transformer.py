@@ -240,7 +240,7 @@ class Transformer(nnx.Module):
         return call
 
     def __call__(self, tokens):
-        x = broadcast.lookup(tokens, self._fetch(self.embed[...]).astype(self.dtype), name="embed", param="embed")
+        x = broadcast.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
         if self.pos_embed is not None:
             x = x + self._fetch(self.pos_embed[...])[: tokens.shape[1]].astype(self.dtype)
         x = constrain(x, BLC)
