@@ -499,9 +499,6 @@ def validate_pipeline(cfg: Config) -> None:
     if cfg.mesh.dcn_data != 1:
         raise ConfigError(f"mesh.stage={stage} with mesh.dcn_data={cfg.mesh.dcn_data}: pipeline stages are not supported "
                           "across slices; use mesh.dcn_data=1")
-    if cfg.memory.params != "device":
-        raise ConfigError(f"mesh.stage={stage} with memory.params={cfg.memory.params}: parameters streamed from host do not "
-                          "run inside pipeline stages (each stage holds only its own layers); use memory.params=device")
     if cfg.broadcast.mode != "none":
         raise ConfigError(f"mesh.stage={stage} with broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not "
                           "run inside pipeline stages; use broadcast.mode=none")

@@ -48,12 +48,17 @@ def to_stages(stacked, stages: int):
     return jax.tree.map(lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:]), stacked)
 
 
-def gpipe(stage_fn: Callable, stage_params, x: jax.Array, p: Pipeline, logical_axes) -> jax.Array:
+def gpipe(stage_fn: Callable, stage_params, x: jax.Array, p: Pipeline, logical_axes, unroll_ticks: bool = False) -> jax.Array:
     """``stage_fn(params of one stage, h) -> h`` applied stage after stage to ``x`` (batch first), pipelined.
 
     ``logical_axes`` name x's dimensions (batch first) for the activation sharding rules.
     Micro-batch m takes rows m, m + M, m + 2M, ...: with the batch split over the data-parallel
     devices, each micro-batch stays split the same way (no data moves to form them).
+    ``unroll_ticks``: the M + S - 1 ticks as straight-line code rather than a ``lax.scan``. Needed when
+    ``stage_params`` live in pinned_host (memory.params): JAX (0.10.2) transposes a scan by starting
+    its constants' cotangents from ``zeros_like_aval``, in device memory, and the gradient of a
+    pinned_host constant then fails "Expected cotangent type float32<host>[...] but got float32[...]".
+    The stage's own layer loop stays a loop (its weights are scanned-over inputs, not constants).
     """
     # the config makes M divide every step's batch; a trace of fewer rows (the planner's one-row
     # trace for checkpoint names) runs with as many micro-batches as divide it
@@ -73,8 +78,13 @@ def gpipe(stage_fn: Callable, stage_params, x: jax.Array, p: Pipeline, logical_a
         outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(t - (S - 1), 0), 0)
         return (out, outs), None
 
-    buffer = constrain(jnp.zeros((S, *xs.shape[1:]), x.dtype), buffer_axes)
-    (_, outs), _ = jax.lax.scan(tick, (buffer, jnp.zeros_like(xs)), jnp.arange(M + S - 1))
+    carry = (constrain(jnp.zeros((S, *xs.shape[1:]), x.dtype), buffer_axes), jnp.zeros_like(xs))
+    if unroll_ticks:
+        for t in range(M + S - 1):
+            carry, _ = tick(carry, jnp.int32(t))
+    else:
+        carry, _ = jax.lax.scan(tick, carry, jnp.arange(M + S - 1))
+    outs = carry[1]
     return jnp.swapaxes(outs, 0, 1).reshape(x.shape)
 
 

@@ -273,7 +273,8 @@ class Transformer(nnx.Module):
         """The stacked layers as pipeline stages: each stage scans its own contiguous layers."""
         graphdef, stacked = nnx.split(self.blocks)
         stage_fn = lambda stage_blocks, h: run(nnx.merge(graphdef, stage_blocks), h)
-        x = pipeline.gpipe(stage_fn, pipeline.to_stages(stacked, self.pipeline.stages), x, self.pipeline, BLC)
+        x = pipeline.gpipe(stage_fn, pipeline.to_stages(stacked, self.pipeline.stages), x, self.pipeline, BLC,
+                           unroll_ticks=self.stream_params)
         return constrain(x, BLC)
 
     def _logits(self, x):

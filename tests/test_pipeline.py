@@ -25,6 +25,8 @@ CASES = {  # name: (overrides, devices)
     "stage=4": (["mesh.stage=4", "mesh.fsdp=1", "train.pipeline_microbatches=2"], 4),
     "stage=2,data=2,fsdp=2": (["mesh.stage=2", "mesh.data=2", "mesh.fsdp=2", "train.pipeline_microbatches=2"], 8),
     "stage=4,fsdp=2,remat": (["mesh.stage=4", "mesh.fsdp=2", "model.remat=true", "train.pipeline_microbatches=2"], 8),
+    "stage=2,params in pinned_host": (["mesh.stage=2", "mesh.fsdp=1", "train.pipeline_microbatches=4",
+                                       "memory.params=pinned_host"], 2),
 }
 _trainers = {}
 
@@ -92,6 +94,18 @@ def test_each_stage_holds_only_its_layers_as_planned():
     assert "collective-permute" in compiled.as_text()  # activations move stage to stage
 
 
+def test_streamed_params_are_fetched_per_layer_inside_each_stage():
+    """memory.params=pinned_host in a pipeline: each stage's layer loop brings its layer's weights to the device
+    (and sends their gradients back) inside the loop body, in the program lowered for cuda (CPU drops the transfers)."""
+    tr = trainer("stage=2,params in pinned_host")
+    assert {s.memory_kind for s in jax.tree.leaves(tr.state_shardings.params)} == {"pinned_host"}
+    per_layer = len(jax.tree.leaves(tr.abstract.shapes.params["blocks"]))
+    loops = memory.loop_body_transfers(tr._lower(1, platform="cuda").as_text(), "cuda")
+    ticks = 4 + 2 - 1  # M + S - 1: each tick runs both stages' layer loops (vmapped), forward then backward
+    assert loops == ([memory.OffloadCheck("cuda", 0, per_layer)] * ticks  # forward: one layer's weights per iteration
+                     + [memory.OffloadCheck("cuda", per_layer, 0)] * ticks), loops  # backward: its gradients to host
+
+
 def test_checkpoint_restores_across_stage_counts(tmp_path):
     saver, targets = trainer("stage=2,data=2,fsdp=2"), [trainer("stage=4,fsdp=2,remat"), trainer("unpipelined")]
     rng = np.random.default_rng(1)
@@ -127,8 +141,6 @@ def test_fit_with_grad_accum_equals_unpipelined():
     (["mesh.stage=2", "model.scan_layers=false"], "mesh.stage=2 needs model.name=transformer with model.scan_layers=true "
      "(the stages cut the stacked layers), got model.name=transformer model.scan_layers=False"),
     (["mesh.stage=0"], "mesh.stage=0: expected a positive number of pipeline stages or -1"),
-    (["mesh.stage=2", "memory.params=pinned_host"], "mesh.stage=2 with memory.params=pinned_host: parameters streamed "
-     "from host do not run inside pipeline stages (each stage holds only its own layers); use memory.params=device"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
