@@ -222,3 +222,34 @@ def test_generation_unstacks_a_pipelined_runs_params():
     dcfg, params, _ = unstacked(tr.cfg, jax.device_put(values, tr.state_shardings.params), tr.mesh)
     assert not dcfg.model.scan_layers and sorted(params["blocks"]) == [0, 1, 2, 3]
     assert params["blocks"][3]["mlp"]["fc_in"]["kernel"].sharding.spec == P("fsdp", "tensor")  # no stage: replicated over it
+
+
+@pytest.mark.slow  # about 36 s of CPU (80 s wall on the loaded 2-core machine): 4 compiled steps
+def test_tryrun_adopts_a_pipeline_candidate_and_training_continues(tmp_path):
+    """The controller adopts a pipeline layout mid-run (scores fixed by a subclass, the framework's extension point):
+    every step runs once, on the adopted mesh after the decision, with the losses of a fixed-mesh run."""
+    from framework.tryrun import TryRunController
+    from tests.test_tryrun import SMALL as TRYRUN_SMALL, read_log
+
+    class PipelineWins(TryRunController):
+        def score(self, trial):
+            return 300.0 if trial.layout.kind == "pipeline" else 100.0
+
+    steps = 4
+    model = [*TRYRUN_SMALL, "model.scan_layers=true", "train.pipeline_microbatches=2"]
+    fixed = Trainer(tiny_config(*model, steps=steps), devices=jax.devices()[:2]).fit()
+    cfg = tiny_config(*model, "elastic.enabled=true", "elastic.device_schedule=[[0,2]]", "elastic.trigger=every_n_steps",
+                      "elastic.every_n_steps=2", steps=steps)
+    trainer = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:2])
+    records = PipelineWins(trainer).fit(steps)
+
+    (decision,) = read_log(tmp_path)
+    assert decision["step"] == 2 and decision["adopted"] is True
+    assert decision["baseline"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert decision["chosen"]["kind"] == "pipeline" and decision["chosen"]["mesh"] == {"stage": 2, "data": 1, "fsdp": 1,
+                                                                                        "tensor": 1}
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["mesh"] for r in records] == [fixed[0]["mesh"]] * 2 + [decision["chosen"]["mesh"]] * 2
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in fixed], rtol=0, atol=1e-5)
+    assert int(trainer.state.step) == steps and trainer.axis_sizes == decision["chosen"]["mesh"]
