@@ -107,13 +107,14 @@ class PipelinePlan:
     bubble_fraction: float
     per_stage: list[StagePlan]
     activation_source: str
+    param_memory: str = "device"  # where the param bytes live (memory.params): pinned_host streams them per layer
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def plan(n_layers: int, p: Pipeline, micro_batch: int, layer_param_bytes: int, other_param_bytes: int,
-         layer_activation_bytes: int, source: str) -> PipelinePlan:
+         layer_activation_bytes: int, source: str, param_memory: str = "device") -> PipelinePlan:
     """Per stage: layers, param bytes per device, activation bytes of the in-flight micro-batches, and the bubble.
 
     ``layer_param_bytes``: one device's shard of all stacked layers (already divided by the stage count);
@@ -125,7 +126,7 @@ def plan(n_layers: int, p: Pipeline, micro_batch: int, layer_param_bytes: int, o
         for s, layers in enumerate(stage_layers(n_layers, p.stages))
     ]
     return PipelinePlan(p.stages, p.microbatches, micro_batch // p.microbatches, bubble_fraction(p.stages, p.microbatches),
-                        stages, source)
+                        stages, source, param_memory)
 
 
 def format_plan(plan: Mapping) -> list[str]:
@@ -136,5 +137,5 @@ def format_plan(plan: Mapping) -> list[str]:
     for s in plan["per_stage"]:
         first, last = s["layers"]
         lines.append(f"  {s['stage']:>5}  {f'{first}-{last}':<9} {s['param_bytes']:>15,} {s['activation_bytes']:>17,}")
-    lines.append(f"  (per device; activations: {plan['activation_source']})")
+    lines.append(f"  (per device; params in {plan['param_memory']}; activations: {plan['activation_source']})")
     return lines

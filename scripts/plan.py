@@ -45,7 +45,7 @@ def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
         })
     report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
     report["memory"] = memory_section(cfg, n_devices, abstract, estimate)
-    report["pipeline"] = pipeline_section(cfg, axis_sizes, abstract)
+    report["pipeline"] = pipeline_section(cfg, axis_sizes, abstract, report["memory"]["placement"]["params"])
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
     return report
@@ -103,13 +103,13 @@ def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dic
     return memory.plan_memory(cfg.memory, needs, axis_sizes, budget).to_dict()
 
 
-def pipeline_section(cfg, axis_sizes: dict, abstract) -> dict | None:
-    """Per pipeline stage: layers, bytes per device, bubble (None without a ``stage`` axis)."""
+def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict | None:
+    """Per pipeline stage: layers, bytes per device (params in ``param_memory``), bubble (None without a ``stage`` axis)."""
     from framework import memory, sharding
 
     rules = sharding.rules_table(cfg.sharding.activation_rules)
     batch_axes = tuple(a for a in rules.get("batch", ()) if a in axis_sizes)
-    plan = memory.pipeline_plan(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum)
+    plan = memory.pipeline_plan(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum, param_memory)
     return None if plan is None else plan.to_dict()
 
 

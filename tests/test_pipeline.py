@@ -211,6 +211,11 @@ def test_plan_script_shows_each_stage(capsys, monkeypatch):
     plan_script.main(args)
     text = capsys.readouterr().out
     assert "pipeline: 4 stages x 4 micro-batches of 2 rows (GPipe), bubble (S-1)/(M+S-1) = 42.9%" in text
+    assert "(per device; params in device;" in text
+    plan_script.main([*args, "memory.params=pinned_host", "--json"])  # streamed: the stage's param bytes are host bytes
+    streamed = json.loads(capsys.readouterr().out)
+    assert streamed["pipeline"]["param_memory"] == "pinned_host"
+    assert streamed["pipeline"]["per_stage"][0]["param_bytes"] == streamed["memory"]["bytes_per_device"]["params"]["pinned_host"]
 
 
 def test_generation_unstacks_a_pipelined_runs_params():
