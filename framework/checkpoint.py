@@ -39,6 +39,7 @@ MANIFEST = "meshpilot_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's AtomicRenameTemporaryPath suffix
 DAMAGED_SUFFIX = ".damaged"
 _CHUNK = 8 << 20
+MAX_CHECK_AHEAD = 1 << 20  # steps between time checks at most (exact in the float32 broadcast)
 
 
 class CheckpointError(ConfigError):
@@ -121,6 +122,7 @@ class Checkpointer:
         self.every_minutes = every_minutes
         self.last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
+        self._next_check, self._time_checked = 0, None  # should_save: the next step that checks the time; the last check
         self.config = config
         self._sealer: threading.Thread | None = None
         self._seal_error: BaseException | None = None
@@ -155,15 +157,27 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         """Every ``every_steps`` steps, and when ``every_minutes`` have passed since the last save.
 
-        Call it on every process at every step: the time is process 0's (one small broadcast per
-        step in multi-process runs), or the processes would disagree and their saves never pair up.
+        Call it on every process at every step, in step order. The time is process 0's, or the processes
+        would disagree and their saves never pair up; agreeing is a broadcast that waits for the step in
+        flight, so it happens only at check steps: each check also fixes the next one, half the steps
+        the time left would take at the step rate measured since the previous check (the next step once
+        under two steps are left). The save so comes at the step that checking every step would pick
+        unless the steps slow down more than twofold between checks, and the processes agree about
+        log2(steps per interval) times per save instead of at every step.
         """
         if self.every_steps > 0 and step % self.every_steps == 0:
             return True
-        if self.every_minutes <= 0:
-            return False
-        due = time.monotonic() - self._last_save_time >= self.every_minutes * 60
-        return from_primary([float(due)])[0] == 1.0
+        if self.every_minutes <= 0 or (self._time_checked is not None and self._time_checked[0] < step < self._next_check):
+            return False  # (a step at or before the last check, as after a rewind, checks again)
+        interval, now = self.every_minutes * 60, time.monotonic()
+        due = now - self._last_save_time >= interval
+        left = interval if due else interval - (now - self._last_save_time)  # a due save starts the interval anew
+        previous, self._time_checked = self._time_checked, (step, now)
+        step_s = (now - previous[1]) / (step - previous[0]) if previous is not None and step > previous[0] else None
+        ahead = 1 if not step_s else int(min(max(left / step_s / 2, 1), MAX_CHECK_AHEAD))
+        due, ahead = from_primary([float(due), float(ahead)])
+        self._next_check = step + int(ahead)
+        return due == 1.0
 
     def save(self, step: int, state: Any) -> None:
         """Start saving ``state`` as ``step``; returns once the arrays are copied off the devices.

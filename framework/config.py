@@ -213,7 +213,7 @@ class ElasticConfig:
     trigger: Literal["device_change", "every_n_steps", "startup"] = "device_change"
     every_n_steps: int = 0  # trigger=every_n_steps: steps between decisions
     tryrun_steps: int = 3  # measured steps per try-run (after compile and warm-up)
-    warmup_steps: int = 1  # unmeasured steps per try-run after compile
+    warmup_steps: int = 1  # unmeasured steps first, where the layout's compiled step has not run yet (try-run or live)
     threshold: float = 0.05  # adopt only if samples/s beats the baseline by more than this fraction
     min_devices: Union[int, Literal["auto"]] = "auto"  # devices one model replica needs; auto: from memory
     max_devices: int = 0  # never use more devices than this; 0: no limit

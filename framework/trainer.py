@@ -113,6 +113,7 @@ class Trainer:
             out_shardings=self.replicated,
         )
         self._compiled, self._steps = None, {}  # the step to run; compiled steps by grad_accum
+        self._ran: set[int] = set()  # grad_accums whose compiled step has run in this process (see has_run)
         self._built_for = placement.key()
 
     def _measure_placement(self, placement: memory.Placement) -> dict[str, int]:
@@ -320,6 +321,13 @@ class Trainer:
         self.compile()
         return self._compiled
 
+    @property
+    def has_run(self) -> bool:
+        """Whether the step compiled for the current micro-batch has already run in this process: its first-run
+        effects (first execution, buffer allocation) are behind it, so the try-run controller measures its
+        steps without a warm-up step (framework/tryrun.py)."""
+        return self._compiled is not None and self.cfg.train.grad_accum in self._ran
+
     # ------------------------------------------------------------------ the step
 
     def model(self, params):
@@ -421,6 +429,7 @@ class Trainer:
             accum = self.cfg.train.grad_accum
             try:
                 outputs = self._compiled(state, batch if batch.shape[0] == accum else self._regroup(batch, accum))
+                self._ran.add(accum)
                 return outputs if self.nvme is None else self.nvme.apply(*outputs)
             except jax.errors.JaxRuntimeError as e:  # the donated state is intact if the step never started
                 if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \

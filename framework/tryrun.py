@@ -68,6 +68,8 @@ class Trial:
     restore_s: float = 0.0
     measure_s: float = 0.0  # warm-up plus measured steps
     samples: int = 0  # samples processed by the try-run's steps (warm-up included)
+    warmup_steps: int = 0  # steps run but not measured (first-run effects; see TryRunController.warmup_for)
+    measured_steps: int = 0  # steps whose median decides
     samples_per_s: float = 0.0
     improvement: float = 0.0
 
@@ -85,7 +87,7 @@ class Trial:
             "samples_per_s_per_device": self.measured_samples_per_s / self.layout.n_devices,
             "samples_per_total_s": self.samples_per_total_s,
             "improvement": self.improvement, "compile_s": self.compile_s, "restore_s": self.restore_s,
-            "measure_s": self.measure_s,
+            "measure_s": self.measure_s, "warmup_steps": self.warmup_steps, "measured_steps": self.measured_steps,
         }
 
 
@@ -212,6 +214,7 @@ class TryRunController:
         self.dropped: list[dict] = []  # layouts left out of the current decision, with why
         self.best_by_count: dict[int, float] = {}
         self.rolling: deque[float] = deque(maxlen=ROLLING_STEPS)
+        self.rolling_warmup = 0  # live steps left out of ``rolling`` as warm-up since the current mesh started
         self._trainers = {self._key(trainer): trainer}  # compiled steps kept: returning to a mesh costs no compile
         self._seen_available = len(trainer.devices)
         self._source, self._source_step, self._restore_s = None, 0, 0.0  # a decision's state: see starting_from
@@ -381,14 +384,14 @@ class TryRunController:
         if start < total and (moved or self.elastic.trigger == "startup" or self.triggered(start)):
             trainer = self.decide(trainer, start, "startup" if moved else self._reason(start, at_start=True))
         while True:
+            warmup = self.warmup_for(trainer)
             trainer.elastic = self
             try:
                 segment = trainer.fit(total)
             finally:
                 trainer.elastic = None
             records += segment
-            # the same warm-up rule as a try-run: a segment's first steps include the loop's start-up
-            self.rolling.extend(r["step_time_s"] for r in segment[self.elastic.warmup_steps:])
+            self.add_live_steps(segment, warmup)
             step = int(jax.device_get(trainer.state.step))
             if step >= total:
                 break
@@ -401,6 +404,17 @@ class TryRunController:
     def resume_step(self) -> int | None:
         """The checkpoint to continue from, if resuming is on and there is one."""
         return None if self.cfg.checkpoint.resume is False else self.checkpoints.latest_good_step()
+
+    def warmup_for(self, trainer) -> int:
+        """Unmeasured steps before ``trainer``'s steps are timed, for a try-run and a live segment alike:
+        ``elastic.warmup_steps`` when its compiled step has not run in this process yet (the warm-up exists for
+        first-run effects), none when it has (a layout seen at an earlier trigger, the live mesh going on)."""
+        return 0 if trainer.has_run else self.elastic.warmup_steps
+
+    def add_live_steps(self, segment: list[dict], warmup: int) -> None:
+        """A live segment's step times into the rolling baseline, its first ``warmup`` steps left out."""
+        self.rolling.extend(r["step_time_s"] for r in segment[warmup:])
+        self.rolling_warmup += min(warmup, len(segment))
 
     def wait_for_devices(self, step: int) -> None:
         """Start (or go on) only when one model replica fits on the usable devices: wait for more, up to
@@ -458,7 +472,8 @@ class TryRunController:
             runnable = set(trainer.devices) <= set(usable)
             if runnable and len(self.rolling) >= 2:
                 step_time = statistics.median(self.rolling)
-                baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling")
+                baseline = Trial(current, self.cfg.train.global_batch / step_time, "rolling",
+                                 warmup_steps=self.rolling_warmup, measured_steps=len(self.rolling))
             else:
                 base_layout = current if runnable else self.shrunk_layout(trainer, n, min_devices)
                 baseline = self.try_run(base_layout, trainer.devices if runnable else usable, step)
@@ -489,6 +504,7 @@ class TryRunController:
         next_trainer.compile()
         if next_trainer is not trainer:
             self.rolling.clear()
+            self.rolling_warmup = 0
         self._seen_available = len(available)
 
         decision = {
@@ -540,7 +556,7 @@ class TryRunController:
 
     def try_run(self, layout: Layout, devices: Sequence[jax.Device], step: int, compiled_in: float | None = None) -> Trial:
         """Start ``layout`` from the decision's state (``start_state``), compile (unless ``compiled_in`` seconds
-        already did), warm up, measure; the state is thrown away after."""
+        already did), warm up (unless its step ran before: ``warmup_for``), measure; the state is thrown away after."""
         tr = self.trainer_for(layout, devices)
         compile_s = self.compile_all([tr])[0] if compiled_in is None else compiled_in
         t0 = time.perf_counter()
@@ -548,15 +564,15 @@ class TryRunController:
         jax.block_until_ready(state)
         restore_s = time.perf_counter() - t0
 
-        e = self.elastic
+        warmup, measured = self.warmup_for(tr), self.elastic.tryrun_steps
         t0 = time.perf_counter()
-        step_times = live_step_times(tr, state, e.warmup_steps + e.tryrun_steps)
+        step_times = live_step_times(tr, state, warmup + measured)
         measure_s = time.perf_counter() - t0
-        # as the live baseline: the first warmup_steps steps do not count, then the median step
+        # as the live baseline: the warm-up steps do not count, then the median step
         # (one step stalled by a neighbour does not decide)
-        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times[e.warmup_steps:]), "tryrun",
+        return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times[warmup:]), "tryrun",
                      compile_s=compile_s, restore_s=restore_s, measure_s=measure_s,
-                     samples=len(step_times) * self.cfg.train.global_batch)
+                     samples=len(step_times) * self.cfg.train.global_batch, warmup_steps=warmup, measured_steps=measured)
 
     @contextlib.contextmanager
     def starting_from(self, state, step: int):

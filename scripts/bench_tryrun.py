@@ -4,7 +4,8 @@
 1. One elastic run: per trigger, seconds in checkpoint, try-runs (compile / restore /
    measured) and the final restore, as a share of the whole run's wall time.
 2. Decision cost against the bound "checkpoint + 3 steps per candidate" (each candidate's steps
-   at its try-run's median step time), for triggers whose layouts were all seen before.
+   at its try-run's median step time), for triggers whose layouts were all seen before, and the
+   median over those decisions (a longer ``elastic.device_schedule`` gives several).
 3. Exhaustive check (``--long-steps`` > 0): every layout a trigger considered (baseline and
    candidates) is run separately for ``--long-steps`` steps; the pick of those longer
    measurements (with the same threshold rule) is compared with what the controller adopted.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import _cli
@@ -102,6 +104,7 @@ def main(argv=None) -> None:
                 "step": d["step"], "available_devices": d["available_devices"], "seconds": s,
                 "share": {k: v / whole for k, v in s.items()}, "rows": rows, "state_from": d.get("state_from"),
                 "layouts_tried": len(tried), "all_seen_before": all_seen, "bound_s": bound,
+                "steps_per_layout": [(r.get("warmup_steps"), r.get("measured_steps")) for r in tried],
                 "within_bound": s["total"] <= bound,
                 "adopted": d["chosen"]["mesh"], "adopted_devices": d["chosen"]["n_devices"],
                 "exhaustive_pick": pick["mesh"], "exhaustive_devices": pick["n_devices"], "agree": same,
@@ -119,9 +122,15 @@ def main(argv=None) -> None:
                   f"{mesh(tr['adopted'], tr['adopted_devices'])} | "
                   f"{mesh(tr['exhaustive_pick'], tr['exhaustive_devices']) if args.long_steps else '-'} |")
         for tr in report["triggers"]:
-            print(f"step {tr['step']}: {tr['layouts_tried']} layouts tried, all seen before: {tr['all_seen_before']}, "
-                  f"state from {tr['state_from']}; decision {tr['seconds']['total']:.2f} s vs bound (checkpoint + 3 steps "
+            steps = ", ".join(f"{w}+{m}" for w, m in tr["steps_per_layout"])
+            print(f"step {tr['step']}: {tr['layouts_tried']} layouts tried (warm-up + measured steps: {steps}), all seen "
+                  f"before: {tr['all_seen_before']}, state from {tr['state_from']}; decision {tr['seconds']['total']:.2f} s vs bound (checkpoint + 3 steps "
                   f"per candidate) {tr['bound_s']:.2f} s: {'met' if tr['within_bound'] else 'not met'}")
+        seen = [tr for tr in report["triggers"] if tr["all_seen_before"] and tr["layouts_tried"]]
+        if seen:
+            median = lambda xs: statistics.median(xs)
+            print(f"decisions among layouts seen before: {len(seen)}, median {median([tr['seconds']['total'] for tr in seen]):.2f} s "
+                  f"vs median bound {median([tr['bound_s'] for tr in seen]):.2f} s; bound met at {sum(tr['within_bound'] for tr in seen)}")
         if not args.long_steps:
             return
         for tr in report["triggers"]:

@@ -252,6 +252,28 @@ def test_old_steps_go_only_after_a_newer_one_is_sealed(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["3"]
 
 
+def test_time_based_saves_agree_at_few_steps_and_only_when_due(tmp_path, monkeypatch):
+    """checkpoint.every_minutes: the processes agree on the time (a broadcast that waits for the step in flight)
+    only at check steps, a few per save interval instead of every step; each save is due when it comes."""
+    import time
+
+    import framework.checkpoint as checkpoint
+
+    agreed = []  # the broadcast every process joins (a no-op with one process): counted, values passed through
+    monkeypatch.setattr(checkpoint, "from_primary", lambda values: agreed.append(values) or list(values))
+    ck = Checkpointer(tmp_path / "ck", every_minutes=0.005)  # 0.3 s
+    state, steps, saves = make_state(), 120, []
+    for step in range(1, steps + 1):
+        time.sleep(0.01)  # a step of at least 10 ms: about 30 per interval
+        since = time.monotonic() - ck._last_save_time
+        if ck.should_save(step):
+            saves.append((step, since))
+            ck.save(step, state)
+    ck.close()
+    assert len(saves) >= 2 and all(since >= 0.3 for _, since in saves), saves
+    assert 2 * len(saves) <= len(agreed) <= steps // 3, (len(agreed), saves)
+
+
 def test_wrong_target_is_one_line_error(tmp_path):
     d = tmp_path / "ck"
     save_steps(d, [1])

@@ -189,6 +189,33 @@ def test_adoption_threshold_with_deterministic_score(tmp_path):
     assert second["min_devices"] == 2 and second["integer_multiple"] is True and second["available_devices"] == 4
 
 
+@pytest.mark.slow  # ~20 s of CPU: compiling two layouts of the small model
+def test_layouts_seen_before_run_no_warmup_step_live_or_tried(tmp_path):
+    # A compiled step that has run in this process needs no warm-up step (the warm-up is for first-run effects):
+    # a decision among layouts seen before runs tryrun_steps steps per candidate and compiles nothing, and live
+    # segments on a mesh that has run follow the same rule, so both stay measured alike.
+    cfg = small("elastic.enabled=true", "elastic.min_devices=2", "elastic.trigger=every_n_steps",
+                "elastic.every_n_steps=3", "elastic.device_schedule=[[0,4]]", steps=9)
+    trainer = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
+    FixedScore(trainer).fit(9)  # every candidate scores as the baseline: the mesh is kept
+
+    first, second = read_log(tmp_path)
+    batch, tried = cfg.train.global_batch, cfg.elastic.tryrun_steps
+    (new,), (seen,) = first["candidates"], second["candidates"]
+    assert new["mesh"] == seen["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    samples = lambda row: row["samples_per_total_s"] * (row["compile_s"] + row["restore_s"] + row["measure_s"])
+    assert samples(new) == pytest.approx((1 + tried) * batch)  # compiled at this trigger: one warm-up step
+    assert samples(seen) == pytest.approx(tried * batch)  # seen before: the measured steps and no other
+    assert (new["warmup_steps"], new["measured_steps"]) == (1, tried)
+    assert (seen["warmup_steps"], seen["measured_steps"]) == (0, tried)
+    assert seen["compile_s"] < new["compile_s"] and second["seconds"]["tryrun_compile"] < new["compile_s"]
+    # live: the first segment (steps 1-3) warms its fresh step up, the one after the kept decision (4-6) does not
+    assert (first["baseline"]["source"], first["baseline"]["warmup_steps"], first["baseline"]["measured_steps"]) == \
+        ("rolling", 1, 2)
+    assert (second["baseline"]["warmup_steps"], second["baseline"]["measured_steps"]) == (1, 2 + 3)
+    assert not first["adopted"] and not second["adopted"]
+
+
 # ------------------------------------------------------------------ elastic runs
 
 
@@ -308,14 +335,16 @@ def test_tryrun_of_the_current_mesh_scores_as_its_live_steps(tmp_path):
     trainer.state = trainer.init_state()
     ratios, step = [], 0
     for _ in range(5):
+        warmup = ctl.warmup_for(trainer)  # as TryRunController.fit: 1 before the first segment, then 0
         trainer.elastic = ctl
         segment = trainer.fit()  # stops at the next multiple of 8, where the controller would decide
         trainer.elastic = None
-        ctl.rolling.extend(r["step_time_s"] for r in segment[cfg.elastic.warmup_steps:])  # as TryRunController.fit
+        ctl.add_live_steps(segment, warmup)
         step += 8
         rolling = cfg.train.global_batch / statistics.median(ctl.rolling)
         with ctl.starting_from(trainer.state, step):
             trial = ctl.try_run(ctl.current_layout(trainer), trainer.devices, step)
         ratios.append(trial.measured_samples_per_s / rolling)
+        assert (trial.warmup_steps, trial.measured_steps) == (0, 5)  # the live mesh's step has run: no warm-up
         assert int(trainer.state.step) == step  # the try-run ran on a copy: the live state goes on from here
     assert abs(statistics.median(ratios) - 1) < 0.05, ratios
