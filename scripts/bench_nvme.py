@@ -101,7 +101,7 @@ def main(argv=None) -> None:
         tx = build_optimizer(cfg.optimizer, cfg.train.steps)
         opt_shapes = jax.eval_shape(tx.init, shapes)
         store = memory.NvmeOptimizer(cfg, mesh, shapes, shardings, opt_shapes,
-                                     sharding.opt_state_specs(tx, opt_shapes, specs))
+                                     sharding.opt_state_specs(tx, opt_shapes, specs, shapes))
         store.init()
         make = jax.jit(lambda seed: {k: jax.random.normal(jax.random.key(seed + i), (side, side))
                                      for i, k in enumerate(specs)}, out_shardings=shardings)
