@@ -17,7 +17,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from framework import memory, sharding
+from framework import fileio, memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import ConfigError
 from framework.optimizer import build_optimizer
@@ -74,6 +74,23 @@ def test_nvme_config_errors_are_one_line(tmp_path):
     r = run_script("plan.py", "--config", TINY, "memory.params=nvme", "train.dtype=bfloat16")
     assert r.returncode == 2 and r.stderr == ("error: memory.params=nvme keeps the float32 master parameters beside the "
                                               "optimizer state: it needs memory.opt_state=nvme, not 'device'\n"), r.stderr
+
+
+def test_positional_io_reads_exactly_and_names_a_short_file(tmp_path):
+    """framework/fileio.py (the NVMe tier's and the token store's reads): a buffer written at an offset reads back
+    whole from there; a read past the end of the file is an error naming the file, never a partly filled buffer."""
+    path = tmp_path / "f.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        data = np.arange(1000, dtype=np.float32)
+        fileio.write_all(fd, data[::2], 100)  # not contiguous: written as its contiguous copy
+        out = np.empty(500, np.float32)
+        fileio.read_into(fd, out, 100)
+        np.testing.assert_array_equal(out, data[::2])
+        with pytest.raises(fileio.ShortRead, match=f"^{path}: short read, the file ends at byte 2100 \\(4 bytes short\\)$"):
+            fileio.read_into(fd, out, 104, name=path)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd", "sgd_no_momentum"])

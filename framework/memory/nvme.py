@@ -17,8 +17,8 @@ casts them as it casts the master copy and the gradients come out in float32; th
 chunk of the master copy with its moments, writes both back, and hands the device the chunk rounded
 to the compute dtype. Only the model's float32 reads of a parameter (norm scales) see rounded values.
 
-Files are read and written with positional I/O (``os.preadv``/``os.pwrite``) into buffers of
-one chunk, not ``np.memmap``: pages of a mapping count in the process's resident set until the
+Files are read and written with positional I/O (``os.preadv``/``os.pwrite``, framework/fileio.py) into
+buffers of one chunk, not ``np.memmap``: pages of a mapping count in the process's resident set until the
 kernel decides to drop them, so a mapped update could not promise a memory bound; and not
 tensorstore: flat per-process files need no chunked array format or new dependency.
 
@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from framework.config import Config, ConfigError, OptimizerConfig
+from framework.fileio import read_into, write_all
 from framework.memory.policy import HOST, NVME
 from framework.optimizer import clip_by_global_norm, decay_mask, learning_rate_schedule
 
@@ -175,25 +176,6 @@ def update_chunk(r: Rule, p: np.ndarray, g: np.ndarray, moments: list[np.ndarray
     if decays and r.name in ("adamw", "lion") and r.weight_decay:
         u = u + r.weight_decay * p
     return p + r.step_size * u
-
-
-# ------------------------------------------------------------------ file I/O
-
-
-def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise NvmeStateError(f"short read at byte {offset}: the state file is smaller than its layout")
-        view, offset = view[n:], offset + n
-
-
-def _pwrite(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(buf)).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 class NvmeOptimizer:
@@ -365,13 +347,13 @@ class NvmeOptimizer:
         seg, lo, hi = item
         bufs = [np.empty(hi - lo, np.float32) for _ in self.names]
         for m, buf in zip(self.names, bufs):
-            _pread(self._fds[m], buf, (seg.offset + lo) * _ITEM)
+            read_into(self._fds[m], buf, (seg.offset + lo) * _ITEM, self.files[m])
         return bufs
 
     def _write(self, item, bufs) -> None:
         seg, lo, _ = item
         for m, buf in zip(self.names, bufs):
-            _pwrite(self._fds[m], buf, (seg.offset + lo) * _ITEM)
+            write_all(self._fds[m], buf, (seg.offset + lo) * _ITEM)
 
     def _host(self, leaf: jax.Array, seg: Segment) -> np.ndarray:
         """The segment of ``leaf`` in host memory (a device-to-host copy on accelerators; a view on CPU)."""
@@ -399,7 +381,7 @@ class NvmeOptimizer:
     def _write_leaf(self, name: str, i: int, x: jax.Array) -> None:
         """This process's segments of ``x`` (parameter leaf ``i``'s shape, any sharding of this mesh) into file ``name``."""
         for seg in self.by_leaf[i]:
-            _pwrite(self._fds[name], self._host(x, seg), seg.offset * _ITEM)
+            write_all(self._fds[name], self._host(x, seg), seg.offset * _ITEM)
 
     def _write_tree(self, name: str, tree) -> None:
         for i, x in enumerate(jax.tree.leaves(tree)):
@@ -412,7 +394,7 @@ class NvmeOptimizer:
         def read(index):
             seg = self.seg_of[(i, _key(index, shape))]
             buf = np.empty(seg.size, np.float32)
-            _pread(self._fds[name], buf, seg.offset * _ITEM)
+            read_into(self._fds[name], buf, seg.offset * _ITEM, self.files[name])
             return buf.reshape(seg.shape).astype(dtype, copy=False)
 
         return jax.make_array_from_callback(shape, sharding, read)
