@@ -187,7 +187,7 @@ class MemoryConfig:
     headroom_bytes: Optional[int] = None
     regrow_after_steps: int = 0
     nvme_dir: str = ""  # opt_state=nvme: a local-disk directory; each process keeps its shards in process_<i>/
-    nvme_chunk_bytes: int = 4 << 20  # opt_state=nvme: bytes of each moment streamed per chunk of the update
+    nvme_chunk_bytes: int = 4 << 20  # opt_state=nvme: bytes of each file (moment, master copy) per chunk of the update
 
 
 @dataclass
