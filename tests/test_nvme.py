@@ -21,6 +21,7 @@ from framework import fileio, memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import ConfigError
 from framework.optimizer import build_optimizer
+from framework.state import TrainState
 from framework.trainer import Trainer
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 
@@ -126,6 +127,61 @@ def test_streamed_update_is_optax_update(tmp_path, name):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
     moments = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 1, "sgd_no_momentum": 0}[name]
     assert store.disk_bytes == sum(os.path.getsize(f) for f in store.files.values()) == 4 * moments * (16 * 24 + 24 + 40 * 8 + 8)
+    store.close()
+
+
+class FailingWrite(memory.NvmeOptimizer):
+    """An update that dies after writing its second chunk (an exception here; SIGKILL in nvme_worker.py)."""
+
+    writes_left = None  # set: the update dies after this many more chunk writes
+
+    def _write(self, item, bufs):
+        super()._write(item, bufs)
+        if self.writes_left is not None:
+            self.writes_left -= 1
+            if self.writes_left == 0:
+                raise OSError("disk gone")
+
+
+def test_master_copy_update_is_optax_update_and_an_interrupted_one_is_refused(tmp_path):
+    """memory.params=nvme on a sharded tree: three streamed updates keep the float32 master copy equal to optax's
+    parameters and give the device their bf16 rounding; an update that dies midway leaves files no checkpoint
+    may read (the master copy is under the same marker as the moments)."""
+    cfg = tiny_config("optimizer.grad_clip=0", "optimizer.warmup_steps=1", "optimizer.weight_decay=0.1", "train.dtype=bfloat16",
+                      "memory.params=nvme", *nvme(tmp_path, chunk=60), steps=4)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = {"kernel": P("fsdp"), "bias": P(), "embed": P("fsdp", None)}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    keys = iter(jax.random.split(jax.random.key(1), 16))
+    rand = lambda: {k: jax.device_put(jax.random.normal(next(keys), s), shardings[k])  # noqa: E731
+                    for k, s in {"kernel": (16, 24), "bias": (24,), "embed": (40, 8)}.items()}
+    params = rand()
+    tx = build_optimizer(cfg.optimizer, cfg.train.steps)
+    opt_state = tx.init(params)
+    shapes = jax.eval_shape(lambda: params)
+    store = FailingWrite(cfg, mesh, shapes, shardings, jax.eval_shape(tx.init, params),
+                         sharding.opt_state_specs(tx, jax.eval_shape(tx.init, params), specs, shapes))
+    state = store.init(TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), None, None, None))
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+    device = state.params
+    for step in range(3):
+        grads = rand()
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        device = store.update(device, jax.tree.map(jnp.copy, grads), step)
+        saved = store.checkpoint_state(TrainState(jnp.asarray(step + 1), device, None, None, None))
+        for k in specs:
+            assert device[k].sharding == shardings[k] and device[k].dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(saved.params[k]), np.asarray(params[k]), rtol=0, atol=2e-6, err_msg=k)
+            np.testing.assert_array_equal(np.asarray(device[k]), np.asarray(saved.params[k].astype(jnp.bfloat16)))
+    for ours, theirs in zip(state_arrays(saved.opt_state), state_arrays(opt_state)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+    assert store.disk_bytes == sum(os.path.getsize(f) for f in store.files.values()) == 12 * (16 * 24 + 24 + 40 * 8)
+    store.writes_left = 2
+    with pytest.raises(OSError, match="disk gone"):
+        store.update(device, rand(), 3)
+    with pytest.raises(memory.NvmeStateError, match="holds an interrupted update"):
+        store.checkpoint_state(TrainState(jnp.asarray(3), device, None, None, None))
     store.close()
 
 
