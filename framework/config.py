@@ -163,7 +163,9 @@ class ShardingConfig:
 @dataclass
 class MemoryConfig:
     """Memory tier per data category (framework/memory/): ``device``, ``pinned_host`` or ``auto``
-    (``opt_state`` also ``nvme``: files in ``nvme_dir``, streamed through a host update; memory/nvme.py).
+    (``opt_state`` also ``nvme``: files in ``nvme_dir``, streamed through a host update; memory/nvme.py;
+    ``params: nvme`` with it keeps the float32 master parameters in those files too, the device holding
+    the parameters in ``train.dtype`` only, which must be lower precision than ``train.param_dtype``).
 
     ``activations``: ``save`` (keep all), ``remat`` (recompute), ``offload`` (tagged values to
     pinned_host) or ``auto``; ``activation_names`` overrides the choice per ``checkpoint_name`` tag
@@ -176,7 +178,7 @@ class MemoryConfig:
     ``grads: pinned_host`` sends each micro-batch's gradients to host memory and accumulates them there.
     """
 
-    params: Literal["device", "pinned_host", "auto"] = "device"
+    params: Literal["device", "pinned_host", "auto", "nvme"] = "device"  # nvme: float32 master copy in nvme_dir
     opt_state: Literal["device", "pinned_host", "auto", "nvme"] = "device"  # nvme: files in nvme_dir (memory/nvme.py)
     grads: Literal["device", "pinned_host"] = "device"
     activations: Literal["save", "remat", "offload", "auto"] = "save"
@@ -185,7 +187,7 @@ class MemoryConfig:
     headroom_bytes: Optional[int] = None
     regrow_after_steps: int = 0
     nvme_dir: str = ""  # opt_state=nvme: a local-disk directory; each process keeps its shards in process_<i>/
-    nvme_chunk_bytes: int = 4 << 20  # opt_state=nvme: bytes of each moment streamed per chunk of the update
+    nvme_chunk_bytes: int = 4 << 20  # opt_state=nvme: bytes of each file (moment, master copy) per chunk of the update
 
 
 @dataclass
@@ -466,7 +468,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"memory.regrow_after_steps={cfg.memory.regrow_after_steps}: expected a non-negative integer")
     if cfg.memory.nvme_chunk_bytes < 4:
         raise ConfigError(f"memory.nvme_chunk_bytes={cfg.memory.nvme_chunk_bytes}: expected bytes >= 4 (one float32)")
-    if cfg.memory.opt_state == "nvme":
+    if "nvme" in (cfg.memory.opt_state, cfg.memory.params):
         from framework.memory.nvme import check_config
 
         check_config(cfg)

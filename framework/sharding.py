@@ -89,13 +89,15 @@ def param_specs(abstract_params: dict, logical_axes: dict, rules: Rules, axis_si
     )
 
 
-def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, params_specs: dict):
-    """Optimizer moments get their parameter's spec; counters and scalars are replicated."""
+def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, params_specs: dict, abstract_params):
+    """Optimizer moments shaped as their parameter get its spec; other per-parameter statistics (adafactor's
+    factored rows and columns, its placeholders), counters and scalars are replicated."""
     return optax.tree_map_params(
         tx,
-        lambda _, spec: spec,
+        lambda x, spec, p: spec if x.shape == p.shape else PartitionSpec(),
         abstract_opt_state,
         params_specs,
+        abstract_params,
         transform_non_params=lambda _: PartitionSpec(),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )

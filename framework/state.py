@@ -100,7 +100,7 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
     opt_state = jax.eval_shape(tx.init, params)
     rules = sharding.rules_table(cfg.sharding.param_rules)
     param_specs = sharding.param_specs(params, logical_axes, rules, axis_sizes)
-    opt_specs = sharding.opt_state_specs(tx, opt_state, param_specs)
+    opt_specs = sharding.opt_state_specs(tx, opt_state, param_specs, params)
     resident = 2 * _device_bytes(params, param_specs, axis_sizes) + _device_bytes(opt_state, opt_specs, axis_sizes)
     broadcast_plan = broadcast.plan_model(cfg, graphdef, params, axis_sizes, resident)  # issue 6: stores planned kernels split
     if broadcast_plan is not None:
@@ -116,7 +116,7 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
     specs = TrainState(
         step=PartitionSpec(),
         params=param_specs,
-        opt_state=sharding.opt_state_specs(tx, opt_state, param_specs),
+        opt_state=sharding.opt_state_specs(tx, opt_state, param_specs, params),
         rng=PartitionSpec(),
         data_pos=PartitionSpec(),
     )

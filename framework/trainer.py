@@ -90,11 +90,11 @@ class Trainer:
         if remat_policy is not None or self.stream_params:
             self.abstract = abstract_state(self.cfg, self.axis_sizes, **memory.model_options(remat_policy, self.stream_params))
         self.nvme = None  # memory tiers: with opt_state on nvme the step leaves the update to files on disk (memory/nvme.py)
-        if placement.opt_state == memory.NVME:
+        if placement.opt_state == memory.NVME:  # (and with params on nvme the float32 master copy lives there too)
             self.nvme = memory.NvmeOptimizer(self.cfg, self.mesh, self.abstract.shapes.params,
                                              sharding.named(self.mesh, self.abstract.specs.params),
                                              self.abstract.shapes.opt_state, self.abstract.specs.opt_state)
-            self.abstract = memory.without_opt_state(self.abstract)
+            self.abstract = memory.held_abstract(self.abstract, self.cfg)
         self.graphdef, self.tx = self.abstract.graphdef, self.abstract.tx
         self.state_specs = self.abstract.specs
         self.device_state_shardings = sharding.named(self.mesh, self.state_specs)
@@ -122,6 +122,7 @@ class Trainer:
         With ``train.micro_batch=auto`` the placement is decided at the smallest micro-batch; the
         micro-batch then grows as far as that placement allows.
         """
+        memory.check_auto_offload(self.cfg, placement, self.memory_budget)
         self._build_step(placement)
         accum = self.cfg.train.grad_accum if self.cfg.train.micro_batch != "auto" else self.cfg.train.global_batch // min(
             self._micro_batch_candidates())
@@ -212,7 +213,7 @@ class Trainer:
         )
 
     def memory_needs(self) -> memory.MemoryNeeds:
-        return memory.estimate_needs(self.cfg, self.abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
+        return memory.estimate_needs(self.cfg, self.base_abstract, self.axis_sizes, self.batch_axes, self.cfg.train.grad_accum)
 
     def memory_plan(self, compiled_activations: bool = True) -> memory.MemoryPlan:
         """Bytes per device per category and memory kind; activations from the compiled step unless told otherwise."""
@@ -223,34 +224,38 @@ class Trainer:
                                                      self.devices[0].platform)
         else:
             needs = self.memory_needs()
-        return memory.make_plan(needs, self.placement, self.axis_sizes, self.memory_budget)
+        disk = None if self.nvme is None else memory.disk_bytes(self.cfg, self.base_abstract.shapes.params,
+                                                                self.device_state_shardings.params)
+        return memory.make_plan(needs, self.placement, self.axis_sizes, self.memory_budget, disk)
 
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shardings (no full copy on one device).
 
         With ``model.init_from`` the params are a Hugging Face checkpoint's, each read straight
-        into its device sharding (framework/hf.py); the optimizer state starts fresh.
+        into its device sharding (framework/hf.py); the optimizer state starts fresh. With the master
+        copy on nvme the float32 params are made in host memory, written to its file, and the device
+        gets them in the compute dtype.
         """
+        shardings = self.state_shardings
+        if self.nvme is not None and self.nvme.master:  # float32 parameters in host memory, bound for the master file
+            shardings = dataclasses.replace(shardings, params=self.nvme.host_shardings())
         if self.cfg.model.init_from:
-            params = hf.load_params(self.cfg.model.init_from, self.cfg.model, self.abstract.shapes.params,
-                                    self.abstract.logical_axes, self.device_state_shardings.params)
-            state = jax.jit(lambda p: self._held(init_state(self.cfg, self.tx, params=p)), out_shardings=self.state_shardings,
+            params = hf.load_params(self.cfg.model.init_from, self.cfg.model, self.base_abstract.shapes.params,
+                                    self.abstract.logical_axes, shardings.params)
+            state = jax.jit(lambda p: self._held(init_state(self.cfg, self.tx, params=p)), out_shardings=shardings,
                             donate_argnums=0)(params)
         else:
-            state = jax.jit(lambda: self._held(init_state(self.cfg, self.tx)), out_shardings=self.state_shardings)()
-        if self.nvme is not None:
-            self.nvme.init()
-        return state
+            state = jax.jit(lambda: self._held(init_state(self.cfg, self.tx)), out_shardings=shardings)()
+        return state if self.nvme is None else self.nvme.init(state)
 
     def _held(self, state: TrainState) -> TrainState:
-        """The state as the step holds it: without the optimizer state when that lives in files (memory/nvme.py)."""
+        """The state without the optimizer state when that lives in files (memory/nvme.py)."""
         return state if self.nvme is None else dataclasses.replace(state, opt_state=None)
 
     def checkpoint_state(self) -> TrainState:
-        """The state to checkpoint: the optimizer state read from its files when on nvme (the all-device layout)."""
-        if self.nvme is None:
-            return self.state
-        return dataclasses.replace(self.state, opt_state=self.nvme.opt_state(int(jax.device_get(self.state.step))))
+        """The state to checkpoint, in the all-device layout: with the nvme tier, the optimizer state (and the
+        float32 master parameters) read from its files."""
+        return self.state if self.nvme is None else self.nvme.checkpoint_state(self.state)
 
     def restore_or_init(self) -> TrainState:
         """Resume per ``checkpoint.resume``: never a silent fresh start over an earlier run."""
@@ -278,13 +283,12 @@ class Trainer:
         self.check_resume_config(ck.latest_good_step())
         with self.goodput.span("checkpoint_restore"):
             target = abstract_target(self.abstract.shapes, self.state_shardings)
-            if self.nvme is not None:  # the optimizer state comes to host memory, then goes to its files
-                target = dataclasses.replace(target, opt_state=self.nvme.target())
+            if self.nvme is not None:  # the optimizer state (and master parameters) come to host memory, then go to files
+                target = self.nvme.restore_target(target)
             state = ck.restore("latest", target)
             step = int(jax.device_get(state.step))
             if self.nvme is not None:
-                self.nvme.load(state.opt_state, step)
-                state = self._held(state)
+                state = self.nvme.restored(state)
         # steps after the checkpoint are trained again: logged no more, and counted as replayed
         self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, step))
         print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
@@ -406,12 +410,23 @@ class Trainer:
         """Streamed parameters (and their gradients) to device memory for the update; otherwise unchanged."""
         return jax.device_put(params_like, self.device_state_shardings.params) if self.stream_params else params_like
 
+    def _master_view(self, params):
+        """With the float32 master parameters on nvme: the device's compute-dtype parameters as float32, so that the
+        model casts them as it casts the master copy and the gradients come out in float32 (memory/nvme.py)."""
+        if self.nvme is None or not self.nvme.master:
+            return params
+        return jax.tree.map(lambda p: p.astype(self.cfg.train.param_dtype), params)
+
     def _traced_step(self, state, batch):
         # memory tiers: pinned_host state is used where it lives (the model streams params per layer, the
         # update runs on the host), and what the step returns goes back to the state's kinds
+        held = state.params
+        state = dataclasses.replace(state, params=self._master_view(held))
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
                 broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes (issue 6)
             state, *outputs = self.train_step(state, batch)  # outputs: metrics (and the gradients, with opt_state on nvme)
+        if self.nvme is not None:  # the update after this program makes the new parameters
+            state = dataclasses.replace(state, params=held)
         if memory.HOST in self.placement.kinds().values():
             state = jax.device_put(state, self.state_shardings)
         return state, *outputs
@@ -496,7 +511,7 @@ class Trainer:
         # params stay in their memory kind (pinned_host ones stream per layer), as in _traced_step
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
                 broadcast.use_plan(self.abstract.broadcast_plan, self.mesh):
-            return self.eval_step(params, batch)
+            return self.eval_step(self._master_view(params), batch)
 
     def evaluate(self, state: TrainState | None = None) -> dict:
         """``eval_step``'s metrics averaged over eval batches 0..``train.eval_batches``-1, keyed ``eval_<name>``.

@@ -250,7 +250,7 @@ class TryRunController:
         for m in range(1, n_available + 1):
             sizes = {self.data_axis: 1, self.fsdp_axis: m, self.tensor_axis: 1}
             param_specs = sharding.param_specs(abstract.shapes.params, abstract.logical_axes, rules, sizes)
-            opt_specs = sharding.opt_state_specs(abstract.tx, abstract.shapes.opt_state, param_specs)
+            opt_specs = sharding.opt_state_specs(abstract.tx, abstract.shapes.opt_state, param_specs, abstract.shapes.params)
             params = sharding.bytes_per_device(abstract.shapes.params, param_specs, sizes)
             opt_state = sharding.bytes_per_device(abstract.shapes.opt_state, opt_specs, sizes)
             share = params  # the gradients stay on the device

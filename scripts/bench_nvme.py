@@ -1,17 +1,19 @@
 #!/usr/bin/env python
 """Time the NVMe tier's streamed optimizer update against the disk's own bandwidth; prints one JSON object.
 
-python scripts/bench_nvme.py [--mb 256] [--chunk-mb 4] [--repeats 3] [--cpu-devices 8] [--dir DIR]
+python scripts/bench_nvme.py [--mb 256] [--chunk-mb 4] [--repeats 3] [--cpu-devices 8] [--dir DIR] [--master]
 
 An AdamW state of --mb MB (float32 matrices 1024x1024 sharded fsdp over the devices, mu and nu
-in files under --dir, default a fresh temporary dir) goes through ``NvmeOptimizer.update``.
+in files under --dir, default a fresh temporary dir) goes through ``NvmeOptimizer.update``. With
+--master the float32 master parameters are a third file (memory.params=nvme: 12 bytes per
+parameter) and the device holds bfloat16 parameters.
 Before each timed update the files are flushed (fsync) and dropped from the page cache
 (posix_fadvise DONTNEED), and the time includes an fsync after it, so each byte is read from and
 written to the disk. The disk is measured in the same run the same way: a file of the same size
 written sequentially in chunks of --chunk-mb, then overwritten (timed, with fsync: the update
 overwrites its files), dropped from the cache and read back.
   update_s                 median seconds per update (cold reads, writes flushed)
-  update_s_per_gb          update_s per GB (1e9 B) of optimizer state
+  update_s_per_gb          update_s per GB (1e9 B) of state in the files
   disk_read_gb_s, disk_write_gb_s   sequential bandwidth measured here
   disk_bound_s             state/read + state/write: the update if it did nothing but its I/O
   ratio                    update_s / disk_bound_s (1.0: as fast as the disk allows)
@@ -38,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
     p.add_argument("--dir", default=None, help="directory on the disk to measure (default: a fresh temporary dir)")
+    p.add_argument("--master", action="store_true", help="memory.params=nvme: the float32 master copy in a third file")
     return p.parse_intermixed_args(argv)
 
 
@@ -86,14 +89,17 @@ def main(argv=None) -> None:
     from framework import memory, sharding
     from framework.config import load_config
     from framework.optimizer import build_optimizer
+    from framework.state import TrainState
 
     side = 1024
-    n = max(round(args.mb * 1e6 / (side * side * 8)), 1)  # mu + nu, float32
+    files = 3 if args.master else 2  # (master,) mu, nu: float32
+    n = max(round(args.mb * 1e6 / (side * side * 4 * files)), 1)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = Path(tmp)
         chunk = int(args.chunk_mb * 2**20)
         cfg = load_config(None, ["memory.opt_state=nvme", f"memory.nvme_dir={directory}",
-                                 f"memory.nvme_chunk_bytes={chunk}", "train.steps=100"])
+                                 f"memory.nvme_chunk_bytes={chunk}", "train.steps=100"]
+                          + (["memory.params=nvme", "train.dtype=bfloat16"] if args.master else []))
         mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
         specs = {f"w{i}": P("fsdp", None) for i in range(n)}
         shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
@@ -101,11 +107,14 @@ def main(argv=None) -> None:
         tx = build_optimizer(cfg.optimizer, cfg.train.steps)
         opt_shapes = jax.eval_shape(tx.init, shapes)
         store = memory.NvmeOptimizer(cfg, mesh, shapes, shardings, opt_shapes,
-                                     sharding.opt_state_specs(tx, opt_shapes, specs))
-        store.init()
+                                     sharding.opt_state_specs(tx, opt_shapes, specs, shapes))
         make = jax.jit(lambda seed: {k: jax.random.normal(jax.random.key(seed + i), (side, side))
                                      for i, k in enumerate(specs)}, out_shardings=shardings)
         params, step = make(0), 0
+        if args.master:  # the master file holds the float32 params, the device their bfloat16 rounding
+            params = store.init(TrainState(jax.numpy.zeros(()), params, None, None, None)).params
+        else:
+            store.init()
 
         def update(cold: bool) -> float:
             nonlocal params, step

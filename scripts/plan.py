@@ -100,7 +100,9 @@ def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dic
     batch_axes = tuple(a for a in rules.get("batch", ()) if a in axis_sizes)
     needs = memory.estimate_needs(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum)
     budget = memory.resolve_budget(cfg.memory, None, cfg.train.micro_batch)
-    return memory.plan_memory(cfg.memory, needs, axis_sizes, budget).to_dict()
+    plan = memory.plan_memory(cfg.memory, needs, axis_sizes, budget)
+    memory.check_auto_offload(cfg, plan.placement, budget)
+    return plan.to_dict()
 
 
 def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict | None:

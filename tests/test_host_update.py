@@ -11,7 +11,7 @@ import pytest
 from framework import memory
 from framework.config import ConfigError
 from framework.trainer import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import TINY, run_script, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -87,3 +87,18 @@ def test_an_optimizer_that_cannot_update_on_the_host_is_a_config_error():
                             "makes arrays in device memory); use adamw, adam, sgd, lion or memory.opt_state=device")
     with pytest.raises(ConfigError, match=r"^memory.grads='nvme': expected 'device' or 'pinned_host'$"):
         tiny_config("memory.grads=nvme")
+
+
+def test_auto_offload_of_a_state_that_cannot_update_on_the_host_is_one_line():
+    """adafactor's update cannot run on the host: ``auto`` placement that needs its optimizer state offloaded stops
+    with one line, on the compiled step (it was a traceback from the failed compile) and on the planner's estimate
+    (exit 2 from plan.py; it proposed a placement training could not run). The first candidate, state on the device,
+    compiles on the sharded mesh: adafactor's factored statistics are replicated, no longer given the params' specs."""
+    with pytest.raises(ConfigError, match=r"^memory.opt_state=auto: the step does not fit the device budget of 1,000 B "
+                                          r"with the optimizer state on the device, and optimizer.name=adafactor cannot") as e:
+        trainer("optimizer.name=adafactor", "memory.opt_state=auto", "memory.device_budget_bytes=1000")
+    assert "\n" not in str(e.value)
+    r = run_script("plan.py", "--estimate", "--config", TINY, *SMALL, "optimizer.name=adafactor", "memory.opt_state=auto",
+                   "memory.device_budget_bytes=120000")  # 123,313 B with the state on the device, 113,929 B without
+    assert r.returncode == 2 and r.stderr.startswith("error: memory.opt_state=auto: the step does not fit the device "
+                                                     "budget of 120,000 B") and r.stderr.count("\n") == 1, r.stderr

@@ -3,8 +3,8 @@
 A store is a directory: ``metadata.json``, the ``tokenizer.json`` that made the tokens, and
 per split (train, eval) flat shards of uint16 (vocab <= 65536) or uint32 token ids
 (``train-00000.bin`` ...) that together are one stream with an EOS id after every document.
-Reads are positional (``os.preadv`` into the caller's array): opening costs a few stat calls
-whatever the size, and no page of a shard becomes this process's memory (as a memory map's
+Reads are positional (``os.preadv`` into the caller's array, framework/fileio.py): opening costs a few
+stat calls whatever the size, and no page of a shard becomes this process's memory (as a memory map's
 touched pages would), so resident memory stays flat however much of the store training reads.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from framework.config import TOKEN_METADATA, ConfigError
+from framework.fileio import read_into
 
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("uint16", "uint32")
@@ -127,9 +128,8 @@ class TokenStore:
             k = bisect_right(self.offsets, start + done) - 1
             local = start + done - self.offsets[k]
             n = min(length - done, self.sizes[k] - local)
-            view = memoryview(out[done:done + n]).cast("B")
-            if os.preadv(self.fds[k], [view], local * self.dtype.itemsize) != view.nbytes:
-                raise OSError(f"{self.path / self.meta['shards'][self.split][k]['file']}: short read")
+            read_into(self.fds[k], out[done:done + n], local * self.dtype.itemsize,
+                      self.path / self.meta["shards"][self.split][k]["file"])
             done += n
         return out
 

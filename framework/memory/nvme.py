@@ -1,4 +1,5 @@
-"""Memory tiers, the NVMe tier: the optimizer state in files on local disk, streamed through the update.
+"""Memory tiers, the NVMe tier: the optimizer state (and the float32 master parameters) in files on local disk,
+streamed through the update.
 
 With ``memory.opt_state: nvme`` the optimizer's moments never live in the state pytree. Each
 process keeps its unique shards of them (a replica held by several of its devices once) in one
@@ -9,16 +10,23 @@ thread reads the next chunks' moments ahead, the main thread does the elementwis
 numpy (optax's formulas, step for step), a writer thread writes the new moments behind. Peak
 memory is the parameters and gradients the step already holds plus a few chunks, never the state.
 
-Files are read and written with positional I/O (``os.preadv``/``os.pwrite``) into buffers of
-one chunk, not ``np.memmap``: pages of a mapping count in the process's resident set until the
+With ``memory.params: nvme`` too (ZeRO-Infinity's master copy: ``train.dtype`` bfloat16 compute,
+``train.param_dtype`` float32), the float32 parameters are one more file beside the moments and the
+device holds the parameters in the compute dtype only. The step reads those as float32, so the model
+casts them as it casts the master copy and the gradients come out in float32; the update reads each
+chunk of the master copy with its moments, writes both back, and hands the device the chunk rounded
+to the compute dtype. Only the model's float32 reads of a parameter (norm scales) see rounded values.
+
+Files are read and written with positional I/O (``os.preadv``/``os.pwrite``, framework/fileio.py) into
+buffers of one chunk, not ``np.memmap``: pages of a mapping count in the process's resident set until the
 kernel decides to drop them, so a mapped update could not promise a memory bound; and not
 tensorstore: flat per-process files need no chunked array format or new dependency.
 
-Checkpoints hold the state as an all-device run does (an optax pytree): ``opt_state`` reads the
-files into arrays at save time and ``load`` writes a restored pytree back, from any mesh. A
-marker (``state.json``) says which step the files hold and whether an update is under way: a
-save of files an update left half-written (a crash, an error) is refused, and a restart always
-rewrites the files from the last checkpoint, so no checkpoint mixes two steps.
+Checkpoints hold the state as an all-device run does (an optax pytree, float32 parameters):
+``checkpoint_state`` reads the files into arrays at save time and ``restored`` writes a restored
+state back, from any mesh. A marker (``state.json``) says which step the files hold and whether an
+update is under way: a save of files an update left half-written (a crash, an error) is refused,
+and a restart always rewrites the files from the last checkpoint, so no checkpoint mixes two steps.
 """
 from __future__ import annotations
 
@@ -37,9 +45,11 @@ import optax
 from jax.sharding import NamedSharding
 
 from framework.config import Config, ConfigError, OptimizerConfig
+from framework.fileio import read_into, write_all
+from framework.memory.policy import HOST, NVME
 from framework.optimizer import clip_by_global_norm, decay_mask, learning_rate_schedule
 
-NVME = "nvme"
+MASTER = "params"  # the file of the float32 master parameters (memory.params=nvme)
 MARKER = "state.json"
 READ_AHEAD = 2  # chunks read ahead of the arithmetic; as many may wait to be written behind it
 _ITEM = 4  # float32 bytes: the state on disk is float32 (train.param_dtype=float32 is required)
@@ -55,6 +65,11 @@ def moment_names(cfg: OptimizerConfig) -> tuple[str, ...]:
         return ("trace",) if cfg.momentum else ()
     raise ConfigError(f"memory.opt_state=nvme supports the elementwise optimizers adamw, adam, sgd, lion; "
                       f"optimizer.name={cfg.name!r} is not one")
+
+
+def file_names(cfg: Config) -> tuple[str, ...]:
+    """The files each process keeps: the master parameters (memory.params=nvme), then the optimizer's moments."""
+    return ((MASTER,) if cfg.memory.params == NVME else ()) + moment_names(cfg.optimizer)
 
 
 class NvmeStateError(RuntimeError):
@@ -89,16 +104,22 @@ def local_segments(shapes: list, shardings: list) -> list[Segment]:
     return segments
 
 
-def disk_bytes(cfg: OptimizerConfig, param_shapes, param_shardings) -> int:
-    """Bytes this process keeps on disk: its unique parameter shards x 4 bytes x the optimizer's moments
-    (8 bytes per parameter for Adam)."""
+def disk_bytes(cfg: Config, param_shapes, param_shardings) -> int:
+    """Bytes this process keeps on disk: its unique parameter shards x 4 bytes x its files (8 bytes per
+    parameter for Adam's moments, 4 more for the master copy)."""
     segments = local_segments(jax.tree.leaves(param_shapes), jax.tree.leaves(param_shardings))
-    return sum(s.size for s in segments) * _ITEM * len(moment_names(cfg))
+    return sum(s.size for s in segments) * _ITEM * len(file_names(cfg))
 
 
 def check_config(cfg: Config) -> None:
     """One-line errors for what the NVMe tier cannot do (called by ``config.validate``)."""
-    m = cfg.memory
+    m, t = cfg.memory, cfg.train
+    if m.params == NVME and m.opt_state != NVME:
+        raise ConfigError(f"memory.params=nvme keeps the float32 master parameters beside the optimizer state: "
+                          f"it needs memory.opt_state=nvme, not {m.opt_state!r}")
+    if m.params == NVME and jnp.dtype(t.dtype).itemsize >= jnp.dtype(t.param_dtype).itemsize:
+        raise ConfigError(f"memory.params=nvme keeps a master copy for lower-precision compute: train.dtype={t.dtype!r} "
+                          f"must be lower precision than train.param_dtype={t.param_dtype!r} (e.g. train.dtype=bfloat16)")
     if not m.nvme_dir:
         raise ConfigError("memory.opt_state=nvme needs memory.nvme_dir: a directory on local disk for the optimizer state")
     moment_names(cfg.optimizer)
@@ -157,35 +178,20 @@ def update_chunk(r: Rule, p: np.ndarray, g: np.ndarray, moments: list[np.ndarray
     return p + r.step_size * u
 
 
-# ------------------------------------------------------------------ file I/O
-
-
-def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise NvmeStateError(f"short read at byte {offset}: the state file is smaller than its layout")
-        view, offset = view[n:], offset + n
-
-
-def _pwrite(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(buf)).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 class NvmeOptimizer:
-    """The optimizer state of one process in files, and the streamed update over it.
+    """The optimizer state (and master parameters) of one process in files, and the streamed update over it.
 
-    ``param_shardings`` are the parameters' shardings (the moments share them); ``opt_shapes`` and
-    ``opt_specs`` the optax state's shapes and specs, for checkpoints in the all-device layout.
+    ``param_shapes`` are the float32 parameters, ``param_shardings`` their device shardings (the moments
+    and the master copy share them); ``opt_shapes`` and ``opt_specs`` the optax state's shapes and specs,
+    for checkpoints in the all-device layout.
     """
 
     def __init__(self, cfg: Config, mesh, param_shapes, param_shardings, opt_shapes, opt_specs):
         self.cfg = cfg.optimizer
         self.moments = moment_names(cfg.optimizer)
+        self.master = cfg.memory.params == NVME
+        self.names = file_names(cfg)
+        self.compute_dtype = jnp.dtype(cfg.train.dtype if self.master else cfg.train.param_dtype)
         self.chunk = max(cfg.memory.nvme_chunk_bytes // _ITEM, 1)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.mesh = mesh
@@ -196,15 +202,19 @@ class NvmeOptimizer:
         self.decays = jax.tree.leaves(decay_mask(param_shapes, cfg.optimizer.decay_embeddings))
         self.opt_shapes, self.opt_specs = opt_shapes, opt_specs
         self.segments = local_segments(self.shapes, self.shardings)
+        self.seg_of = {(s.leaf, s.index): s for s in self.segments}
+        self.by_leaf = collections.defaultdict(list)
+        for seg in self.segments:
+            self.by_leaf[seg.leaf].append(seg)
         self.elements = sum(s.size for s in self.segments)
         self.directory = Path(cfg.memory.nvme_dir).expanduser() / f"process_{jax.process_index()}"
-        self.files = {m: self.directory / f"{m}.f32" for m in self.moments}
+        self.files = {m: self.directory / f"{m}.f32" for m in self.names}
         self.clip = clip_by_global_norm(cfg.optimizer.grad_clip) if cfg.optimizer.grad_clip > 0 else None
         self._open()
 
     @property
     def disk_bytes(self) -> int:
-        return self.elements * _ITEM * len(self.moments)
+        return self.elements * _ITEM * len(self.names)
 
     def _open(self) -> None:
         where = f"memory.nvme_dir={self.directory.parent}"
@@ -213,7 +223,7 @@ class NvmeOptimizer:
             held = sum(f.stat().st_size for f in self.files.values() if f.is_file())
             free = shutil.disk_usage(self.directory).free
             if free + held < self.disk_bytes:
-                raise ConfigError(f"{where}: the optimizer state needs {self.disk_bytes:,} B on disk, "
+                raise ConfigError(f"{where}: the state ({', '.join(self.names)}) needs {self.disk_bytes:,} B on disk, "
                                   f"{free + held:,} B are free")
             self._fds = {m: os.open(f, os.O_RDWR | os.O_CREAT, 0o644) for m, f in self.files.items()}
         except OSError as e:
@@ -229,7 +239,7 @@ class NvmeOptimizer:
     def _mark(self, step: int, complete: bool) -> None:
         tmp = self.directory / (MARKER + ".tmp")
         tmp.write_text(json.dumps({"step": step, "complete": complete, "elements": self.elements,
-                                   "moments": list(self.moments)}))
+                                   "files": list(self.names)}))
         os.replace(tmp, self.directory / MARKER)
 
     def held_step(self) -> int | None:
@@ -238,7 +248,7 @@ class NvmeOptimizer:
             m = json.loads((self.directory / MARKER).read_text())
         except (OSError, ValueError):
             return None
-        ok = m.get("complete") and m.get("elements") == self.elements and m.get("moments") == list(self.moments)
+        ok = m.get("complete") and m.get("elements") == self.elements and m.get("files") == list(self.names)
         return m["step"] if ok else None
 
     def _expect(self, step: int, doing: str) -> None:
@@ -247,13 +257,29 @@ class NvmeOptimizer:
             state = "an interrupted update" if held is None else f"step {held}"
             raise NvmeStateError(f"cannot {doing} step {step}: {self.directory} holds {state}")
 
-    def init(self, step: int = 0) -> None:
-        """Fresh state (zeros, as optax's ``init`` for these optimizers): files truncated to their size."""
+    def init(self, state=None, step: int = 0):
+        """Fresh moments (zeros, as optax's ``init`` for these optimizers: files truncated to their size) and,
+        with the master copy here, ``state``'s float32 parameters written to it. Returns ``state`` as the step
+        holds it (the parameters in the compute dtype, from the master copy)."""
         self._mark(step, False)
-        for fd in self._fds.values():
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, self.elements * _ITEM)
+        for m in self.moments:
+            os.ftruncate(self._fds[m], 0)
+            os.ftruncate(self._fds[m], self.elements * _ITEM)
+        if self.master:
+            self._write_tree(MASTER, state.params)
         self._mark(step, True)
+        return self.held(state)
+
+    def held(self, state):
+        """``state`` as the compiled step holds it: no optimizer state and, with the master copy here, the
+        parameters in the compute dtype read from it (the float32 ones ``state`` had are deleted)."""
+        if state is None:
+            return None
+        if self.master:
+            for x in jax.tree.leaves(state.params):
+                x.delete()
+            state = replace(state, params=self._read_tree(MASTER, self.shardings, self.compute_dtype))
+        return replace(state, opt_state=None)
 
     # ------------------------------------------------------------------ the update
 
@@ -284,16 +310,21 @@ class NvmeOptimizer:
             current = None
             while reads:
                 (seg, lo, hi), future = reads.popleft()
-                moments = future.result()
+                bufs = future.result()
                 nxt = next(items, None)
                 if nxt is not None:
                     reads.append((nxt, reader.submit(self._read, nxt)))
                 if current is None or current[0] is not seg:
-                    p_flat, g_flat = (self._host(leaves[seg.leaf], seg).reshape(-1) for leaves in (p_leaves, g_leaves))
-                    current = (seg, p_flat, g_flat, np.empty(seg.size, np.float32))
+                    p_flat = None if self.master else self._host(p_leaves[seg.leaf], seg).reshape(-1)
+                    g_flat = self._host(g_leaves[seg.leaf], seg).reshape(-1)
+                    current = (seg, p_flat, g_flat, np.empty(seg.size, self.compute_dtype))
                 _, p_flat, g_flat, p_new = current
-                p_new[lo:hi] = update_chunk(rule, p_flat[lo:hi], g_flat[lo:hi], moments, self.decays[seg.leaf])
-                writes.append(writer.submit(self._write, (seg, lo, hi), moments))  # write-behind
+                if self.master:  # the master chunk is updated in place and written back; the device gets it rounded
+                    bufs[0][...] = update_chunk(rule, bufs[0], g_flat[lo:hi], bufs[1:], self.decays[seg.leaf])
+                    p_new[lo:hi] = bufs[0]
+                else:
+                    p_new[lo:hi] = update_chunk(rule, p_flat[lo:hi], g_flat[lo:hi], bufs, self.decays[seg.leaf])
+                writes.append(writer.submit(self._write, (seg, lo, hi), bufs))  # write-behind
                 while len(writes) > READ_AHEAD:
                     writes.popleft().result()
                 if hi == seg.size:  # the segment is done: its new values, and the leaf once all its segments are
@@ -314,15 +345,15 @@ class NvmeOptimizer:
 
     def _read(self, item) -> list[np.ndarray]:
         seg, lo, hi = item
-        bufs = [np.empty(hi - lo, np.float32) for _ in self.moments]
-        for m, buf in zip(self.moments, bufs):
-            _pread(self._fds[m], buf, (seg.offset + lo) * _ITEM)
+        bufs = [np.empty(hi - lo, np.float32) for _ in self.names]
+        for m, buf in zip(self.names, bufs):
+            read_into(self._fds[m], buf, (seg.offset + lo) * _ITEM, self.files[m])
         return bufs
 
     def _write(self, item, bufs) -> None:
         seg, lo, _ = item
-        for m, buf in zip(self.moments, bufs):
-            _pwrite(self._fds[m], buf, (seg.offset + lo) * _ITEM)
+        for m, buf in zip(self.names, bufs):
+            write_all(self._fds[m], buf, (seg.offset + lo) * _ITEM)
 
     def _host(self, leaf: jax.Array, seg: Segment) -> np.ndarray:
         """The segment of ``leaf`` in host memory (a device-to-host copy on accelerators; a view on CPU)."""
@@ -347,50 +378,89 @@ class NvmeOptimizer:
                 return key.name, self.leaf_of[tuple(path[j + 1:])]
         return None
 
-    def target(self):
-        """ShapeDtypeStructs of the optax state in host memory, to restore a checkpoint's state into (then ``load``)."""
-        return jax.tree.map(
-            lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, spec, memory_kind="pinned_host")),
-            self.opt_shapes, self.opt_specs)
+    def _write_leaf(self, name: str, i: int, x: jax.Array) -> None:
+        """This process's segments of ``x`` (parameter leaf ``i``'s shape, any sharding of this mesh) into file ``name``."""
+        for seg in self.by_leaf[i]:
+            write_all(self._fds[name], self._host(x, seg), seg.offset * _ITEM)
 
-    def load(self, opt_state, step: int) -> None:
-        """Write a restored optax state (arrays on this mesh) into the files; they then hold ``step``."""
+    def _write_tree(self, name: str, tree) -> None:
+        for i, x in enumerate(jax.tree.leaves(tree)):
+            self._write_leaf(name, i, x)
+
+    def _read_leaf(self, name: str, i: int, sharding, dtype=np.float32) -> jax.Array:
+        """Parameter leaf ``i``'s values in file ``name`` as an array in ``sharding``, cast to ``dtype``."""
+        shape = self.shapes[i].shape
+
+        def read(index):
+            seg = self.seg_of[(i, _key(index, shape))]
+            buf = np.empty(seg.size, np.float32)
+            read_into(self._fds[name], buf, seg.offset * _ITEM, self.files[name])
+            return buf.reshape(seg.shape).astype(dtype, copy=False)
+
+        return jax.make_array_from_callback(shape, sharding, read)
+
+    def _read_tree(self, name: str, shardings: list, dtype=np.float32):
+        return jax.tree.unflatten(self.treedef, [self._read_leaf(name, i, s, dtype) for i, s in enumerate(shardings)])
+
+    def host_shardings(self):
+        """The parameters' shardings in host memory: where float32 parameters stop on their way to or from the files."""
+        return jax.tree.unflatten(self.treedef, [s.with_memory_kind(HOST) for s in self.shardings])
+
+    def restore_target(self, target):
+        """``target`` (the held state's ShapeDtypeStructs) with what lives in the files as a checkpoint holds it,
+        in host memory: the optax state and, with the master copy here, float32 parameters. Restore, then ``restored``."""
+        opt = jax.tree.map(
+            lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, spec, memory_kind=HOST)),
+            self.opt_shapes, self.opt_specs)
+        target = replace(target, opt_state=opt)
+        if self.master:
+            hosts = jax.tree.leaves(self.host_shardings())
+            target = replace(target, params=jax.tree.unflatten(
+                self.treedef, [jax.ShapeDtypeStruct(x.shape, np.float32, sharding=s) for x, s in zip(self.shapes, hosts)]))
+        return target
+
+    def restored(self, state):
+        """Write a restored state (the all-device layout, arrays on this mesh) into the files, which then hold its
+        step; returns it as the step holds it."""
+        step = int(jax.device_get(state.step))
         self._mark(step, False)
-        by_leaf = collections.defaultdict(list)
-        for s in self.segments:
-            by_leaf[s.leaf].append(s)
-        for path, x in jax.tree_util.tree_leaves_with_path(opt_state):
+        for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
             found = self._moment_of(path)
-            if found is None:
-                continue
-            m, i = found
-            for seg in by_leaf[i]:
-                _pwrite(self._fds[m], self._host(x, seg), seg.offset * _ITEM)
+            if found is not None:
+                self._write_leaf(*found, x)
+        if self.master:
+            self._write_tree(MASTER, state.params)
         self._mark(step, True)
+        return self.held(state)
 
     def opt_state(self, step: int):
         """The optax state at ``step`` as arrays in host memory, for a checkpoint (counters = ``step``)."""
         self._expect(step, "save")
-        seg_of = {(s.leaf, s.index): s for s in self.segments}
 
         def leaf(path, x, spec):
-            sharding = NamedSharding(self.mesh, spec, memory_kind="pinned_host")
+            sharding = NamedSharding(self.mesh, spec, memory_kind=HOST)
             found = self._moment_of(path)
             if found is None:
                 return jax.device_put(jnp.full(x.shape, step, x.dtype), sharding)
-            m, i = found
-
-            def read(index):
-                seg = seg_of[(i, _key(index, x.shape))]
-                buf = np.empty(seg.size, np.float32)
-                _pread(self._fds[m], buf, seg.offset * _ITEM)
-                return buf.reshape(seg.shape)
-
-            return jax.make_array_from_callback(x.shape, sharding, read)
+            return self._read_leaf(found[0], found[1], sharding)
 
         return jax.tree_util.tree_map_with_path(leaf, self.opt_shapes, self.opt_specs)
 
+    def checkpoint_state(self, state):
+        """``state`` (as the step holds it) in the all-device layout, for a checkpoint: the optax state and, with the
+        master copy here, the float32 parameters (not the device's rounded ones), read from the files into host memory."""
+        step = int(jax.device_get(state.step))
+        state = replace(state, opt_state=self.opt_state(step))
+        if self.master:
+            state = replace(state, params=self._read_tree(MASTER, jax.tree.leaves(self.host_shardings())))
+        return state
 
-def without_opt_state(abstract):
-    """The run's abstract state as the compiled step sees it when the optimizer state is on disk."""
-    return replace(abstract, shapes=replace(abstract.shapes, opt_state=None), specs=replace(abstract.specs, opt_state=None))
+
+def held_abstract(abstract, cfg: Config):
+    """The run's abstract state as the compiled step holds it: no optimizer state (it is on disk) and, with the
+    master parameters on disk, the parameters in the compute dtype."""
+    shapes = replace(abstract.shapes, opt_state=None)
+    if cfg.memory.params == NVME:
+        dtype = jnp.dtype(cfg.train.dtype)
+        shapes = replace(shapes, params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes.params))
+    return replace(abstract, shapes=shapes, specs=replace(abstract.specs, opt_state=None))

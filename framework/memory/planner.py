@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from framework import pipeline, sharding
 from framework.config import Config, ConfigError, MemoryConfig
-from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, Placement, PlacementPolicy,
-                                     has_auto, layer_policy, model_loss)
+from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, NVME, Placement,
+                                     PlacementPolicy, has_auto, layer_policy, model_loss)
 from framework.state import AbstractState, abstract_state, pipeline_of
 
 
@@ -69,6 +69,7 @@ class MemoryNeeds:
     batch: int
     activations: dict[str, dict[str, int]]  # activation mode -> memory kind -> bytes
     activation_source: str  # where the activation numbers come from (compiled program or estimate)
+    params_compute: int = 0  # the params in the compute dtype (train.dtype): on the device when their master copy is on nvme
 
     def figures(self) -> dict[str, str]:
         """Category -> how its figure was obtained: ``exact`` (shard shapes), ``compiled`` or ``estimated``."""
@@ -80,6 +81,8 @@ def category_bytes(needs: MemoryNeeds, placement: Placement) -> dict[str, dict[s
     """Category -> memory kind -> bytes per device under ``placement``."""
     out = {c: {k: 0 for k in KINDS} for c in CATEGORIES}
     out["params"][placement.params] = needs.params
+    if placement.params == NVME:  # the float32 master copy in files, the compute-dtype copy on the device
+        out["params"][DEVICE] = needs.params_compute
     out["opt_state"][placement.opt_state] = needs.opt_state
     out["grads"][placement.grads] = needs.grads
     out["batch"][DEVICE] = needs.batch
@@ -105,6 +108,7 @@ class MemoryPlan:
     bytes: dict[str, dict[str, int]]
     activation_source: str
     figures: dict[str, str]  # category -> exact | compiled | estimated
+    disk_bytes_per_process: int | None = None  # the nvme tier's files of one process (memory/nvme.py), None without it
 
     @property
     def totals(self) -> dict[str, int]:
@@ -126,12 +130,14 @@ class MemoryPlan:
                           "activations": self.placement.activations, "grads": self.placement.grads, "batch": DEVICE},
             "reasons": self.placement.reasons,
             "activation_source": self.activation_source,
+            "disk_bytes_per_process": self.disk_bytes_per_process,
         }
 
 
-def make_plan(needs: MemoryNeeds, placement: Placement, mesh_axes: Mapping[str, int], budget: int | None) -> MemoryPlan:
+def make_plan(needs: MemoryNeeds, placement: Placement, mesh_axes: Mapping[str, int], budget: int | None,
+              disk_bytes_per_process: int | None = None) -> MemoryPlan:
     return MemoryPlan(dict(mesh_axes), budget, placement, category_bytes(needs, placement), needs.activation_source,
-                      needs.figures())
+                      needs.figures(), disk_bytes_per_process)
 
 
 def plan_memory(cfg: MemoryConfig, needs: MemoryNeeds, mesh_axes: Mapping[str, int], budget: int | None,
@@ -156,6 +162,8 @@ def format_plan(plan: dict) -> list[str]:
     for c, b in plan["bytes_per_device"].items():
         if b.get("nvme"):
             lines.append(f"  {c:<12}{mib(b['nvme']):>14} per device in files under memory.nvme_dir (nvme)")
+    if plan.get("disk_bytes_per_process") is not None:
+        lines.append(f"  {'nvme files':<12}{mib(plan['disk_bytes_per_process']):>14} per process (its unique shards)")
     t = plan["totals"]
     fits = "" if plan["fits"] is None else ("  fits" if plan["fits"] else "  DOES NOT FIT")
     lines.append(f"  {'total':<12}{mib(t[DEVICE]):>14}{mib(t[HOST]):>15}{fits}")
@@ -172,6 +180,7 @@ def state_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, i
     micro = t.global_batch // grad_accum
     dp = math.prod(axis_sizes[a] for a in batch_axes)
     params = sharding.bytes_per_device(abstract.shapes.params, abstract.specs.params, axis_sizes)
+    compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(t.dtype)), abstract.shapes.params)
     return MemoryNeeds(
         params=params,
         grads=params * (2 if grad_accum > 1 else 1),  # the gradient, plus the accumulator across micro-batches
@@ -179,6 +188,7 @@ def state_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, i
         batch=grad_accum * -(-micro // dp) * (t.seq_len + 1) * 4,
         activations={},
         activation_source="",
+        params_compute=sharding.bytes_per_device(compute, abstract.specs.params, axis_sizes),
     )
 
 

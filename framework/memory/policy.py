@@ -20,12 +20,14 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from framework.config import Config, ConfigError, MemoryConfig
+from framework.config import HOST_OPTIMIZERS, Config, ConfigError, MemoryConfig
 from framework.state import AbstractState
 
 CATEGORIES = ("params", "grads", "opt_state", "activations", "batch")
 
 DEVICE, HOST = "device", "pinned_host"
+
+NVME = "nvme"  # files on local disk (memory/nvme.py): the optimizer state, and the float32 master parameters
 
 KINDS = (DEVICE, HOST)
 
@@ -52,8 +54,9 @@ class Placement:
     grads: str = DEVICE
 
     def kinds(self) -> dict[str, str]:
-        """The state's categories (what the TrainState holds between steps) and their kinds."""
-        return {"params": self.params, "opt_state": self.opt_state}
+        """The state's categories (what the TrainState holds between steps) and their kinds. Parameters whose
+        float32 master copy is on nvme are held on the device in the compute dtype."""
+        return {"params": DEVICE if self.params == NVME else self.params, "opt_state": self.opt_state}
 
     def key(self) -> tuple[str, str, str, str]:
         return self.params, self.opt_state, self.activations, self.grads
@@ -100,6 +103,17 @@ class PlacementPolicy:
             f"memory: nothing fits the device budget of {budget:,} B (memory.device_budget_bytes or the device's "
             f"capacity): with {', '.join(auto)} offloaded the step needs {share:,} B per device ({figures} B)"
         )
+
+
+def check_auto_offload(cfg: Config, placement: Placement, budget: int | None) -> None:
+    """One line, not a failed compile, when ``auto`` would offload the optimizer state of an optimizer whose
+    update cannot run on the host (adafactor: its update makes arrays in device memory)."""
+    if placement.opt_state == HOST and cfg.memory.opt_state == "auto" and cfg.optimizer.name not in HOST_OPTIMIZERS:
+        raise ConfigError(
+            f"memory.opt_state=auto: the step does not fit the device budget of {budget:,} B with the optimizer state on "
+            f"the device, and optimizer.name={cfg.optimizer.name} cannot update it on the host (pinned_host); use "
+            f"{', '.join(HOST_OPTIMIZERS)}, a larger memory.device_budget_bytes, or memory.opt_state=device with "
+            "activations or params offloaded")
 
 
 def with_memory_kinds(shardings, placement: Placement):
