@@ -110,7 +110,7 @@ def barrier(name: str) -> None:
 class Checkpointer:
     """Save a train-state pytree every N steps (async), keep K, restore the newest good one.
 
-    Public API (also used by the try-run controller): ``save(step, state)``,
+    Public API (also used by the try-run controller): ``should_save(step)``, ``new_segment()``, ``save(step, state)``,
     ``restore(step_or_latest, target)``, ``latest_good_step()``, ``wait()``, ``close()``.
     Call the same methods on every process; only the primary one writes seals and moves files.
     """
