@@ -110,7 +110,7 @@ def barrier(name: str) -> None:
 class Checkpointer:
     """Save a train-state pytree every N steps (async), keep K, restore the newest good one.
 
-    Public API (also used by the try-run controller): ``save(step, state)``,
+    Public API (also used by the try-run controller): ``should_save(step)``, ``new_segment()``, ``save(step, state)``,
     ``restore(step_or_latest, target)``, ``latest_good_step()``, ``wait()``, ``close()``.
     Call the same methods on every process; only the primary one writes seals and moves files.
     """
@@ -128,7 +128,7 @@ class Checkpointer:
         self._seal_error: BaseException | None = None
         self._checked: dict[int, str | None] = {}  # step -> problem (None: good), checked once per instance
         self._reported: set[int] = set()
-        self._manager = self._open()
+        self._opened: ocp.CheckpointManager | None = None
 
     @classmethod
     def for_run(cls, cfg: CheckpointConfig, run_dir: str | Path | None, config: dict | None = None) -> "Checkpointer | None":
@@ -142,11 +142,16 @@ class Checkpointer:
         return cls(directory, keep=cfg.keep, every_steps=cfg.every_steps, every_minutes=cfg.every_minutes,
                    async_save=cfg.async_, config=config)
 
-    def _open(self) -> ocp.CheckpointManager:
-        # No max_to_keep: orbax would delete old steps when the new one is renamed, before it is
-        # sealed; with keep=1 a crash in between would leave no good step. _prune deletes later.
-        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=self.async_save)
-        return ocp.CheckpointManager(self.directory, options=options)
+    @property
+    def _manager(self) -> ocp.CheckpointManager:
+        """orbax's manager, opened at first use: a Trainer handed another's Checkpointer (the try-run
+        controller's candidates share the run's) never opens a second manager on the same directory."""
+        if self._opened is None:
+            # No max_to_keep: orbax would delete old steps when the new one is renamed, before it is
+            # sealed; with keep=1 a crash in between would leave no good step. _prune deletes later.
+            options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=self.async_save)
+            self._opened = ocp.CheckpointManager(self.directory, options=options)
+        return self._opened
 
     @property
     def _primary(self) -> bool:
@@ -163,7 +168,8 @@ class Checkpointer:
         the time left would take at the step rate measured since the previous check (the next step once
         under two steps are left). The save so comes at the step that checking every step would pick
         unless the steps slow down more than twofold between checks, and the processes agree about
-        log2(steps per interval) times per save instead of at every step.
+        log2(n) + 2 times per save of n steps (n = 30: at steps 0, 15, 22, 26, 28, 29, 30) instead of n.
+        The rate is measured within one loop: ``new_segment`` starts it anew.
         """
         if self.every_steps > 0 and step % self.every_steps == 0:
             return True
@@ -178,6 +184,12 @@ class Checkpointer:
         due, ahead = from_primary([float(due), float(ahead)])
         self._next_check = step + int(ahead)
         return due == 1.0
+
+    def new_segment(self) -> None:
+        """Steps from here on run at a rate of their own (another mesh, after a try-run decision or a pause):
+        ``should_save`` checks the time at the next step and measures the rate anew, instead of averaging
+        over the pause. The time since the last save still counts."""
+        self._next_check, self._time_checked = 0, None
 
     def save(self, step: int, state: Any) -> None:
         """Start saving ``state`` as ``step``; returns once the arrays are copied off the devices.
@@ -244,7 +256,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
-        self._manager.close()
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
 
     # ------------------------------------------------------------------ finding good steps
 
@@ -355,15 +369,13 @@ class Checkpointer:
 
         Returns where it went on the primary process; None on the others and when there was nothing.
         """
-        self.wait()
-        self._manager.close()
+        self.close()
         moved = None
         if self._primary and self.has_checkpoints():
             moved = self.directory.with_name(f"{self.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             self.directory.rename(moved)
         barrier("meshpilot_checkpoint_set_aside_all")
         self._checked.clear()
-        self._manager = self._open()
         return moved
 
 

@@ -107,14 +107,14 @@ class PipelinePlan:
     bubble_fraction: float
     per_stage: list[StagePlan]
     activation_source: str
-    param_memory: str = "device"  # where the param bytes live (memory.params): pinned_host streams them per layer
+    param_memory: str  # where the param bytes live (memory.params): pinned_host streams them per layer
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def plan(n_layers: int, p: Pipeline, micro_batch: int, layer_param_bytes: int, other_param_bytes: int,
-         layer_activation_bytes: int, source: str, param_memory: str = "device") -> PipelinePlan:
+         layer_activation_bytes: int, source: str, param_memory: str) -> PipelinePlan:
     """Per stage: layers, param bytes per device, activation bytes of the in-flight micro-batches, and the bubble.
 
     ``layer_param_bytes``: one device's shard of all stacked layers (already divided by the stage count);

@@ -330,7 +330,7 @@ class Trainer:
         """Whether the step compiled for the current micro-batch has already run in this process: its first-run
         effects (first execution, buffer allocation) are behind it, so the try-run controller measures its
         steps without a warm-up step (framework/tryrun.py)."""
-        return self._compiled is not None and self.cfg.train.grad_accum in self._ran
+        return self.cfg.train.grad_accum in self._ran
 
     # ------------------------------------------------------------------ the step
 
@@ -614,6 +614,8 @@ class Trainer:
             return work
 
         self.goodput.loop_started()
+        if self.checkpointer is not None:
+            self.checkpointer.new_segment()
         try:
             self.run_steps(start, total, lambda step, values, dt: self._finish(step, values, dt, records, writer, bar),
                            stop_before, work_after)
@@ -642,13 +644,14 @@ class Trainer:
 
         Batches come from the prefetcher; each step is dispatched before the previous one's metrics are
         fetched, so dispatch never waits on the host. ``on_step(step, metrics, seconds)`` gets each step's
-        metrics (host values) as they arrive; a step's seconds are the interval between two arrivals.
+        metrics (host values) as they arrive; a step's seconds are the interval between two arrivals, the
+        first one's from when its batch is ready (the prefetcher's start-up is no step's: a loop's first
+        step is timed as any other, so a one-step try-run compares with live steps).
         ``stop_before(step)`` true ends the loop before ``step``; ``work_after(step)`` may return work to run
         once ``step`` has finished (evaluation, a checkpoint): its time is no step's.
         """
         prefetch = Prefetcher(self.loader, int(jax.device_get(self.state.data_pos)), self.cfg.data.prefetch)
         pending = None  # (step, metrics) of the step in flight
-        last_done = time.perf_counter()
 
         def finish() -> None:
             nonlocal last_done
@@ -658,10 +661,15 @@ class Trainer:
             last_done = now
 
         try:
+            first = prefetch.next()[1] if start < stop else None  # the first batch is ready before the clock starts
+            last_done = time.perf_counter()
             for step in range(start, stop):
                 if stop_before is not None and stop_before(step):
                     break
-                _, batch = prefetch.next()
+                if step == start:
+                    batch, first = first, None
+                else:
+                    _, batch = prefetch.next()
                 self.state, metrics = self.step(self.state, batch)
                 if pending is not None:
                     finish()
@@ -694,7 +702,7 @@ class Trainer:
             "tokens_per_s": t.global_batch * t.seq_len / dt,
             "mesh": self.axis_sizes,
         }
-        if not records:  # the first step's time is its latency (data, transfers, first run); compile is apart
+        if not records:  # the first step's time is its latency (transfers, first run); data and compile are apart
             record["compile_s"] = self.compile_seconds
         records.append(record)
         self.goodput.step(step + 1, dt)

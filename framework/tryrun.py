@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from framework import memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
-from framework.config import Config, ConfigError
+from framework.config import Config, ConfigError, config_to_dict
 from framework.distributed import from_primary, spread_over_processes
 from framework.mesh import STAGE
 from framework.metrics import drop_records_after
@@ -343,8 +343,10 @@ class TryRunController:
         devices = spread_over_processes(devices, layout.n_devices)
         key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
         if key not in self._trainers:
-            self._trainers[key] = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
-            self._trainers[key].goodput = self.trainer.goodput  # one clock for the run's wall time
+            made = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
+            made.goodput = self.trainer.goodput  # one clock for the run's wall time
+            made.checkpointer = self.checkpoints  # one checkpointer (its own was never opened): one last-save time
+            self._trainers[key] = made
         trainer = self._trainers[key]
         layout.grad_accum = trainer.cfg.train.grad_accum
         return trainer
@@ -505,6 +507,7 @@ class TryRunController:
         if next_trainer is not trainer:
             self.rolling.clear()
             self.rolling_warmup = 0
+            self.checkpoints.config = config_to_dict(next_trainer.cfg)  # saved with its steps: the mesh that runs them
         self._seen_available = len(available)
 
         decision = {
@@ -572,7 +575,8 @@ class TryRunController:
         # (one step stalled by a neighbour does not decide)
         return Trial(layout, self.cfg.train.global_batch / statistics.median(step_times[warmup:]), "tryrun",
                      compile_s=compile_s, restore_s=restore_s, measure_s=measure_s,
-                     samples=len(step_times) * self.cfg.train.global_batch, warmup_steps=warmup, measured_steps=measured)
+                     samples=len(step_times) * self.cfg.train.global_batch, warmup_steps=warmup,
+                     measured_steps=len(step_times) - warmup)
 
     @contextlib.contextmanager
     def starting_from(self, state, step: int):

@@ -128,7 +128,7 @@ def main(argv=None) -> None:
                   f"per candidate) {tr['bound_s']:.2f} s: {'met' if tr['within_bound'] else 'not met'}")
         seen = [tr for tr in report["triggers"] if tr["all_seen_before"] and tr["layouts_tried"]]
         if seen:
-            median = lambda xs: statistics.median(xs)
+            median = statistics.median
             print(f"decisions among layouts seen before: {len(seen)}, median {median([tr['seconds']['total'] for tr in seen]):.2f} s "
                   f"vs median bound {median([tr['bound_s'] for tr in seen]):.2f} s; bound met at {sum(tr['within_bound'] for tr in seen)}")
         if not args.long_steps:

@@ -252,26 +252,42 @@ def test_old_steps_go_only_after_a_newer_one_is_sealed(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["3"]
 
 
-def test_time_based_saves_agree_at_few_steps_and_only_when_due(tmp_path, monkeypatch):
-    """checkpoint.every_minutes: the processes agree on the time (a broadcast that waits for the step in flight)
-    only at check steps, a few per save interval instead of every step; each save is due when it comes."""
+def test_time_based_saves_come_when_due_and_agree_at_few_steps(tmp_path, monkeypatch):
+    """checkpoint.every_minutes: each save comes at the step that checking the time at every step picks, while
+    the processes agree on the time (a broadcast that waits for the step in flight) only at check steps,
+    about log2(n) + 2 per save of n steps. A new segment (another mesh, 4x slower, after a pause) measures its
+    step rate anew: the rate of the segment before would put the next check (and the save) 8 steps late."""
+    import math
     import time
+    import types
 
     import framework.checkpoint as checkpoint
 
+    clock = types.SimpleNamespace(now=0.0)  # a step takes what the test says, however loaded the machine is
+    monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(monotonic=lambda: clock.now, time_ns=time.time_ns))
     agreed = []  # the broadcast every process joins (a no-op with one process): counted, values passed through
     monkeypatch.setattr(checkpoint, "from_primary", lambda values: agreed.append(values) or list(values))
-    ck = Checkpointer(tmp_path / "ck", every_minutes=0.005)  # 0.3 s
-    state, steps, saves = make_state(), 120, []
-    for step in range(1, steps + 1):
-        time.sleep(0.01)  # a step of at least 10 ms: about 30 per interval
-        since = time.monotonic() - ck._last_save_time
-        if ck.should_save(step):
-            saves.append((step, since))
-            ck.save(step, state)
+    ck = Checkpointer(tmp_path / "ck", every_minutes=4 / 60, async_save=False)  # every 4 s
+    interval, state = ck.every_minutes * 60, make_state()
+    segments = [(0.125, 66, 0.0), (0.5, 30, 1.0)]  # (seconds per step, steps, pause before): 32 then 8 steps per interval
+    saves, due, last, step, bound = [], [], 0.0, 0, 0.0
+    for seconds, steps, pause in segments:
+        clock.now += pause
+        ck.new_segment()
+        before = len(saves)
+        for _ in range(steps):
+            step += 1
+            clock.now += seconds
+            if clock.now - last >= interval:  # the oracle: checking every step
+                due.append(step)
+                last = clock.now
+            if ck.should_save(step):
+                saves.append(step)
+                ck.save(step, state)
+        bound += (len(saves) - before) * (math.log2(interval / seconds) + 3) + 2
     ck.close()
-    assert len(saves) >= 2 and all(since >= 0.3 for _, since in saves), saves
-    assert 2 * len(saves) <= len(agreed) <= steps // 3, (len(agreed), saves)
+    assert saves == due == [32, 64, 72, 80, 88, 96], (saves, due)
+    assert len(agreed) <= bound, (len(agreed), bound)
 
 
 def test_wrong_target_is_one_line_error(tmp_path):

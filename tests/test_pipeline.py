@@ -73,7 +73,8 @@ def test_loss_and_gradients_equal_unpipelined(reference, name):
 def test_each_stage_holds_only_its_layers_as_planned():
     tr = trainer("stage=4,fsdp=2,remat")
     state = tr.init_state()
-    plan = memory.pipeline_plan(tr.cfg, tr.abstract, tr.axis_sizes, tr.batch_axes, tr.cfg.train.grad_accum)
+    plan = memory.pipeline_plan(tr.cfg, tr.abstract, tr.axis_sizes, tr.batch_axes, tr.cfg.train.grad_accum,
+                                tr.placement.params)
     assert [s.layers for s in plan.per_stage] == [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert plan.bubble_fraction == bubble_fraction(4, 2) == 3 / 5
     # the devices of stage s hold layer s of every stacked weight, and nothing of the other layers
@@ -104,6 +105,17 @@ def test_streamed_params_are_fetched_per_layer_inside_each_stage():
     ticks = 4 + 2 - 1  # M + S - 1: each tick runs both stages' layer loops (vmapped), forward then backward
     assert loops == ([memory.OffloadCheck("cuda", 0, per_layer)] * ticks  # forward: one layer's weights per iteration
                      + [memory.OffloadCheck("cuda", per_layer, 0)] * ticks), loops  # backward: its gradients to host
+
+
+@pytest.mark.slow  # 20-30 s: the stage=2 step compiled twice (params on device, then streamed)
+def test_params_auto_in_a_pipeline_measures_the_streamed_pipelined_step():
+    """memory.params=auto with mesh.stage > 1: when the device step does not fit, the step with params streamed
+    inside each stage's layer loop is compiled and measured (params 0 device bytes); here it does not fit either."""
+    overrides, n = CASES["stage=2"]
+    with pytest.raises(ConfigError, match=r"^memory: nothing fits the device budget of 1,000 B .* with params offloaded "
+                                          r"the step needs [\d,]+ B per device \(params 0, grads [\d,]+, opt_state [1-9]"):
+        Trainer(tiny_config(*SMALL, *overrides, "memory.params=auto", "memory.device_budget_bytes=1000", steps=2),
+                devices=jax.devices()[:n])
 
 
 def test_checkpoint_restores_across_stage_counts(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
+from framework.data import BatchLoader
 from framework.trainer import Trainer
 from framework.tryrun import Trial, TryRunController, devices_to_use, grad_accum_for, max_useful_devices, target_of
 from tests.helpers import ROOT, TINY, run_script, tiny_config
@@ -197,7 +198,10 @@ def test_layouts_seen_before_run_no_warmup_step_live_or_tried(tmp_path):
     cfg = small("elastic.enabled=true", "elastic.min_devices=2", "elastic.trigger=every_n_steps",
                 "elastic.every_n_steps=3", "elastic.device_schedule=[[0,4]]", steps=9)
     trainer = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
-    FixedScore(trainer).fit(9)  # every candidate scores as the baseline: the mesh is kept
+    ctl = FixedScore(trainer)
+    ctl.fit(9)  # every candidate scores as the baseline: the mesh is kept
+    # the candidates share the run's checkpointer (one last-save time, one orbax manager on the directory)
+    assert len(ctl._trainers) == 2 and all(t.checkpointer is ctl.checkpoints for t in ctl._trainers.values())
 
     first, second = read_log(tmp_path)
     batch, tried = cfg.train.global_batch, cfg.elastic.tryrun_steps
@@ -323,6 +327,20 @@ class SteadyStep(Trainer):
         return super().step(state, batch)
 
 
+class SlowStart(BatchLoader):
+    """Its batch at position ``slow_at`` takes 1 s to build, as a loop's first batch may (grain's threads start,
+    a cold source)."""
+
+    def __init__(self, loader: BatchLoader, slow_at: int):
+        vars(self).update(vars(loader))
+        self.slow_at = slow_at
+
+    def host_batch(self, position):
+        if position == self.slow_at:
+            time.sleep(1.0)
+        return super().host_batch(position)
+
+
 @pytest.mark.slow  # 15-60 s: mostly compiling the init and the step on the shared cores
 def test_tryrun_of_the_current_mesh_scores_as_its_live_steps(tmp_path):
     # Live steps and try-run steps are run and timed by one loop (Trainer.run_steps), on the same data path and
@@ -348,3 +366,11 @@ def test_tryrun_of_the_current_mesh_scores_as_its_live_steps(tmp_path):
         assert (trial.warmup_steps, trial.measured_steps) == (0, 5)  # the live mesh's step has run: no warm-up
         assert int(trainer.state.step) == step  # the try-run ran on a copy: the live state goes on from here
     assert abs(statistics.median(ratios) - 1) < 0.05, ratios
+    # a loop's first interval is a plain step: its batch is fetched before the clock starts, so a one-step
+    # try-run of a layout that has run (no warm-up step) is not scored by its loop's start-up
+    trainer.loader = SlowStart(trainer.loader, int(trainer.state.data_pos))
+    ctl.elastic = dataclasses.replace(ctl.elastic, tryrun_steps=1)
+    with ctl.starting_from(trainer.state, step):
+        one = ctl.try_run(ctl.current_layout(trainer), trainer.devices, step)
+    assert (one.warmup_steps, one.measured_steps) == (0, 1)
+    assert cfg.train.global_batch / one.measured_samples_per_s < 0.5, one  # steps of ~0.1 s; 1 s with the fetch

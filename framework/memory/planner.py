@@ -253,7 +253,7 @@ def host_state_bytes(abstract: AbstractState, placement: Placement, axis_sizes: 
 
 
 def pipeline_plan(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
-                  grad_accum: int, param_memory: str = "device") -> pipeline.PipelinePlan | None:
+                  grad_accum: int, param_memory: str) -> pipeline.PipelinePlan | None:
     """Per pipeline stage: layers, parameter bytes per device (exact), activation bytes of the micro-batches in flight
     (estimated: one layer's residuals for one pipeline micro-batch, traced, plus its input, times the stage's layers
     and GPipe's M micro-batches in flight), and the bubble. None without a ``stage`` axis."""
