@@ -502,9 +502,9 @@ def validate_pipeline(cfg: Config) -> None:
     if cfg.memory.params != "device":
         raise ConfigError(f"mesh.stage={stage} with memory.params={cfg.memory.params}: parameters streamed from host do not "
                           "run inside pipeline stages (each stage holds only its own layers); use memory.params=device")
-    if cfg.broadcast.mode != "none":
+    if cfg.broadcast.mode in ("kernel", "map"):  # auto falls back to XLA's propagation (framework.broadcast.unplannable)
         raise ConfigError(f"mesh.stage={stage} with broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not "
-                          "run inside pipeline stages; use broadcast.mode=none")
+                          "run inside pipeline stages; use broadcast.mode=none or auto")
 
 
 def check_stages(cfg: Config, stages: int) -> None:
