@@ -31,6 +31,7 @@ import fnmatch
 import json
 import math
 import re
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -547,10 +548,21 @@ def broadcast_apply(
     y_spec = PartitionSpec(axes) if layer.out_layout == "batch" else _spec(y_ndim, y_ndim - 1, axes)
     if bias is None:
         fn = jax.shard_map(lambda x, k: body(x, k, None), mesh=mesh, in_specs=(x_spec, k_spec), out_specs=y_spec,
-                           axis_names=set(axes))
+                           axis_names=_manual_axes(mesh, axes))
         return fn(x, kernel)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec, axis_names=set(axes))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec, axis_names=_manual_axes(mesh, axes))
     return fn(x, kernel, bias)
+
+
+def _manual_axes(mesh, axes) -> set[str]:
+    """The plan's axes plus every mesh axis of size 1 (which moves nothing), so the layer is manual on them all.
+
+    Left automatic, a size-1 axis makes JAX put a sharding constraint inside the reducer of each
+    psum/reduce-scatter, which XLA:CPU lowers to a ``copy`` at the reducer's root; its pass that
+    widens bfloat16 reductions to float32 (AllReducePromotion) then aborts with "Invalid binary
+    instruction opcode copy" (reproducer: BENCHMARKS.md, "bfloat16 compute").
+    """
+    return set(axes) | {a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n == 1}
 
 
 def _planned(name: str) -> LayerPlan | None:
@@ -600,7 +612,7 @@ def lookup(tokens, table, *, name: str, param: str = "", dtype=None):
 
     t_spec = PartitionSpec(axes, *([None] * (table.ndim - 1))) if layer.split_kernel else PartitionSpec()
     fn = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(axes), t_spec), out_specs=PartitionSpec(axes),
-                       axis_names=set(axes))
+                       axis_names=_manual_axes(mesh, axes))
     return fn(tokens, table)
 
 
@@ -654,8 +666,36 @@ def batch_axes(cfg, axis_sizes: dict[str, int]) -> tuple[str, ...]:
     return ()
 
 
+def unplannable(cfg, axis_sizes: dict[str, int]) -> str | None:
+    """Why no plan can be made on this mesh, or None.
+
+    Pipeline stages (``mesh.stage`` > 1); the micro-batch does not split over the batch axes; or, compiling for CPU, bfloat16 compute
+    with a mesh axis of size > 1 outside them (the layers stay automatic on it, and XLA:CPU aborts
+    on their bf16 reduce-scatters: see ``_manual_axes``). ``auto`` then falls back to XLA's
+    propagation (an elastic restart on 6 devices with a global batch of 16 still trains); an
+    explicit ``kernel``/``map`` refuses with this line.
+    """
+    axes = batch_axes(cfg, axis_sizes)
+    devices = math.prod(axis_sizes[a] for a in axes)
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if cfg.broadcast.mode == "none" or devices < 2:
+        return None
+    if axis_sizes.get("stage", 1) > 1:
+        return f"broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not run inside pipeline stages"
+    if micro % devices:
+        return (f"broadcast.mode={cfg.broadcast.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
+                f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
+    auto_axes = [f"{a}={n}" for a, n in axis_sizes.items() if n > 1 and a not in axes]
+    if cfg.train.dtype == "bfloat16" and auto_axes and jax.default_backend() == "cpu":
+        return (f"broadcast.mode={cfg.broadcast.mode}: train.dtype=bfloat16 with mesh axis {', '.join(auto_axes)} outside "
+                f"the batch axes {'*'.join(axes)} aborts XLA:CPU's compiler")
+    return None
+
+
 def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resident_bytes: int = 0) -> BroadcastPlan | None:
-    """Trace the model's forward on one abstract micro-batch and plan its layers (None with mode ``none``).
+    """Trace the model's forward on one abstract micro-batch and plan its layers.
+
+    None with mode ``none``, on one device, or when ``auto`` falls back (``unplannable``: one line says so).
 
     With ``memory.device_budget_bytes`` set, a layer's broadcast buffers may use what it leaves
     after ``resident_bytes`` of training state per device; unset, memory limits no mode.
@@ -668,9 +708,13 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if devices < 2:
         return None  # one device: nothing to broadcast
-    if micro % devices:
-        raise ConfigError(f"broadcast.mode={b.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
-                          f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")
+    reason = unplannable(cfg, axis_sizes)
+    if reason is not None:
+        if b.mode != "auto":
+            raise ConfigError(reason)
+        # stderr, the log: scripts print JSON reports on stdout
+        print(f"{reason}: no plan, XLA's propagation decides every layer (as broadcast.mode=none)", file=sys.stderr, flush=True)
+        return None
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
     traced = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
     # A vocabulary table whose rows do not divide over P would have to be replicated, its gradient

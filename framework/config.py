@@ -501,9 +501,9 @@ def validate_pipeline(cfg: Config) -> None:
     if cfg.mesh.dcn_data != 1:
         raise ConfigError(f"mesh.stage={stage} with mesh.dcn_data={cfg.mesh.dcn_data}: pipeline stages are not supported "
                           "across slices; use mesh.dcn_data=1")
-    if cfg.broadcast.mode != "none":
+    if cfg.broadcast.mode in ("kernel", "map"):  # auto falls back to XLA's propagation (framework.broadcast.unplannable)
         raise ConfigError(f"mesh.stage={stage} with broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not "
-                          "run inside pipeline stages; use broadcast.mode=none")
+                          "run inside pipeline stages; use broadcast.mode=none or auto")
 
 
 def check_stages(cfg: Config, stages: int) -> None:

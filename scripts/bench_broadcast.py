@@ -3,7 +3,7 @@
 
 python scripts/bench_broadcast.py --config configs/cnn_small.yaml [--steps 20] [--modes auto kernel map none]
     [--compress none int8] [--losses] [key=value ...]
-Prints one JSON line per (mode, compress): median step time after the first step, the bytes per
+Prints one JSON line per (mode, compress): seconds to compile the step, median step time after the first step, the bytes per
 device per micro-batch that the compiled step's collectives move (measured) and the plan
 predicts, and the final loss (``--losses``: every step's loss, for the int8 loss bound).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import _cli
 
@@ -43,13 +44,16 @@ def main(argv=None) -> None:
                                                 f"train.steps={args.steps}", "logging.progress=false",
                                                 "logging.tensorboard=false"])
                 trainer = Trainer(cfg)
+                start = time.perf_counter()
                 trainer.compile()
+                compile_s = time.perf_counter() - start
                 report = count_compiled(trainer.compiled_step, jax.device_count())
                 records = trainer.fit()
                 plan = trainer.abstract.broadcast_plan
                 out = {
                     "config": args.config, "overrides": args.overrides, "devices": jax.device_count(),
                     "platform": jax.devices()[0].platform, "mode": mode, "compress": compress, "steps": len(records),
+                    "compile_s": round(compile_s, 2),
                     "step_time_s": statistics.median(r["step_time_s"] for r in records[1:]) if len(records) > 1 else None,
                     "measured_bytes": report.total // cfg.train.grad_accum,
                     "predicted_bytes": None if plan is None else plan.total_bytes,

@@ -48,6 +48,10 @@ def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
     report["pipeline"] = pipeline_section(cfg, axis_sizes, abstract, report["memory"]["placement"]["params"])
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
+    if abstract.broadcast_plan is None:  # auto fell back to XLA's propagation: say why
+        from framework.broadcast import unplannable
+
+        report["broadcast_fallback"] = unplannable(cfg, axis_sizes)
     return report
 
 
@@ -137,7 +141,9 @@ def print_broadcast(report: dict) -> None:
     from framework.broadcast import BroadcastPlan, LayerPlan
 
     plan = report.get("broadcast")
-    if plan is None:
+    if plan is None and report.get("broadcast_fallback"):
+        print(f"broadcast: no plan, XLA decides every layer's collectives ({report['broadcast_fallback']})")
+    elif plan is None:
         print("broadcast: mode none (XLA decides every layer's collectives)")
     else:
         layers = [LayerPlan(**{k: tuple(v) if k == "kernel_shape" else v for k, v in layer.items() if k != "predicted_bytes"})

@@ -15,7 +15,10 @@ SMALLER = ["model.n_layers=2", "model.d_model=64", "model.d_mlp=256", "train.seq
 def tiny_config(*overrides: str, steps: int = 5):
     from framework.config import load_config
 
-    return load_config(TINY, [f"train.steps={steps}", "logging.progress=false", "logging.tensorboard=false", *overrides])
+    # broadcast.mode=none: the tests built on this check parameter layouts, memory figures and programs of
+    # XLA's own propagation; tiny_lm ships auto, which the broadcast tests and test_mesh_equivalence ask for
+    return load_config(TINY, [f"train.steps={steps}", "logging.progress=false", "logging.tensorboard=false",
+                              "broadcast.mode=none", *overrides])
 
 
 def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -79,3 +79,34 @@ def test_config_rejects_bad_values():
         load_config(None, ["broadcast.overrides={fc: both}"])
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         make_plan([dense("a", 8, 8, 8)], 8, ("fsdp",), BroadcastConfig(overrides={"re:(": "map"}))
+
+
+def test_auto_falls_back_where_the_micro_batch_does_not_split(capsys):
+    """16 samples over 6 devices (an elastic restart): auto leaves every layer to XLA and says so in one line;
+    an explicit mode refuses with that line. On 8 devices the same config is planned."""
+    from framework.state import abstract_state
+    from tests.helpers import SMALLER, tiny_config
+
+    six = {"data": 1, "fsdp": 6, "tensor": 1}
+    abstract = abstract_state(tiny_config(*SMALLER, "broadcast.mode=auto"), six)
+    assert abstract.broadcast_plan is None
+    out = capsys.readouterr().err.strip().splitlines()
+    assert out == ["broadcast.mode=auto: micro-batch 16 (train.global_batch / train.grad_accum) does not split over "
+                   "the 6 devices of mesh axes data*fsdp: no plan, XLA's propagation decides every layer (as "
+                   "broadcast.mode=none)"]
+    with pytest.raises(ConfigError, match=r"^broadcast.mode=kernel: micro-batch 16 .* does not split over the 6 devices"):
+        abstract_state(tiny_config(*SMALLER, "broadcast.mode=kernel"), six)
+    assert abstract_state(tiny_config(*SMALLER, "broadcast.mode=auto"), {"data": 1, "fsdp": 8, "tensor": 1}).broadcast_plan
+
+
+def test_bf16_with_an_automatic_axis_is_not_planned_on_cpu(capsys):
+    """bf16 compute with tensor=2 outside the batch axes would abort XLA:CPU's compiler: auto falls back, kernel refuses."""
+    from framework.state import abstract_state
+    from tests.helpers import SMALLER, tiny_config
+
+    mesh = {"data": 1, "fsdp": 4, "tensor": 2}
+    assert abstract_state(tiny_config(*SMALLER, "train.dtype=bfloat16", "broadcast.mode=auto"), mesh).broadcast_plan is None
+    assert "train.dtype=bfloat16 with mesh axis tensor=2 outside the batch axes data*fsdp" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="aborts XLA:CPU's compiler"):
+        abstract_state(tiny_config(*SMALLER, "train.dtype=bfloat16", "broadcast.mode=kernel"), mesh)
+    assert abstract_state(tiny_config(*SMALLER, "broadcast.mode=auto"), mesh).broadcast_plan  # float32 compiles

@@ -57,8 +57,10 @@ def test_processes_agree_on_pruning_and_setting_aside_when_one_arrives_late(tmp_
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "4.damaged"]
 
 
+# broadcast.mode=none on both sides (the reference is built by tiny_config, which pins none): 2 processes
+# and 1 agree to 1e-5 on XLA's program; with the auto plan they can differ by ~1e-5 relative
 TRAIN_SMALL = ["model.n_layers=2", "data.source=synthetic", "mesh.fsdp=8", "checkpoint.every_steps=5",
-               "logging.progress=false", "logging.tensorboard=false"]
+               "logging.progress=false", "logging.tensorboard=false", "broadcast.mode=none"]
 KILL_STEPS = 30
 
 

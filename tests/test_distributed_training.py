@@ -12,7 +12,9 @@ from tests.helpers import ROOT, TINY, tiny_config
 from tests.test_distributed import run
 
 STEPS = 10
-COMMON = [f"train.steps={STEPS}", "logging.progress=true", "logging.tensorboard=false"]
+# broadcast.mode=none (as tiny_config): with tiny_lm's auto plan, 2 processes and 1 differ by up to 4.5e-5
+# (1e-5 relative) from step 7 on data=2,fsdp=2,tensor=2, past this test's 1e-5 for the same program
+COMMON = [f"train.steps={STEPS}", "logging.progress=true", "logging.tensorboard=false", "broadcast.mode=none"]
 
 
 def launch_train(run_dir, *overrides, processes=2, devices=4):
