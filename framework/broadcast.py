@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import dataclasses
 import fnmatch
+import functools
 import json
 import math
 import re
@@ -692,6 +693,13 @@ def unplannable(cfg, axis_sizes: dict[str, int]) -> str | None:
     return None
 
 
+@functools.cache
+def _say_once(line: str) -> None:
+    """One line on stderr (the log: scripts print JSON reports on stdout), once per process: a script
+    that plans the same model several times (plan.py's memory and broadcast sections) says it once."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resident_bytes: int = 0) -> BroadcastPlan | None:
     """Trace the model's forward on one abstract micro-batch and plan its layers.
 
@@ -712,8 +720,7 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
     if reason is not None:
         if b.mode != "auto":
             raise ConfigError(reason)
-        # stderr, the log: scripts print JSON reports on stdout
-        print(f"{reason}: no plan, XLA's propagation decides every layer (as broadcast.mode=none)", file=sys.stderr, flush=True)
+        _say_once(f"{reason}: no plan, XLA's propagation decides every layer (as broadcast.mode=none)")
         return None
     tokens = jax.ShapeDtypeStruct((micro, cfg.train.seq_len), jnp.int32)
     traced = trace_layers(lambda p, t: nnx.merge(graphdef, p)(t), abstract_params, tokens)
