@@ -19,6 +19,7 @@ reads only its own shards, nothing is gathered onto one device.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -61,6 +62,22 @@ def _crc32(path: Path) -> int:
 
 def _files(step_dir: Path) -> list[Path]:
     return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+@contextlib.contextmanager
+def naming(step_dir: Path):
+    """An OS error that names no file (a failed write or close of an open file names none, and orbax
+    raises some from its own files that way) is re-raised naming ``step_dir``, the step being saved:
+    a full disk is then reported with where it filled, not as a bare "No space left on device"."""
+    try:
+        yield
+    except Exception as e:
+        cause = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or cause.filename is not None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(step_dir)) from e
 
 
 def write_manifest(step_dir: Path) -> None:
@@ -202,7 +219,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if self.config is not None:
             items["config"] = ocp.args.JsonSave(self.config)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with naming(self.directory / str(step)):
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         if self.async_save:
             self._sealer = threading.Thread(target=self._seal_in_background, args=(step,), name=f"seal-{step}", daemon=True)
             self._sealer.start()
@@ -211,9 +229,10 @@ class Checkpointer:
             self._prune()
 
     def _seal(self, step: int) -> None:
-        self._manager.wait_until_finished()
-        if self._primary:
-            write_manifest(self.directory / str(step))
+        with naming(self.directory / str(step)):
+            self._manager.wait_until_finished()
+            if self._primary:
+                write_manifest(self.directory / str(step))
         barrier("meshpilot_checkpoint_sealed")
 
     def _prune(self) -> None:

@@ -1,4 +1,5 @@
 """framework.checkpoint on plain pytrees: reshard on restore, async saves, integrity, keep-K."""
+import errno
 import os
 
 import jax
@@ -8,7 +9,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from framework.checkpoint import MANIFEST, CheckpointError, Checkpointer, abstract_target
+from framework.checkpoint import MANIFEST, CheckpointError, Checkpointer, abstract_target, naming
 from framework.config import ConfigError
 
 
@@ -300,3 +301,24 @@ def test_wrong_target_is_one_line_error(tmp_path):
         ck.restore(1, wrong)
     assert "\n" not in str(e.value)
     ck.close()
+
+
+def test_an_os_error_naming_no_file_names_the_step_being_saved(tmp_path):
+    """A write or close that fails on a full disk names no file (seen in CI as a bare "error: No space left on
+    device"); saving and sealing re-raise it naming the step directory. Named errors and others pass unchanged."""
+    step_dir = tmp_path / "checkpoints" / "6"
+    with pytest.raises(OSError) as e:
+        with naming(step_dir):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as full:
+                raise RuntimeError("orbax wraps it") from full
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(step_dir))
+    named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/elsewhere/file")
+    with pytest.raises(OSError) as e:
+        with naming(step_dir):
+            raise named
+    assert e.value is named
+    with pytest.raises(ValueError, match="^not an OS error$"):
+        with naming(step_dir):
+            raise ValueError("not an OS error")
