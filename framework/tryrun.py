@@ -200,11 +200,11 @@ def devices_to_use(best_by_count: dict[int, float], threshold: float, n_usable: 
 class TryRunController:
     """Steers a Trainer's loop: asked at every step boundary, it remeshes on a trigger."""
 
-    def __init__(self, trainer, checkpoints: Checkpointer | None = None):
+    def __init__(self, trainer):
         self.trainer = trainer
         self.cfg: Config = trainer.cfg
         self.elastic = self.cfg.elastic
-        self.checkpoints = checkpoints or trainer.checkpointer
+        self.checkpoints = trainer.checkpointer  # the run's, shared by every candidate trainer
         if self.checkpoints is None:
             raise ConfigError("elastic.enabled needs a run dir or checkpoint.dir: try-runs restore from a checkpoint")
         names = list(self.cfg.mesh.axis_names)
