@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from framework.collectives import layer_scope
+from framework.sharding import batch_axes
 from framework.config import BroadcastConfig, ConfigError
 
 MODES = ("kernel", "map")
@@ -658,15 +659,6 @@ def name_layers(root, layer_type: type | tuple[type, ...]) -> None:
             node.name = ".".join(str(k) for k in path)
 
 
-def batch_axes(cfg, axis_sizes: dict[str, int]) -> tuple[str, ...]:
-    """The mesh axes the activation rules split the batch over: the P devices of every plan."""
-    for logical, axes in cfg.sharding.activation_rules:
-        if logical == "batch":
-            axes = [] if axes is None else [axes] if isinstance(axes, str) else axes
-            return tuple(a for a in axes if a in axis_sizes)
-    return ()
-
-
 def unplannable(cfg, axis_sizes: dict[str, int]) -> str | None:
     """Why no plan can be made on this mesh, or None.
 
@@ -676,7 +668,7 @@ def unplannable(cfg, axis_sizes: dict[str, int]) -> str | None:
     propagation (an elastic restart on 6 devices with a global batch of 16 still trains); an
     explicit ``kernel``/``map`` refuses with this line.
     """
-    axes = batch_axes(cfg, axis_sizes)
+    axes = batch_axes(cfg.sharding.activation_rules, axis_sizes)
     devices = math.prod(axis_sizes[a] for a in axes)
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if cfg.broadcast.mode == "none" or devices < 2:
@@ -711,7 +703,7 @@ def plan_model(cfg, graphdef, abstract_params, axis_sizes: dict[str, int], resid
     b = cfg.broadcast
     if b.mode == "none":
         return None
-    axes = batch_axes(cfg, axis_sizes)
+    axes = batch_axes(cfg.sharding.activation_rules, axis_sizes)
     devices = math.prod(axis_sizes[a] for a in axes)
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if devices < 2:

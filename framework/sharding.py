@@ -34,6 +34,12 @@ def rules_table(rules: Sequence[Sequence[Any]]) -> dict[str, tuple[str, ...]]:
     return table
 
 
+def batch_axes(activation_rules: Sequence[Sequence[Any]], axis_sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes the activation rules split the batch over, of those the mesh has: the data-parallel
+    devices of the step, the loader, every broadcast plan and every try-run layout (the one place this is worked out)."""
+    return tuple(a for a in rules_table(activation_rules).get("batch", ()) if a in axis_sizes)
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     rules: Rules,

@@ -46,7 +46,7 @@ class Trainer:
         self.devices = list(jax.devices() if devices is None else devices)
         self.mesh = MeshManager(cfg.mesh).build(self.devices)
         self.axis_sizes = describe(self.mesh)
-        self.batch_axes = self._batch_axes()
+        self.batch_axes = sharding.batch_axes(cfg.sharding.activation_rules, self.axis_sizes)
         # ---- memory tiers (framework/memory/): a fixed micro-batch sets grad_accum
         if isinstance(cfg.train.micro_batch, int):
             self.cfg = cfg = self._with_grad_accum(cfg.train.global_batch // cfg.train.micro_batch)
@@ -138,10 +138,6 @@ class Trainer:
         needs = memory.state_needs(self.cfg, self.base_abstract, self.axis_sizes, self.batch_axes, grad_accum)
         return memory.with_compiled_activations(needs, self.placement, self._compiled_step(grad_accum).memory_analysis(),
                                                 self.devices[0].platform)
-
-    def _batch_axes(self) -> tuple[str, ...]:
-        rules = sharding.rules_table(self.cfg.sharding.activation_rules)
-        return tuple(a for a in rules.get("batch", ()) if a in self.axis_sizes)
 
     @property
     def _pipeline_microbatches(self) -> int:
@@ -450,6 +446,11 @@ class Trainer:
                 if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \
                         or not self._shrink_micro_batch(state, "the step ran out of device memory (RESOURCE_EXHAUSTED)"):
                     raise
+
+    def adopt(self, other: "Trainer") -> None:
+        """Continue the run on ``other``'s layout (the try-run controller's choice): its mesh, shardings,
+        compiled steps and state become this trainer's, so the caller's Trainer stays the handle to the run."""
+        vars(self).update(vars(other))
 
     # ------------------------------------------------------------------ the micro-batch follows device memory
 

@@ -102,11 +102,6 @@ def grad_accum_for(global_batch: int, data_parallel: int, preferred: int) -> int
     return min(working, key=lambda a: (abs(a - preferred), -a), default=None)
 
 
-def batch_axes_of(cfg: Config) -> tuple[str, ...]:
-    """Mesh axes the batch is split over (as the Trainer reads them from the activation rules)."""
-    return tuple(a for a in sharding.rules_table(cfg.sharding.activation_rules).get("batch", ()) if a in cfg.mesh.axis_names)
-
-
 def tensor_misfit(cfg: Config, tensor: int) -> str | None:
     """Why the model's tensor-split dimensions (heads, KV heads, MLP width) do not divide by ``tensor``; None when they do."""
     if tensor == 1 or cfg.model.name != "transformer":
@@ -134,7 +129,7 @@ def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: in
             reasons.append(misfit)
             continue
         mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
-        dp = math.prod(mesh[a] for a in batch_axes_of(cfg))
+        dp = math.prod(mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, mesh))
         accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
         if accum is not None:
             return Layout(kind, n_devices, mesh, accum)
@@ -153,7 +148,7 @@ def plan_pipeline_layout(cfg: Config, n_devices: int, replicas: int, split: int,
     found = plan_layout(cfg, "pipeline", n_devices, replicas, split // stages, prefer_tensor)
     if isinstance(found, str):
         return found
-    dp = math.prod(found.mesh[a] for a in batch_axes_of(cfg))
+    dp = math.prod(found.mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, found.mesh))
     accum = grad_accum_for(t.global_batch, dp * t.pipeline_microbatches, t.grad_accum)  # pieces split like the batch
     if accum is None:
         return (f"train.global_batch={t.global_batch} does not split into train.pipeline_microbatches="
@@ -399,7 +394,7 @@ class TryRunController:
                 break
             trainer = self.decide(trainer, step, self._reason(step, at_start=False))
         if trainer is not origin:
-            vars(origin).update(vars(trainer))  # the caller's Trainer object stays the handle to the run
+            origin.adopt(trainer)
         self.trainer = origin
         return records
 

@@ -100,8 +100,7 @@ def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dic
     if n_devices <= jax.device_count() and not estimate:
         return Trainer(cfg, devices=jax.devices()[:n_devices]).memory_plan().to_dict()
     axis_sizes = describe(MeshManager(cfg.mesh).abstract(n_devices))
-    rules = sharding.rules_table(cfg.sharding.activation_rules)
-    batch_axes = tuple(a for a in rules.get("batch", ()) if a in axis_sizes)
+    batch_axes = sharding.batch_axes(cfg.sharding.activation_rules, axis_sizes)
     needs = memory.estimate_needs(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum)
     budget = memory.resolve_budget(cfg.memory, None, cfg.train.micro_batch)
     plan = memory.plan_memory(cfg.memory, needs, axis_sizes, budget)
@@ -113,8 +112,7 @@ def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict
     """Per pipeline stage: layers, bytes per device (params in ``param_memory``), bubble (None without a ``stage`` axis)."""
     from framework import memory, sharding
 
-    rules = sharding.rules_table(cfg.sharding.activation_rules)
-    batch_axes = tuple(a for a in rules.get("batch", ()) if a in axis_sizes)
+    batch_axes = sharding.batch_axes(cfg.sharding.activation_rules, axis_sizes)
     plan = memory.pipeline_plan(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum, param_memory)
     return None if plan is None else plan.to_dict()
 
