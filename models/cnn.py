@@ -1,6 +1,6 @@
 """A small CNN classifier in Flax NNX: convolutions, a max-pool, then dense layers.
 
-Every conv and dense layer runs through ``framework.broadcast`` so a broadcast plan can
+Every conv and dense layer runs through ``models.ops`` so a broadcast plan can
 run each in kernel- or map-broadcast mode. The layers form one chain (only channel-wise
 ops between them), so a map-mode layer can hand its channel-split output straight on.
 Input rows are the data pipeline's int32 rows: ``image_size**2 * image_channels`` pixel
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from framework import broadcast
 from framework.config import ConfigError, ModelConfig
+from models import ops
 
 PIXEL_MAX = 16.0
 
@@ -28,7 +28,7 @@ class ConvLayer(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((c_out,), param_dtype))
 
     def __call__(self, x):
-        return broadcast.conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype),
+        return ops.conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype),
                               name=self.name, input_grad=not self.first, chained=True)
 
 
@@ -43,7 +43,7 @@ class DenseLayer(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out,), param_dtype))
 
     def __call__(self, x):
-        return broadcast.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype),
+        return ops.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype),
                                name=self.name, n_in=self.n_in, chained=not self.last)
 
 
@@ -63,7 +63,7 @@ class CNN(nnx.Module):
         shapes = [(side, side, widths[-1])] + [(f,) for f in cfg.dense_features]
         outs = [*cfg.dense_features, cfg.num_classes]
         self.denses = nnx.List([DenseLayer(s, o, last=i == len(outs) - 1, **kw) for i, (s, o) in enumerate(zip(shapes, outs))])
-        broadcast.name_layers(self, (ConvLayer, DenseLayer))
+        ops.name_layers(self, (ConvLayer, DenseLayer))
 
     def __call__(self, pixels):
         c, s = self.cfg.image_channels, self.cfg.image_size

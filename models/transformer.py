@@ -15,9 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from framework import broadcast, pipeline
+from framework import pipeline
 from framework.config import ModelConfig
 from framework.sharding import constrain
+from models import ops
 
 BLC = ("batch", "length", "embed")  # residual stream layout
 
@@ -29,8 +30,8 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init=nnx.initializers.normal(0.02
 class Dense(nnx.Module):
     """``y = einsum(x, W) (+ b)`` with named kernel dimensions; computes in ``dtype``.
 
-    Runs through ``framework.broadcast.dense`` (the kernel's leading dims contract with x's
-    trailing dims), so a broadcast plan can pick its mode by ``name`` (its module path).
+    Runs through ``models.ops.dense`` (the kernel's leading dims contract with x's trailing
+    dims), so a broadcast plan can pick its mode by ``name`` (its module path).
     """
 
     def __init__(self, spec: str, shape, axes, *, bias_axes=None, dtype, param_dtype, rngs, std=0.02):
@@ -38,7 +39,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
         x_dims, k_dims = spec.split("->")[0].split(",")
         self.n_in = len(set(x_dims) & set(k_dims))
-        self.name = ""  # set by broadcast.name_layers once the model is built
+        self.name = ""  # set by ops.name_layers once the model is built
         self.kernel = _param(rngs, shape, axes, param_dtype, nnx.initializers.normal(std))
         out_shape = [shape[i] for i, a in enumerate(axes) if a in (bias_axes or ())]
         self.bias = (
@@ -49,7 +50,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         bias = None if self.bias is None else self.bias[...].astype(self.dtype)
-        return broadcast.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), bias, name=self.name, n_in=self.n_in)
+        return ops.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), bias, name=self.name, n_in=self.n_in)
 
 
 class Norm(nnx.Module):
@@ -228,7 +229,7 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs) for _ in range(cfg.n_layers)])
         self.ln_f = Norm(cfg.d_model, "layer" if cfg.style == "gpt" else "rms", cfg.norm_eps, param_dtype, rngs)
         self.unembed = None if self.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype)
-        broadcast.name_layers(self, Dense)
+        ops.name_layers(self, Dense)
 
     def _fetch(self, x):
         return jax.device_put(x, jax.memory.Space.Device) if self.stream_params else x
@@ -240,7 +241,7 @@ class Transformer(nnx.Module):
         return call
 
     def __call__(self, tokens):
-        x = broadcast.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
+        x = ops.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
         if self.pos_embed is not None:
             x = x + self._fetch(self.pos_embed[...])[: tokens.shape[1]].astype(self.dtype)
         x = constrain(x, BLC)
@@ -253,7 +254,7 @@ class Transformer(nnx.Module):
             if self.pipeline is not None:
                 x = self._pipelined(run, x)
             else:
-                with broadcast.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
+                with ops.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
                     x = run(self.blocks, x)
         else:
             for block in self.blocks:
@@ -280,7 +281,7 @@ class Transformer(nnx.Module):
     def _logits(self, x):
         """The output head, a broadcast layer named ``head``: its map mode splits the vocabulary and broadcasts ``x``."""
         w = self._fetch(self.embed[...]).T if self.tied else self._fetch(self.unembed[...])
-        logits = broadcast.broadcast_apply(
+        logits = ops.apply(
             lambda x, w: jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32), x, w.astype(self.dtype), None,
             name="head", kind="dense", out_axis=1, param="embed" if self.tied else "unembed", transposed=self.tied)
         return constrain(logits, ("batch", "length", "vocab"))

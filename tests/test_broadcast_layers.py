@@ -8,6 +8,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from framework import broadcast
 from framework.collectives import count_compiled
 from framework.config import BroadcastConfig
+from models import ops
 
 AXES = ("data", "fsdp")
 # on a GPU machine the layers run where the collectives are real; every test needs a 2 x 4 mesh
@@ -25,11 +26,11 @@ def init(shapes, seed=0):
 
 def cnn_forward(p, x):
     """conv -> relu -> conv -> relu -> pool -> dense(flatten) -> relu -> dense: every layer kind and hand-off."""
-    h = jax.nn.relu(broadcast.conv(x, p["c1"], p["c1b"], name="c1", input_grad=False, chained=True))
-    h = jax.nn.relu(broadcast.conv(h, p["c2"], p["c2b"], name="c2", chained=True))
+    h = jax.nn.relu(ops.conv(x, p["c1"], p["c1b"], name="c1", input_grad=False, chained=True))
+    h = jax.nn.relu(ops.conv(h, p["c2"], p["c2b"], name="c2", chained=True))
     h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    h = jax.nn.relu(broadcast.dense(h, p["d1"], p["d1b"], name="d1", n_in=3, chained=True))
-    return broadcast.dense(h, p["d2"], p["d2b"], name="d2")
+    h = jax.nn.relu(ops.dense(h, p["d1"], p["d1b"], name="d1", n_in=3, chained=True))
+    return ops.dense(h, p["d2"], p["d2b"], name="d2")
 
 
 PARAMS = {"c1": (3, 3, 2, 8), "c1b": (8,), "c2": (3, 3, 8, 16), "c2b": (16,), "d1": (4, 4, 16, 32), "d1b": (32,),
@@ -126,7 +127,7 @@ def test_int8_forward_close_to_float():
 
 
 def single_dense(p, x):
-    return jnp.mean(broadcast.dense(x, p["w"], p["wb"], name="w") ** 2)
+    return jnp.mean(ops.dense(x, p["w"], p["wb"], name="w") ** 2)
 
 
 @pytest.mark.parametrize("batch,expected", [(48, "map"), (64, "kernel")])
