@@ -31,6 +31,13 @@ class Pipeline:
     stages: int
     microbatches: int
 
+    def run(self, stage_fn: Callable, stacked, x: jax.Array, logical_axes, unroll_ticks: bool = False) -> jax.Array:
+        """``stage_fn(stage's layers, h) -> h`` over the stacked layer leaves (layers, ...) as stages (``gpipe``).
+
+        The model calls this on the pipeline it was built with, so it needs no import of this module.
+        """
+        return gpipe(stage_fn, to_stages(stacked, self.stages), x, self, logical_axes, unroll_ticks)
+
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
     """Share of the ticks a stage idles in a GPipe schedule: (S - 1) / (M + S - 1)."""

@@ -8,14 +8,13 @@ rematerialised) block, so remat/offload policies can name them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from framework import pipeline
 from framework.config import ModelConfig
 from framework.sharding import constrain
 from models import ops
@@ -188,6 +187,12 @@ class KVCache:
     v: jax.Array
 
 
+class Stages(Protocol):
+    """What the model needs of a pipeline: run the stacked layers as stages (framework.pipeline.Pipeline)."""
+
+    def run(self, stage_fn: Callable, stacked, x: jax.Array, logical_axes, unroll_ticks: bool = False) -> jax.Array: ...
+
+
 def _to_device(module: nnx.Module) -> nnx.Module:
     """The module with its parameters brought to device memory (they live in pinned_host)."""
     graphdef, state = nnx.split(module)
@@ -200,13 +205,13 @@ class Transformer(nnx.Module):
     ``stream_params``: parameters live in pinned_host and each layer's weights are brought to
     the device where the layer runs. The fetch sits inside the remat boundary: with checkpointed
     layers the backward pass fetches them again; without, the device copies are kept for backward.
-    ``pipeline``: the scanned layer stack runs as pipeline stages (framework/pipeline.py); the
-    parameters are the same either way, only their sharding differs.
+    ``pipeline``: the scanned layer stack runs as pipeline stages (``Stages``: framework/pipeline.py's
+    ``Pipeline``); the parameters are the same either way, only their sharding differs.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat_policy: Callable | None = None, stream_params: bool = False,
-                 pipeline: pipeline.Pipeline | None = None):
+                 pipeline: Stages | None = None):
         self.cfg, self.dtype = cfg, dtype
         self.remat_policy = remat_policy
         self.stream_params = stream_params
@@ -274,8 +279,7 @@ class Transformer(nnx.Module):
         """The stacked layers as pipeline stages: each stage scans its own contiguous layers."""
         graphdef, stacked = nnx.split(self.blocks)
         stage_fn = lambda stage_blocks, h: run(nnx.merge(graphdef, stage_blocks), h)
-        x = pipeline.gpipe(stage_fn, pipeline.to_stages(stacked, self.pipeline.stages), x, self.pipeline, BLC,
-                           unroll_ticks=self.stream_params)
+        x = self.pipeline.run(stage_fn, stacked, x, BLC, unroll_ticks=self.stream_params)
         return constrain(x, BLC)
 
     def _logits(self, x):
