@@ -133,22 +133,19 @@ def check_overrides(cfg: BroadcastConfig) -> None:
                 raise ConfigError(f"broadcast.overrides: pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
-def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
-              other_param_bytes: int = 0, budget_bytes: int | None = None, xla_table_bytes: int = 0) -> BroadcastPlan:
-    """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    """The modes a layer may take, where that came from (``auto`` or the pinning key) and notes on why."""
 
-    A pinned layer keeps its mode; a layer whose output channels do not divide over P can
-    only run in ``kernel`` mode (a pin to ``map`` falls back and says so in ``pinned``). A mode
-    whose buffers (``held_bytes``) exceed ``budget_bytes`` is excluded, pinned or not; if no
-    mode fits, the one holding least stays (and the reason says it does not fit).
-    The chain state is the previous layer's mode: a ``map`` layer pays the all-to-all back
-    to the batch layout unless the next layer of its chain is ``map`` too.
-    """
-    check_overrides(cfg)
-    costs = [mode_costs(layer, devices, cfg.compress) for layer in layers]
-    trans = [transition_bytes(layer, devices) for layer in layers]
-    held = [held_bytes(layer, devices, cfg.compress) for layer in layers]
-    allowed, pins, notes = [], [], []
+    allowed: list[str]
+    pinned: str
+    notes: list[str]
+
+
+def _choices(layers: Sequence[LayerShape], costs, held, devices: int, cfg: BroadcastConfig,
+             budget_bytes: int | None) -> list[_Choice]:
+    """Per layer: its pin, less the modes that are impossible or whose buffers exceed the budget."""
+    out = []
     for layer, cost, hold in zip(layers, costs, held):
         want, source = _pin(layer.name, cfg)
         possible = [m for m in MODES if cost[m] is not None]
@@ -159,16 +156,19 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
             fits = [min(possible, key=lambda m: hold[m])]
             note.append(f"nothing fits; {fits[0]} holds least")
         if want in MODES and want not in fits:
-            allowed.append(fits)
-            pins.append(f"{source} (fell back: {'; '.join(note)})")
+            out.append(_Choice(fits, f"{source} (fell back: {'; '.join(note)})", note))
         else:
-            allowed.append([want] if want in MODES else fits)
-            pins.append(source)
-        notes.append(note)
+            out.append(_Choice([want] if want in MODES else fits, source, note))
+    return out
 
-    # Dynamic programming over the call order. State (mode, gathered): this layer's mode, and
-    # whether its input group's feature map is already gathered by a map-mode member. A map
-    # layer's hand-off (all-to-all back to the batch layout) is paid once the next mode is known.
+
+def _cheapest_modes(layers: Sequence[LayerShape], allowed: list[list[str]], costs, trans: list[int]) -> list[str]:
+    """The allowed mode per layer with the fewest bytes over the whole call order (dynamic programming).
+
+    State (mode, gathered): this layer's mode, and whether its input group's feature map is
+    already gathered by a map-mode member. A map layer's hand-off (all-to-all back to the batch
+    layout) is paid once the next mode is known; ties go to ``kernel``.
+    """
     n = len(layers)
     best: list[dict[tuple[str, bool], float]] = []
     back: list[dict[tuple[str, bool], tuple[str, bool] | None]] = []
@@ -193,21 +193,41 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
         states = [min(final, key=lambda s: (final[s], s[0] != "kernel"))]
         for i in range(n - 1, 0, -1):
             states.insert(0, back[i][states[0]])
-    modes = [s[0] for s in states]
+    return [s[0] for s in states]
 
+
+def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], cfg: BroadcastConfig,
+              other_param_bytes: int = 0, budget_bytes: int | None = None, xla_table_bytes: int = 0) -> BroadcastPlan:
+    """Choose a mode per layer minimising total bytes, transitions included (dynamic programming).
+
+    A pinned layer keeps its mode; a layer whose output channels do not divide over P can
+    only run in ``kernel`` mode (a pin to ``map`` falls back and says so in ``pinned``). A mode
+    whose buffers (``held_bytes``) exceed ``budget_bytes`` is excluded, pinned or not; if no
+    mode fits, the one holding least stays (and the reason says it does not fit).
+    The chain state is the previous layer's mode: a ``map`` layer pays the all-to-all back
+    to the batch layout unless the next layer of its chain is ``map`` too.
+    """
+    check_overrides(cfg)
+    costs = [mode_costs(layer, devices, cfg.compress) for layer in layers]
+    trans = [transition_bytes(layer, devices) for layer in layers]
+    held = [held_bytes(layer, devices, cfg.compress) for layer in layers]
+    choices = _choices(layers, costs, held, devices, cfg, budget_bytes)
+    modes = _cheapest_modes(layers, [c.allowed for c in choices], costs, trans)
+
+    n = len(layers)
     plans = []
-    for i, (layer, cost) in enumerate(zip(layers, costs)):
+    for i, (layer, cost, choice) in enumerate(zip(layers, costs, choices)):
         channel_in = i > 0 and modes[i] == "map" and modes[i - 1] == "map" and layers[i - 1].chained
         channel_out = i + 1 < n and modes[i] == "map" and modes[i + 1] == "map" and layer.chained
         # XLA merges the group's identical gathers into one; charge it to the group's last map layer
         later_map_in_group = any(modes[j] == "map" and layers[j].input_group == layer.input_group for j in range(i + 1, n))
-        if pins[i] == "auto" and len(allowed[i]) > 1:
+        if choice.pinned == "auto" and len(choice.allowed) > 1:
             why = f"fewest bytes on the chain (kernel {cost['kernel'].total:,} / map {cost['map'].total:,} + hand-offs)"
-        elif len(allowed[i]) == 1 and pins[i] == "auto":
+        elif len(choice.allowed) == 1 and choice.pinned == "auto":
             why = "only mode left"
         else:
-            why = f"pinned by {pins[i]}"
-        why = "; ".join(notes[i] + [why])
+            why = f"pinned by {choice.pinned}"
+        why = "; ".join(choice.notes + [why])
         plans.append(LayerPlan(
             name=layer.name, kind=layer.kind, kernel_shape=tuple(layer.kernel_shape),
             kernel_bytes=(math.prod(layer.kernel_shape) + layer.bias_elements) * layer.param_bytes,
@@ -219,7 +239,7 @@ def make_plan(layers: Sequence[LayerShape], devices: int, axes: Sequence[str], c
             mode=modes[i],
             in_layout="channel" if channel_in else "batch", out_layout="channel" if channel_out else "batch",
             compress=cfg.compress if modes[i] == "kernel" and splittable(layer, devices) and layer.kind != "lookup" else "none",
-            pinned=pins[i], split_kernel=splittable(layer, devices), out_axis=layer.out_axis,
+            pinned=choice.pinned, split_kernel=splittable(layer, devices), out_axis=layer.out_axis,
             kernel_held_bytes=held[i]["kernel"], map_held_bytes=held[i]["map"], reason=why,
             param=layer.param, transposed=layer.transposed,
         ))
