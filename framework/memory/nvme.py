@@ -112,7 +112,7 @@ def disk_bytes(cfg: Config, param_shapes, param_shardings) -> int:
 
 
 def check_config(cfg: Config) -> None:
-    """One-line errors for what the NVMe tier cannot do (called by ``config.validate``)."""
+    """One-line errors for what the NVMe tier cannot do (called by ``framework.state.check_run``)."""
     m, t = cfg.memory, cfg.train
     if m.params == NVME and m.opt_state != NVME:
         raise ConfigError(f"memory.params=nvme keeps the float32 master parameters beside the optimizer state: "
