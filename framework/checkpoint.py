@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 import threading
@@ -35,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from framework.config import CheckpointConfig, ConfigError
 from framework.distributed import from_primary
+from framework.fileio import atomic_write
 
 MANIFEST = "meshpilot_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's AtomicRenameTemporaryPath suffix
@@ -83,12 +83,7 @@ def naming(step_dir: Path):
 def write_manifest(step_dir: Path) -> None:
     """Seal a finalized step: size and CRC32 of every file, written atomically."""
     files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"files": files}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
+    atomic_write(step_dir / MANIFEST, json.dumps({"files": files}))
 
 
 def check_step_dir(step_dir: Path) -> str | None:

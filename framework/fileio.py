@@ -1,13 +1,17 @@
-"""Positional file I/O into and out of numpy buffers: read exactly a buffer's bytes at an offset, write all of one.
+"""File I/O: positional reads and writes of numpy buffers, and the one atomic write of a small file.
 
 The token store (framework/data/store.py) and the NVMe tier (framework/memory/nvme.py) both read with
 ``os.preadv`` straight into the caller's array, so no page of a file becomes this process's memory as a
 mapping's touched pages would. Either call may move fewer bytes than asked (a signal, a pipe, a large
 request): both loop until the buffer is done; a read that reaches the end of the file first is an error.
+Small files that say what the others hold (a checkpoint's manifest, the token store's metadata, the NVMe
+tier's marker, goodput.json) are replaced whole with ``atomic_write``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -32,3 +36,27 @@ def write_all(fd: int, buf: np.ndarray, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader, a killed process or a power cut finds the old file or
+    the new one, never a part: a temp file beside it (same filesystem, so the rename is atomic) is written,
+    flushed and fsynced, ``os.replace``d over ``path``, and the directory fsynced so the rename is durable too.
+    A failed write removes the temp file and raises the OS's error unchanged."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

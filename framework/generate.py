@@ -35,10 +35,11 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k: int) -> jax.Ar
 def unstacked(cfg: Config, params: dict, mesh) -> tuple[Config, dict, object]:
     """Decoding runs layer by layer: a scan_layers model's stacked params become one entry per layer.
 
-    Returns the decode config (no scan, no remat), its params in its shardings, and its graphdef.
+    Returns the decode config (no scan, no remat, no stages), its params in its shardings, and its graphdef.
     """
-    dcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, remat=False))
     # decoding is not pipelined: a run's stage axis, if any, only replicates the unstacked layers
+    dcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, remat=False),
+                               mesh=dataclasses.replace(cfg.mesh, stage=1))
     abstract = abstract_state(dcfg, {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a != STAGE})
     if cfg.model.scan_layers:
         blocks = params["blocks"]

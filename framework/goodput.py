@@ -19,6 +19,8 @@ from typing import Iterator
 
 import jax
 
+from framework.fileio import atomic_write
+
 PARTS = ("startup", "productive_steps", "compile", "checkpoint_save", "checkpoint_restore", "evaluation",
          "tryruns", "replayed_steps", "waiting_for_devices")
 
@@ -97,9 +99,7 @@ def write(run_dir: str | Path | None, report: dict) -> dict:
     total["goodput"] = total["productive_steps_s"] / total["wall_s"] if total["wall_s"] > 0 else 0.0
     if path is not None and jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"runs": runs, "total": total}, indent=1))
-        tmp.replace(path)
+        atomic_write(path, json.dumps({"runs": runs, "total": total}, indent=1))
     return {"runs": runs, "total": total}
 
 

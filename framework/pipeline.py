@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from framework.config import Config, ConfigError
 from framework.mesh import STAGE
 from framework.sharding import constrain
 
@@ -37,6 +38,35 @@ class Pipeline:
         The model calls this on the pipeline it was built with, so it needs no import of this module.
         """
         return gpipe(stage_fn, to_stages(stacked, self.stages), x, self, logical_axes, unroll_ticks)
+
+
+def check_config(cfg: Config) -> None:
+    """What ``mesh.stage`` needs of the model, the slices and the broadcast modes (``framework.state.check_run``).
+
+    A stage count of -1 is checked once the mesh fills it (``framework.state.pipeline_of``).
+    """
+    stage = cfg.mesh.stage
+    if stage == 1:
+        return
+    check_stages(cfg, stage)
+    if cfg.mesh.dcn_data != 1:
+        raise ConfigError(f"mesh.stage={stage} with mesh.dcn_data={cfg.mesh.dcn_data}: pipeline stages are not supported "
+                          "across slices; use mesh.dcn_data=1")
+    if cfg.broadcast.mode in ("kernel", "map"):  # auto falls back to XLA's propagation (framework.broadcast.unplannable)
+        raise ConfigError(f"mesh.stage={stage} with broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not "
+                          "run inside pipeline stages; use broadcast.mode=none or auto")
+
+
+def check_stages(cfg: Config, stages: int) -> None:
+    """The model can be cut into ``stages`` contiguous pieces of stacked layers."""
+    m = cfg.model
+    if stages == -1 or stages == 1:
+        return
+    if m.name != "transformer" or not m.scan_layers:
+        raise ConfigError(f"mesh.stage={stages} needs model.name=transformer with model.scan_layers=true "
+                          f"(the stages cut the stacked layers), got model.name={m.name} model.scan_layers={m.scan_layers}")
+    if m.n_layers % stages:
+        raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by mesh.stage={stages}")
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:

@@ -8,7 +8,7 @@ Parts, in order, each run as its own process tree with its own time slice:
              without a CUDA jax it prints the install line and exits 2
   2. tests   pytest -m gpu (memory tiers, streamed parameters, host-side update, activation
              offload, broadcast layers), JUnit XML under --out
-  3. bench   scripts/bench.py on gpt2_124m and llama_1b_gpu in bf16 under scripts/gpu_env.sh:
+  3. bench   scripts/bench/bench.py on gpt2_124m and llama_1b_gpu in bf16 under scripts/gpu_env.sh:
              tokens/s, step time, MFU with its FLOP formula, device bytes
   4. memory  gpt2_124m with everything on device / optimizer state in pinned_host / optimizer
              state and activations offloaded, one process each (memory_stats peaks are per
@@ -414,7 +414,7 @@ def check(args) -> tuple[dict, int]:
                     config, extra, n = name, [], steps
                 else:
                     config, extra, n = MEMORY_CONFIG, MEMORY_VARIANTS[name], mem_steps
-                cmd = python_cmd("bench.py", "--config", f"configs/{config}.yaml", "--json", *n,
+                cmd = python_cmd("bench/bench.py", "--config", f"configs/{config}.yaml", "--json", *n,
                                  "train.dtype=bfloat16", *bench_common, *extra, gpu_flags=True)
                 run = Run(name, cmd)
                 parts[part].append(run)

@@ -1,4 +1,4 @@
-# Source before a GPU run:  source scripts/gpu_env.sh && python scripts/bench.py --config configs/llama_1b_gpu.yaml
+# Source before a GPU run:  source scripts/gpu_env.sh && python scripts/bench/bench.py --config configs/llama_1b_gpu.yaml
 #
 # XLA GPU flags for overlapping communication with compute (from JAX's "GPU performance tips";
 # each flag was checked to be known to this jaxlib's XLA, which rejects unknown ones at start-up):

@@ -32,10 +32,12 @@ def main(argv=None) -> None:
         from framework.config import load_config, warnings
         from framework.goodput import GoodputClock, process_start_time
         from framework.preemption import Preempted
+        from framework.state import check_run
         from framework.trainer import Trainer
 
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
         cfg = load_config(args.config, args.overrides)
+        check_run(cfg)  # before the run dir is touched, and before an elastic start could try other layouts instead
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
         primary = jax.process_index() == 0
         for line in warnings(cfg) if primary else ():

@@ -16,7 +16,7 @@ from tests.helpers import SMALLER, TINY, run_script
 @pytest.mark.slow
 def test_bf16_plans_compile_and_train_like_none():
     """A small GPT in bf16: kernel and map plans (gathers, reduce-scatters, all-to-alls) compile and match none."""
-    r = run_script("bench_broadcast.py", "--config", TINY, *SMALLER, "model.n_layers=1", "train.dtype=bfloat16",
+    r = run_script("bench/bench_broadcast.py", "--config", TINY, *SMALLER, "model.n_layers=1", "train.dtype=bfloat16",
                    "--steps", "2", "--modes", "none", "kernel", "map", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     runs = {row["mode"]: row for row in map(json.loads, r.stdout.splitlines())}

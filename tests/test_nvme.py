@@ -21,7 +21,7 @@ from framework import fileio, memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import ConfigError
 from framework.optimizer import build_optimizer
-from framework.state import TrainState
+from framework.state import TrainState, check_run
 from framework.trainer import Trainer
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 
@@ -70,7 +70,7 @@ def test_nvme_config_errors_are_one_line(tmp_path):
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
-            tiny_config("memory.opt_state=nvme", *overrides)
+            check_run(tiny_config("memory.opt_state=nvme", *overrides))
         assert "\n" not in str(e.value)
     r = run_script("plan.py", "--config", TINY, "memory.params=nvme", "train.dtype=bfloat16")
     assert r.returncode == 2 and r.stderr == ("error: memory.params=nvme keeps the float32 master parameters beside the "

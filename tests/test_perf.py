@@ -63,7 +63,7 @@ def test_peaks_and_mfu():
 
 @pytest.mark.slow
 def test_bench_json_reports_sane_fields_and_matches_reference():
-    r = run_script("bench.py", "--config", TINY, "--json", "--reference", "--steps", "3", "--rounds", "1",
+    r = run_script("bench/bench.py", "--config", TINY, "--json", "--reference", "--steps", "3", "--rounds", "1",
                    "--warmup", "2", "--fit-steps", "4", "mesh.data=8", "mesh.fsdp=1",
                    "broadcast.mode=none")  # the reference is XLA's own propagation
     assert r.returncode == 0, r.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_bench_json_reports_sane_fields_and_matches_reference():
 
 
 def test_bench_bad_steps_exit_2():
-    r = run_script("bench.py", "--config", TINY, "--steps", "1")
+    r = run_script("bench/bench.py", "--config", TINY, "--steps", "1")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --steps=1: expected at least 2"
 
@@ -169,7 +169,7 @@ def test_plot_without_tryrun_and_missing_dir(short_run, tmp_path):
 def test_scale_plot_llama2_7b(tmp_path):
     from tests.helpers import ROOT
 
-    r = run_script("scale_plot.py", "--config", str(ROOT / "configs/llama2_7b.yaml"), "--out", str(tmp_path),
+    r = run_script("bench/scale_plot.py", "--config", str(ROOT / "configs/llama2_7b.yaml"), "--out", str(tmp_path),
                    "--min", "8", "--max", "16")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in r.stdout.splitlines() if line.startswith("| 16 |")}
@@ -188,7 +188,7 @@ def test_scale_plot_llama2_7b(tmp_path):
 @pytest.mark.slow
 def test_reference_mirrors_llama_scan_remat_bf16():
     """The GPU path (Llama style, scanned and rematerialised layers, bf16 compute) compiles like the reference."""
-    r = run_script("bench.py", "--config", TINY, "--json", "--reference", "--steps", "2", "--rounds", "1",
+    r = run_script("bench/bench.py", "--config", TINY, "--json", "--reference", "--steps", "2", "--rounds", "1",
                    "--warmup", "2", "--fit-steps", "2", "model.style=llama", "model.scan_layers=true",
                    "model.remat=true", "train.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                    "broadcast.mode=none")

@@ -14,7 +14,7 @@ from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import ConfigError, load_config
 from framework.mesh import MeshManager
 from framework.pipeline import bubble_fraction
-from framework.state import abstract_state
+from framework.state import abstract_state, check_run
 from framework.trainer import Trainer
 from tests.helpers import ROOT, TINY, tiny_config
 
@@ -156,7 +156,7 @@ def test_fit_with_grad_accum_equals_unpipelined():
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, ["model.scan_layers=true", *overrides])
+        check_run(load_config(TINY, ["model.scan_layers=true", *overrides]))
     assert str(e.value) == message
 
 

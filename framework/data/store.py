@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from framework.config import TOKEN_METADATA, ConfigError
-from framework.fileio import read_into
+from framework.fileio import atomic_write, read_into
 
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("uint16", "uint32")
@@ -86,9 +86,7 @@ class StoreWriter:
             "tokens": {split: sum(s["tokens"] for s in shards) for split, shards in self.shards.items()},
             "documents": self.documents, "shards": self.shards, **extra,
         }
-        tmp = self.out / (TOKEN_METADATA + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.out / TOKEN_METADATA)
+        atomic_write(self.out / TOKEN_METADATA, json.dumps(meta, indent=1))
         return meta
 
 

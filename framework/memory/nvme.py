@@ -45,7 +45,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from framework.config import Config, ConfigError, OptimizerConfig
-from framework.fileio import read_into, write_all
+from framework.fileio import atomic_write, read_into, write_all
 from framework.memory.policy import HOST, NVME
 from framework.optimizer import clip_by_global_norm, decay_mask, learning_rate_schedule
 
@@ -112,7 +112,7 @@ def disk_bytes(cfg: Config, param_shapes, param_shardings) -> int:
 
 
 def check_config(cfg: Config) -> None:
-    """One-line errors for what the NVMe tier cannot do (called by ``config.validate``)."""
+    """One-line errors for what the NVMe tier cannot do (called by ``framework.state.check_run``)."""
     m, t = cfg.memory, cfg.train
     if m.params == NVME and m.opt_state != NVME:
         raise ConfigError(f"memory.params=nvme keeps the float32 master parameters beside the optimizer state: "
@@ -237,10 +237,8 @@ class NvmeOptimizer:
     # ------------------------------------------------------------------ the step the files hold
 
     def _mark(self, step: int, complete: bool) -> None:
-        tmp = self.directory / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "complete": complete, "elements": self.elements,
-                                   "files": list(self.names)}))
-        os.replace(tmp, self.directory / MARKER)
+        atomic_write(self.directory / MARKER, json.dumps({"step": step, "complete": complete, "elements": self.elements,
+                                                          "files": list(self.names)}))
 
     def held_step(self) -> int | None:
         """The step whose state the files hold; None when an update was interrupted or they hold another layout."""

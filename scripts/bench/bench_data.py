@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Token store at scale: write a >= 2 GB store, open it, read training windows; prints one JSON object.
 
-python scripts/bench_data.py [--gb 2.2] [--dir /tmp] [--batches 300] [--keep] [key=value ...]
+python scripts/bench/bench_data.py [--gb 2.2] [--dir /tmp] [--batches 300] [--keep] [key=value ...]
 
 The store (random ids below GPT-2's vocab 50257, uint16, an EOS every ~1000 tokens, 512 MiB
 shards) goes to a fresh directory under --dir and is deleted afterwards unless --keep. The
@@ -34,9 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_124m.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "gpt2_124m.yaml")
 VOCAB, DOC_TOKENS = 50257, 1000
 CHUNK = 1 << 26  # tokens generated and written per piece
 
@@ -69,14 +70,14 @@ def write_store(out: Path, gb: float) -> dict:
     writer = StoreWriter(out, tokenizer.to_str(), VOCAB, VOCAB - 1)
     total = int(gb * 1e9) // 2
     rng = np.random.default_rng(0)
-    t = time.perf_counter()
-    for start in range(0, total, CHUNK):
-        tokens = rng.integers(0, VOCAB - 1, size=min(CHUNK, total - start), dtype=np.uint16)
-        tokens[DOC_TOKENS - 1::DOC_TOKENS] = VOCAB - 1
-        writer.write("train", tokens, documents=len(tokens) // DOC_TOKENS)
-    writer.write("eval", rng.integers(0, VOCAB - 1, size=1 << 20, dtype=np.uint16))
-    meta = writer.finish()
-    seconds = time.perf_counter() - t
+    with timing.timed() as written:
+        for start in range(0, total, CHUNK):
+            tokens = rng.integers(0, VOCAB - 1, size=min(CHUNK, total - start), dtype=np.uint16)
+            tokens[DOC_TOKENS - 1::DOC_TOKENS] = VOCAB - 1
+            writer.write("train", tokens, documents=len(tokens) // DOC_TOKENS)
+        writer.write("eval", rng.integers(0, VOCAB - 1, size=1 << 20, dtype=np.uint16))
+        meta = writer.finish()
+    seconds = written.seconds
     size = sum(f.stat().st_size for f in out.glob("*.bin"))
     return {"store_bytes": size, "train_tokens": meta["tokens"]["train"], "shards": len(meta["shards"]["train"]),
             "write_s": round(seconds, 2), "write_mb_per_s": round(size / seconds / 1e6, 1)}
@@ -96,9 +97,8 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
 
     cfg = load_config(CONFIG, ["data.source=tokens", f"data.path={store}", *overrides])
     t, before = cfg.train, proc_status()
-    start = time.perf_counter()
-    source = make_source(cfg.data, t, cfg.model.vocab_size)
-    open_s = time.perf_counter() - start
+    with timing.timed() as opened:
+        source = make_source(cfg.data, t, cfg.model.vocab_size)
     after_open = proc_status()
     rows = np.arange(t.global_batch)
     windows = len(source.windows)
@@ -111,9 +111,10 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
 
     def rates(run) -> dict:
         """Tokens per wall second, and per CPU second of this process (all threads): the machine is shared."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        run()
-        return {"wall": round(tokens / (time.perf_counter() - wall)), "cpu": round(tokens / (time.process_time() - cpu))}
+        cpu = time.process_time()
+        with timing.timed() as wall:
+            run()
+        return {"wall": round(tokens / wall.seconds), "cpu": round(tokens / (time.process_time() - cpu))}
 
     def read_rows(first: int) -> None:
         for p in range(first, first + batches):
@@ -136,7 +137,7 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
     bound = metrics.peak_flops("H100") / (flops.total / flops.tokens)
     return {
         "config": "configs/gpt2_124m.yaml", "global_batch": t.global_batch, "seq_len": t.seq_len,
-        "prefetch": cfg.data.prefetch, "windows": windows, "open_s": round(open_s, 4),
+        "prefetch": cfg.data.prefetch, "windows": windows, "open_s": round(opened.seconds, 4),
         "rss_kb": {"before_open": before, "after_open": after_open, "after_rows": after_rows, "after_loader": after_read},
         "windows_read": 3 * batches * t.global_batch,
         "rows_tokens_per_s": {"cold": cold, "warm": warm}, "loader_tokens_per_s": loader_rate,
@@ -153,7 +154,7 @@ def main(argv=None) -> None:
         from framework.config import ConfigError
 
         if args.read:
-            print(json.dumps(read_side(args.read, args.overrides, args.batches)))
+            timing.print_json(read_side(args.read, args.overrides, args.batches))
             return
         free = shutil.disk_usage(args.dir).free
         if free < args.gb * 1e9 * 1.5:
@@ -169,7 +170,7 @@ def main(argv=None) -> None:
         finally:
             if not args.keep:
                 shutil.rmtree(out.parent)
-    print(json.dumps(report, indent=1))
+    timing.print_json(report, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,14 @@
    candidates) is run separately for ``--long-steps`` steps; the pick of those longer
    measurements (with the same threshold rule) is compared with what the controller adopted.
 
-python scripts/bench_tryrun.py --config configs/tiny_lm.yaml --run-dir runs/bench_tryrun [key=value ...]
+python scripts/bench/bench_tryrun.py --config configs/tiny_lm.yaml --run-dir runs/bench_tryrun [key=value ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 
@@ -63,10 +62,10 @@ def main(argv=None) -> None:
         run_dir = Path(args.run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
 
-        t0 = time.perf_counter()
-        trainer = Trainer(cfg, run_dir=run_dir)
-        trainer.fit()
-        whole = time.perf_counter() - t0
+        with timing.timed() as run:
+            trainer = Trainer(cfg, run_dir=run_dir)
+            trainer.fit()
+        whole = run.seconds
         decisions = [json.loads(line) for line in (run_dir / "tryrun.jsonl").read_text().splitlines()]
 
         report = {"whole_run_s": whole, "steps": args.steps, "triggers": []}
@@ -93,11 +92,11 @@ def main(argv=None) -> None:
                 for b in batches[:2]:
                     long.state, _ = long.step(long.state, b)
                 jax.block_until_ready(long.state)
-                t = time.perf_counter()
-                for b in batches[2:]:
-                    long.state, m = long.step(long.state, b)
-                jax.block_until_ready((long.state, m))
-                rows.append({**row, "long_samples_per_s": cfg.train.global_batch * args.long_steps / (time.perf_counter() - t)})
+                with timing.timed() as measured:  # dispatched back to back, awaited once at the end
+                    for b in batches[2:]:
+                        long.state, m = long.step(long.state, b)
+                    jax.block_until_ready((long.state, m))
+                rows.append({**row, "long_samples_per_s": cfg.train.global_batch * args.long_steps / measured.seconds})
             pick = exhaustive_pick(rows, d["threshold"]) if args.long_steps else d["chosen"]
             same = pick["mesh"] == d["chosen"]["mesh"] and pick["n_devices"] == d["chosen"]["n_devices"]
             report["triggers"].append({
@@ -128,9 +127,10 @@ def main(argv=None) -> None:
                   f"per candidate) {tr['bound_s']:.2f} s: {'met' if tr['within_bound'] else 'not met'}")
         seen = [tr for tr in report["triggers"] if tr["all_seen_before"] and tr["layouts_tried"]]
         if seen:
-            median = statistics.median
-            print(f"decisions among layouts seen before: {len(seen)}, median {median([tr['seconds']['total'] for tr in seen]):.2f} s "
-                  f"vs median bound {median([tr['bound_s'] for tr in seen]):.2f} s; bound met at {sum(tr['within_bound'] for tr in seen)}")
+            decision = timing.spread([tr["seconds"]["total"] for tr in seen])["median"]
+            bound = timing.spread([tr["bound_s"] for tr in seen])["median"]
+            print(f"decisions among layouts seen before: {len(seen)}, median {decision:.2f} s "
+                  f"vs median bound {bound:.2f} s; bound met at {sum(tr['within_bound'] for tr in seen)}")
         if not args.long_steps:
             return
         for tr in report["triggers"]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time checkpoint save and restore of a ~100 MB sharded train state; prints one JSON object.
 
-python scripts/bench_checkpoint.py [--mb 100] [--repeats 5] [--cpu-devices 8] [--dir DIR]
+python scripts/bench/bench_checkpoint.py [--mb 100] [--repeats 5] [--cpu-devices 8] [--dir DIR]
 
 The state is AdamW over float32 matrices (params + two moments, random values so that
 compression cannot flatter the numbers), sharded over all devices on an fsdp axis.
@@ -16,13 +16,11 @@ Reported times are medians over the repeats:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 
@@ -82,25 +80,27 @@ def main(argv=None) -> None:
         for i in range(args.repeats):
             directory = root / f"run{i}"
             ck = Checkpointer(directory, keep=2, async_save=True)
-            t0 = time.perf_counter()
-            ck.save(1, state)
-            times["save_return_s"].append(time.perf_counter() - t0)
-            ck.wait()
-            times["save_total_s"].append(time.perf_counter() - t0)
+            with timing.timed() as total:
+                with timing.timed() as returned:
+                    ck.save(1, state)
+                ck.wait()
+            times["save_return_s"].append(returned.seconds)
+            times["save_total_s"].append(total.seconds)
             ck.close()
 
-            t0 = time.perf_counter()
-            write_manifest(directory / "1")
-            times["seal_s"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            assert check_step_dir(directory / "1") is None
-            times["verify_s"].append(time.perf_counter() - t0)
+            with timing.timed() as seal:
+                write_manifest(directory / "1")
+            with timing.timed() as verify:
+                problem = check_step_dir(directory / "1")
+            assert problem is None, problem
+            times["seal_s"].append(seal.seconds)
+            times["verify_s"].append(verify.seconds)
 
             for key, target in (("restore_s", same_target), ("restore_other_mesh_s", other_target)):
-                t0 = time.perf_counter()
-                reader = Checkpointer(directory)
-                restored = jax.block_until_ready(reader.restore("latest", target))
-                times[key].append(time.perf_counter() - t0)
+                with timing.timed() as restore:
+                    reader = Checkpointer(directory)
+                    restored = jax.block_until_ready(reader.restore("latest", target))
+                times[key].append(restore.seconds)
                 reader.close()
                 np.testing.assert_array_equal(np.asarray(restored["params"]["w0"]), np.asarray(state["params"]["w0"]))
             shutil.rmtree(directory)
@@ -113,10 +113,10 @@ def main(argv=None) -> None:
         "devices": len(devices),
         "platform": devices[0].platform,
         "repeats": args.repeats,
-        **{k: round(statistics.median(v), 3) for k, v in times.items()},
+        **{k: timing.spread(v, 3)["median"] for k, v in times.items()},
         "all_runs_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
     }
-    print(json.dumps(report))
+    timing.print_json(report)
 
 
 if __name__ == "__main__":

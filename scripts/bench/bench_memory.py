@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Device bytes per device and step time: no offload vs opt_state offload vs opt_state + activation offload.
 
-python scripts/bench_memory.py --config configs/gpt2_124m.yaml [--steps 3] [key=value ...]
+python scripts/bench/bench_memory.py --config configs/gpt2_124m.yaml [--steps 3] [key=value ...]
 Prints a markdown table: planner device/host bytes (estimate), memory_analysis() device bytes of
 the compiled step, and the median step time relative to no offload.
 With --categories: one table of bytes per device per category for the config as given, the
@@ -10,9 +10,8 @@ planner's estimate next to the compiled figure (and how each figure was obtained
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 VARIANTS = {
@@ -33,20 +32,21 @@ def measure(cfg, steps: int) -> dict:
     tr.compile()
     ma = tr._compiled.memory_analysis()
     host_state = memory.host_state_bytes(tr.abstract, tr.placement, tr.axis_sizes)
-    state = tr.init_state()
-    times = []
-    for pos in range(steps + 1):
-        batch = tr.loader.batch(pos)
-        t0 = time.perf_counter()
-        state, metrics = tr.step(state, batch)
+    batches = iter([tr.loader.batch(pos) for pos in range(steps + 1)])
+    state, metrics = tr.init_state(), None
+
+    def step() -> None:
+        nonlocal state, metrics
+        state, metrics = tr.step(state, next(batches))
         jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+
+    times = timing.repeat(step, steps, warmup=1)  # the first step is a warm-up
     return {
         "planner_device": planned.totals[memory.DEVICE],
         "planner_host": planned.totals[memory.HOST],
         "compiled_device": memory.compiled_device_bytes(ma, host_state),
         "compiled_host_temp": ma.host_temp_size_in_bytes,
-        "step_s": statistics.median(times[1:]),  # the first step is a warm-up
+        "step_s": timing.spread(times)["median"],
         "loss": float(metrics["loss"]),
     }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the NVMe tier's streamed optimizer update against the disk's own bandwidth; prints one JSON object.
 
-python scripts/bench_nvme.py [--mb 256] [--chunk-mb 4] [--repeats 3] [--cpu-devices 8] [--dir DIR] [--master]
+python scripts/bench/bench_nvme.py [--mb 256] [--chunk-mb 4] [--repeats 3] [--cpu-devices 8] [--dir DIR] [--master]
 
 An AdamW state of --mb MB (float32 matrices 1024x1024 sharded fsdp over the devices, mu and nu
 in files under --dir, default a fresh temporary dir) goes through ``NvmeOptimizer.update``. With
@@ -23,13 +23,11 @@ overwrites its files), dropped from the cache and read back.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 
@@ -63,21 +61,17 @@ def disk_bandwidth(directory: Path, nbytes: int, chunk: int) -> tuple[float, flo
     path = directory / "bandwidth.bin"
     block = np.random.default_rng(0).integers(0, 255, chunk, dtype=np.uint8).tobytes()
     for mode in ("wb", "r+b"):  # timed: the second pass, overwriting allocated blocks as the update does
-        t0 = time.perf_counter()
-        with open(path, mode, buffering=0) as f:
+        with timing.timed() as write, open(path, mode, buffering=0) as f:
             for _ in range(nbytes // chunk):
                 f.write(block)
             os.fsync(f.fileno())
-        write = time.perf_counter() - t0
     flush([path], drop=True)
     buf = bytearray(chunk)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
+    with timing.timed() as read, open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
-    read = time.perf_counter() - t0
     path.unlink()
-    return nbytes / read, nbytes / write
+    return nbytes / read.seconds, nbytes / write.seconds
 
 
 def main(argv=None) -> None:
@@ -121,26 +115,26 @@ def main(argv=None) -> None:
             grads = jax.block_until_ready(make(step + 1000))
             if cold:
                 flush(store.files.values(), drop=True)
-            t0 = time.perf_counter()
-            params = jax.block_until_ready(store.update(params, grads, step))
-            if cold:
-                flush(store.files.values(), drop=False)
+            with timing.timed() as t:
+                params = jax.block_until_ready(store.update(params, grads, step))
+                if cold:
+                    flush(store.files.values(), drop=False)
             step += 1
-            return time.perf_counter() - t0
+            return t.seconds
 
         update(cold=True)  # every chunk written once: the files are real blocks on disk, not sparse holes
-        cold = statistics.median(update(cold=True) for _ in range(args.repeats))
-        cached = statistics.median(update(cold=False) for _ in range(args.repeats))
+        cold = timing.spread([update(cold=True) for _ in range(args.repeats)])["median"]
+        cached = timing.spread([update(cold=False) for _ in range(args.repeats)])["median"]
         read_bw, write_bw = disk_bandwidth(directory, store.disk_bytes, chunk)
         store.close()
     state = store.disk_bytes
     bound = state / read_bw + state / write_bw
-    print(json.dumps({
+    timing.print_json({
         "state_bytes": state, "chunk_bytes": chunk, "devices": len(jax.devices()), "repeats": args.repeats,
         "update_s": round(cold, 3), "update_s_per_gb": round(cold / (state / 1e9), 3),
         "disk_read_gb_s": round(read_bw / 1e9, 3), "disk_write_gb_s": round(write_bw / 1e9, 3),
         "disk_bound_s": round(bound, 3), "ratio": round(cold / bound, 2), "cached_update_s": round(cached, 3),
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the training step: compile time, first-step latency, step time, throughput, FLOPs, MFU.
 
-python scripts/bench.py --config configs/tiny_lm.yaml [key=value ...] [--steps N] [--json] [--reference]
+python scripts/bench/bench.py --config configs/tiny_lm.yaml [key=value ...] [--steps N] [--json] [--reference]
 
 Model FLOPs per step = 6 * matmul_params * tokens + 12 * n_layers * d_model * seq_len * tokens
 (forward + backward; embedding lookups excluded, a tied embedding counted once as the output
@@ -16,14 +16,14 @@ Steps are dispatched asynchronously and each step's metrics are awaited one step
 between step completions. Rounds of ``Trainer.fit`` itself are interleaved to measure the real
 loop's host overhead against the timed loop. ``--reference`` alternates rounds of the framework's step with a
 hand-written plain-``jax.jit`` step of the same model, shardings and math
-(scripts/reference_lm.py) and reports framework/reference of the median step times.
+(scripts/bench/reference_lm.py) and reports framework/reference of the median step times.
 """
 from __future__ import annotations
 
 import argparse
 import re
-import time
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 
@@ -96,12 +96,10 @@ def hlo_instructions(text: str) -> list[str]:
 
 
 def merged(clocks) -> dict:
-    from framework.metrics import summarize
-
     reports = [c.report() for c in clocks]
     times = [t for c in clocks for t in c.step_times()]
     out = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0] if k != "step_s"}
-    out["step_s"] = summarize(times)
+    out["step_s"] = timing.spread(times)
     return out
 
 
@@ -109,7 +107,7 @@ def bench(cfg, args) -> dict:
     import jax
 
     from framework.config import ConfigError
-    from framework.metrics import model_flops, mfu, peak_flops, summarize
+    from framework.metrics import model_flops, mfu, peak_flops
     from framework.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -119,10 +117,9 @@ def bench(cfg, args) -> dict:
 
     state = trainer.init_state()
     jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    state, metrics = trainer.step(state, trainer.loader.batch(0))
-    jax.block_until_ready((state, metrics))
-    first_step_s = time.perf_counter() - t0
+    with timing.timed() as first_step:
+        state, metrics = trainer.step(state, trainer.loader.batch(0))
+        jax.block_until_ready((state, metrics))
     del state
 
     ref = None
@@ -133,12 +130,11 @@ def bench(cfg, args) -> dict:
             ref = ReferenceStep(cfg, trainer.mesh, trainer.state_shardings, trainer.batch_sharding)
         except ValueError as e:
             raise ConfigError(f"--reference: {e}") from None
-        t0 = time.perf_counter()
-        shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              trainer.abstract.shapes, trainer.state_shardings)
-        batch = jax.ShapeDtypeStruct(trainer.loader.global_shape, jax.numpy.int32, sharding=trainer.batch_sharding)
-        ref_step = ref.step.lower(shapes, batch).compile()
-        ref_compile_s = time.perf_counter() - t0
+        with timing.timed() as ref_compile:
+            shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  trainer.abstract.shapes, trainer.state_shardings)
+            batch = jax.ShapeDtypeStruct(trainer.loader.global_shape, jax.numpy.int32, sharding=trainer.batch_sharding)
+            ref_step = ref.step.lower(shapes, batch).compile()
         fw_hlo, ref_hlo = hlo_instructions(trainer.compiled_step.as_text()), hlo_instructions(ref_step.as_text())
 
     # Warm-up from a fresh state on batches 0..W-1; with --reference the same for the reference
@@ -173,7 +169,7 @@ def bench(cfg, args) -> dict:
     del fw_state
     if ref is not None:
         del ref_state
-    fit_step = summarize(fit_times)["median"]
+    fit_step = timing.spread(fit_times)["median"]
 
     t, host = cfg.train, merged(fw_clocks)
     step_s = host.pop("step_s")
@@ -193,7 +189,7 @@ def bench(cfg, args) -> dict:
         "seq_len": t.seq_len,
         "dtype": t.dtype,
         "compile_s": trainer.compile_seconds,
-        "first_step_s": first_step_s,
+        "first_step_s": first_step.seconds,
         "steps_timed": args.steps * args.rounds,
         "step_s": step_s,
         "tokens_per_s": t.global_batch * t.seq_len / step_s["median"],
@@ -216,14 +212,14 @@ def bench(cfg, args) -> dict:
         ref_host = merged(ref_clocks)
         ref_step_s = ref_host.pop("step_s")
         report["reference"] = {
-            "compile_s": ref_compile_s,
+            "compile_s": ref_compile.seconds,
             "step_s": ref_step_s,
             "host": ref_host,
             "ratio": step_s["median"] / ref_step_s["median"],
             "ratio_mean": step_s["mean"] / ref_step_s["mean"],
             "cpu_ratio": host["cpu_s_per_step"] / ref_host["cpu_s_per_step"],
             "round_ratios": [
-                summarize(f.step_times())["median"] / summarize(r.step_times())["median"]
+                timing.spread(f.step_times())["median"] / timing.spread(r.step_times())["median"]
                 for f, r in zip(fw_clocks, ref_clocks)
             ],
             "losses": {"framework": fw_losses, "reference": ref_losses},

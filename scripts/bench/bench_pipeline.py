@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pipeline step time against the GPipe bubble, for several stage and micro-batch counts; prints JSON.
 
-python scripts/bench_pipeline.py --config configs/tiny_lm.yaml [--stages 2 4] [--microbatches 1 2 4 8] [key=value ...]
+python scripts/bench/bench_pipeline.py --config configs/tiny_lm.yaml [--stages 2 4] [--microbatches 1 2 4 8] [key=value ...]
 
 Each layout runs the framework's compiled step on all devices (``mesh.stage=S``, the rest fsdp)
 with the same global batch; the unpipelined step (S=1) is the reference. The bubble fraction is
@@ -14,13 +14,11 @@ by the same (M+S-1)/M over the unpipelined step split S ways: ``work_ratio``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 
@@ -42,17 +40,16 @@ def step_time(cfg, steps: int) -> tuple[float, float, float]:
 
     tr = Trainer(cfg)
     state, batch = tr.init_state(), tr.loader.batch(0)
-    t0 = time.perf_counter()
-    tr.compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(2 + steps):
-        t0 = time.perf_counter()
+    with timing.timed() as compiled:
+        tr.compile()
+
+    def step() -> None:
+        nonlocal state
         state, metrics = tr.step(state, batch)
         jax.block_until_ready(metrics)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), compile_s
+
+    times = timing.spread(timing.repeat(step, steps, warmup=2))
+    return times["median"], times["min"], compiled.seconds
 
 
 def main(argv=None) -> None:
@@ -83,11 +80,11 @@ def main(argv=None) -> None:
                              "measured_min_ratio": fastest / ref_min})
         cfg = load_config(args.config, base)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                            cwd=Path(__file__).resolve().parents[2]).stdout.strip()
     report = {"config": args.config, "overrides": args.overrides, "devices": n, "platform": jax.devices()[0].platform,
               "host": platform.node(), "commit": commit, "model": {"n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model},
               "global_batch": cfg.train.global_batch, "seq_len": cfg.train.seq_len, "rows": rows}
-    print(json.dumps(report, indent=1))
+    timing.print_json(report, indent=1)
 
 
 if __name__ == "__main__":

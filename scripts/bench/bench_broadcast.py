@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Step time and measured collective bytes of broadcast plans: auto vs all-kernel vs all-map (vs none).
 
-python scripts/bench_broadcast.py --config configs/cnn_small.yaml [--steps 20] [--modes auto kernel map none]
+python scripts/bench/bench_broadcast.py --config configs/cnn_small.yaml [--steps 20] [--modes auto kernel map none]
     [--compress none int8] [--losses] [key=value ...]
 Prints one JSON line per (mode, compress): seconds to compile the step, median step time after the first step, the bytes per
 device per micro-batch that the compiled step's collectives move (measured) and the plan
@@ -10,10 +10,8 @@ predicts, and the final loss (``--losses``: every step's loss, for the int8 loss
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
+import timing  # first: puts scripts/ on sys.path for _cli
 import _cli
 
 
@@ -44,17 +42,16 @@ def main(argv=None) -> None:
                                                 f"train.steps={args.steps}", "logging.progress=false",
                                                 "logging.tensorboard=false"])
                 trainer = Trainer(cfg)
-                start = time.perf_counter()
-                trainer.compile()
-                compile_s = time.perf_counter() - start
+                with timing.timed() as compile_time:
+                    trainer.compile()
                 report = count_compiled(trainer.compiled_step, jax.device_count())
                 records = trainer.fit()
                 plan = trainer.abstract.broadcast_plan
                 out = {
                     "config": args.config, "overrides": args.overrides, "devices": jax.device_count(),
                     "platform": jax.devices()[0].platform, "mode": mode, "compress": compress, "steps": len(records),
-                    "compile_s": round(compile_s, 2),
-                    "step_time_s": statistics.median(r["step_time_s"] for r in records[1:]) if len(records) > 1 else None,
+                    "compile_s": round(compile_time.seconds, 2),
+                    "step_time_s": timing.spread([r["step_time_s"] for r in records[1:]])["median"] if len(records) > 1 else None,
                     "measured_bytes": report.total // cfg.train.grad_accum,
                     "predicted_bytes": None if plan is None else plan.total_bytes,
                     "modes": None if plan is None else plan.modes(),
@@ -62,7 +59,7 @@ def main(argv=None) -> None:
                 }
                 if args.losses:
                     out["losses"] = [r["loss"] for r in records]
-                print(json.dumps(out), flush=True)
+                timing.print_json(out)
 
 
 if __name__ == "__main__":
