@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from framework.config import check_stages
 from framework.mesh import STAGE
 from framework.sharding import constrain
 
@@ -30,6 +31,15 @@ class Pipeline:
 
     stages: int
     microbatches: int
+
+
+def for_mesh(cfg, axis_sizes: Mapping[str, int]) -> Pipeline | None:
+    """The model's pipeline on a mesh with a ``stage`` axis (None without one)."""
+    stages = axis_sizes.get(STAGE, 1)
+    if stages == 1:
+        return None
+    check_stages(cfg, stages)
+    return Pipeline(stages, cfg.train.pipeline_microbatches)
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:

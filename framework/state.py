@@ -15,8 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from framework import broadcast, pipeline, sharding
-from framework.config import Config, check_stages
-from framework.mesh import STAGE
+from framework.config import Config
 from framework.optimizer import build_optimizer
 from models import build_model
 
@@ -76,17 +75,8 @@ def _device_bytes(shapes, specs, axis_sizes: dict[str, int]) -> int:
     return sum(jax.tree.leaves(jax.tree.map(one, shapes, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))))
 
 
-def pipeline_of(cfg: Config, axis_sizes: dict[str, int]) -> pipeline.Pipeline | None:
-    """The model's pipeline on a mesh with a ``stage`` axis (None without one)."""
-    stages = axis_sizes.get(STAGE, 1)
-    if stages == 1:
-        return None
-    check_stages(cfg, stages)
-    return pipeline.Pipeline(stages, cfg.train.pipeline_microbatches)
-
-
 def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> AbstractState:
-    p = pipeline_of(cfg, axis_sizes)
+    p = pipeline.for_mesh(cfg, axis_sizes)
     if p is not None:
         model_kw = {"pipeline": p, **model_kw}
     with nnx.use_eager_sharding(False):

@@ -110,7 +110,7 @@ def bench(cfg, args) -> dict:
 
     from framework.config import ConfigError
     from framework.metrics import model_flops, mfu, peak_flops, summarize
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     trainer = Trainer(cfg)
     trainer.compile()
