@@ -43,7 +43,7 @@ class Pipeline:
 def check_config(cfg: Config) -> None:
     """What ``mesh.stage`` needs of the model, the slices and the broadcast modes (``framework.state.check_run``).
 
-    A stage count of -1 is checked once the mesh fills it (``framework.state.pipeline_of``).
+    A stage count of -1 is checked once the mesh fills it (``for_mesh``).
     """
     stage = cfg.mesh.stage
     if stage == 1:
@@ -67,6 +67,15 @@ def check_stages(cfg: Config, stages: int) -> None:
                           f"(the stages cut the stacked layers), got model.name={m.name} model.scan_layers={m.scan_layers}")
     if m.n_layers % stages:
         raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by mesh.stage={stages}")
+
+
+def for_mesh(cfg: Config, axis_sizes: Mapping[str, int]) -> Pipeline | None:
+    """The model's pipeline on a mesh with a ``stage`` axis (None without one)."""
+    stages = axis_sizes.get(STAGE, 1)
+    if stages == 1:
+        return None
+    check_stages(cfg, stages)
+    return Pipeline(stages, cfg.train.pipeline_microbatches)
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:

@@ -15,8 +15,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from framework import broadcast, pipeline, sharding
+from framework.memory import nvme
 from framework.config import Config
-from framework.mesh import STAGE
 from framework.optimizer import build_optimizer
 from models import build_model
 
@@ -76,30 +76,18 @@ def _device_bytes(shapes, specs, axis_sizes: dict[str, int]) -> int:
     return sum(jax.tree.leaves(jax.tree.map(one, shapes, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))))
 
 
-def pipeline_of(cfg: Config, axis_sizes: dict[str, int]) -> pipeline.Pipeline | None:
-    """The model's pipeline on a mesh with a ``stage`` axis (None without one)."""
-    stages = axis_sizes.get(STAGE, 1)
-    if stages == 1:
-        return None
-    pipeline.check_stages(cfg, stages)
-    return pipeline.Pipeline(stages, cfg.train.pipeline_microbatches)
-
-
 def check_run(cfg: Config) -> None:
     """The checks that need a concern's knowledge (config itself knows no other module): the NVMe tier's
     rules when it is used, and what pipeline stages need. ``abstract_state`` runs them first, so every
     run that is assembled (the Trainer, scripts/plan.py, the benchmarks) gets them."""
     if "nvme" in (cfg.memory.opt_state, cfg.memory.params):
-        # imported here: framework.memory's planner imports this module
-        from framework.memory import nvme
-
         nvme.check_config(cfg)
     pipeline.check_config(cfg)
 
 
 def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> AbstractState:
     check_run(cfg)
-    p = pipeline_of(cfg, axis_sizes)
+    p = pipeline.for_mesh(cfg, axis_sizes)
     if p is not None:
         model_kw = {"pipeline": p, **model_kw}
     with nnx.use_eager_sharding(False):

@@ -39,6 +39,7 @@ from framework.config import Config, ConfigError, config_to_dict
 from framework.distributed import from_primary, spread_over_processes
 from framework.mesh import STAGE
 from framework.metrics import drop_records_after
+from framework.train.loop import timed_steps
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
 
@@ -361,8 +362,13 @@ class TryRunController:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, total: int) -> list[dict]:
-        """Run the trainer's loop in segments, deciding the mesh at each trigger."""
+    def fit(self, total: int | None = None) -> list[dict]:
+        """Train to ``total`` steps (default ``train.steps``): the trainer's loop in segments, deciding the mesh at
+        each trigger, as one run (``Trainer.session``: preemption, goodput)."""
+        with self.trainer.session():
+            return self._fit(self.cfg.train.steps if total is None else total)
+
+    def _fit(self, total: int) -> list[dict]:
         origin = trainer = self.trainer
         self.wait_for_devices(self.resume_step() or 0)  # start only on enough devices for one model replica
         moved = False  # resuming a checkpoint made on another mesh (another device count, or a fallback layout)
@@ -612,15 +618,13 @@ class TryRunController:
 
 def live_step_times(trainer, state, steps: int) -> list[float]:
     """Seconds of each of ``steps`` steps from ``state`` (a copy, consumed), run and timed by the loop that
-    times live steps (``Trainer.run_steps``); the trainer's own state is left as it was."""
+    times live steps (``framework.train.timed_steps``); the trainer's own state is left as it was."""
     live, trainer.state = trainer.state, state
     start = int(jax.device_get(state.step))
-    times: list[float] = []
     try:
-        trainer.run_steps(start, start + steps, lambda step, metrics, seconds: times.append(seconds))
+        return [done.seconds for done in timed_steps(trainer, start, start + steps)]
     finally:
         trainer.state = live
-    return times
 
 
 def can_reshard(state, devices: Sequence[jax.Device]) -> bool:

@@ -112,7 +112,7 @@ def probe_env() -> dict:
     plugins = {d.metadata["Name"]: d.version for d in md.distributions()
                if (d.metadata["Name"] or "").lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm"))}
     try:  # everything after this part needs the framework to import with these packages
-        import framework.trainer  # noqa: F401
+        import framework.train.trainer  # noqa: F401
         framework_error = None
     except Exception as e:  # report any import failure as a finding, not a crash of the probe
         framework_error = f"{type(e).__name__}: {e}"

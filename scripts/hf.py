@@ -49,7 +49,7 @@ def run_import(args) -> None:
     from framework.config import ConfigError
 
     cfg = hf.run_config(args.hf_dir, args.config, args.overrides)  # checked before the heavy imports
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     trainer = Trainer(cfg, run_dir=args.run_dir)
     if trainer.checkpointer.latest_good_step() is not None:

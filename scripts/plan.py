@@ -61,13 +61,13 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
 
     from framework.collectives import count_compiled
     from framework.config import ConfigError
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     if n_devices > jax.device_count():
         raise ConfigError(f"--measure: --devices={n_devices} but only {jax.device_count()} devices are present")
     trainer = Trainer(cfg, devices=jax.devices()[:n_devices])
     trainer.compile()
-    report = count_compiled(trainer._compiled, n_devices)  # per step: loop bodies count once per iteration
+    report = count_compiled(trainer.compiled_step, n_devices)  # per step: loop bodies count once per iteration
     plan = trainer.abstract.broadcast_plan
     accum = trainer.cfg.train.grad_accum  # the plan's unit is one micro-batch
     by_layer = {k: v // accum for k, v in report.by_layer().items()}
@@ -95,13 +95,15 @@ def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dic
 
     from framework import memory, sharding
     from framework.mesh import MeshManager, describe
-    from framework.trainer import Trainer
+    from framework.train import Trainer
+    from framework.train.objective import loss_for_config
 
     if n_devices <= jax.device_count() and not estimate:
         return Trainer(cfg, devices=jax.devices()[:n_devices]).memory_plan().to_dict()
     axis_sizes = describe(MeshManager(cfg.mesh).abstract(n_devices))
     batch_axes = sharding.batch_axes(cfg.sharding.activation_rules, axis_sizes)
-    needs = memory.estimate_needs(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum)
+    needs = memory.estimate_needs(cfg, abstract, axis_sizes, batch_axes, cfg.train.grad_accum,
+                                  loss_for_config(cfg, axis_sizes))
     budget = memory.resolve_budget(cfg.memory, None, cfg.train.micro_batch)
     plan = memory.plan_memory(cfg.memory, needs, axis_sizes, budget)
     memory.check_auto_offload(cfg, plan.placement, budget)

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
         from framework.goodput import GoodputClock, process_start_time
         from framework.preemption import Preempted
         from framework.state import check_run
-        from framework.trainer import Trainer
+        from framework.train import Trainer
 
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
         cfg = load_config(args.config, args.overrides)
@@ -43,15 +43,15 @@ def main(argv=None) -> None:
         for line in warnings(cfg) if primary else ():
             print(f"warning: {line}", file=sys.stderr, flush=True)
         with rundir.hold(run_dir):  # the run dir's lock: taken before anything is written there
-            if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun.py): start on the devices there are
-                from framework.tryrun import elastic_trainer
+            if cfg.elastic.enabled:  # elastic remeshing (framework/tryrun/): start on the devices there are
+                from framework.tryrun import TryRunController, elastic_trainer
 
                 trainer = elastic_trainer(Trainer, cfg, run_dir)
             else:
                 trainer = Trainer(cfg, run_dir=run_dir)
             trainer.goodput = GoodputClock(origin=process_start_time())  # wall time counts from the process start
-            try:
-                records = trainer.fit()
+            try:  # the try-run controller owns an elastic run's loop and calls trainer.fit per segment
+                records = TryRunController(trainer).fit() if cfg.elastic.enabled else trainer.fit()
             except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is saved and the metrics are written
                 distributed.shutdown()  # every process stopped at the same step: leave together
                 if primary:

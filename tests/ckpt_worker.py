@@ -83,7 +83,7 @@ def main() -> None:
             distributed.shutdown()
             return
         from framework.checkpoint import Checkpointer, abstract_target
-        from framework.trainer import Trainer
+        from framework.train import Trainer
         from tests.helpers import tiny_config
 
         trainer = Trainer(tiny_config(*args.overrides, steps=args.steps))

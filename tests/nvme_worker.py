@@ -27,7 +27,7 @@ def rss(cfg) -> None:
     import jax
     import numpy as np
 
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     trainer = Trainer(cfg)
     trainer.fit(1)  # compiled, files made, one update done: what every later step starts from
@@ -47,7 +47,7 @@ def rss(cfg) -> None:
 
 def crash(cfg, run_dir: str, crash_step: int) -> None:
     from framework import memory
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     class Crashing(memory.NvmeOptimizer):
         writes = 0

@@ -8,7 +8,7 @@ from framework.broadcast import LayerShape, make_plan
 from framework.collectives import count_compiled
 from framework.config import BroadcastConfig
 from framework.state import abstract_state
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import tiny_config
 
 # a large vocabulary over few tokens per device: 8 x 16 tokens, vocab 1024, width 32

@@ -7,7 +7,7 @@ import pytest
 
 from framework.collectives import count_compiled
 from framework.config import load_config
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, run_script, tiny_config
 
 CNN = str(ROOT / "configs" / "cnn_small.yaml")
@@ -20,7 +20,7 @@ def cnn_config(*overrides, steps=3):
 def measure(cfg, steps):
     trainer = Trainer(cfg)
     trainer.compile()
-    report = count_compiled(trainer._compiled, jax.device_count())
+    report = count_compiled(trainer.compiled_step, jax.device_count())
     losses = [r["loss"] for r in trainer.fit(steps)] if steps else []
     return trainer.abstract.broadcast_plan, report, losses
 

@@ -9,7 +9,7 @@ from framework.broadcast import LayerShape, make_plan
 from framework.collectives import count_compiled
 from framework.config import BroadcastConfig
 from framework.state import abstract_state
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import tiny_config
 
 SMALL = ["model.scan_layers=true", "model.n_layers=2", "model.d_model=64", "model.d_mlp=256", "train.seq_len=32"]
@@ -73,7 +73,7 @@ def test_scanned_plan_names_layer_kinds():
 def run(cfg, steps=2):
     trainer = Trainer(cfg)
     trainer.compile()
-    report = count_compiled(trainer._compiled, jax.device_count())
+    report = count_compiled(trainer.compiled_step, jax.device_count())
     return trainer.abstract.broadcast_plan, report, [r["loss"] for r in trainer.fit(steps)]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from framework.checkpoint import MANIFEST
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, tiny_config
 from tests.test_distributed import run
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, tiny_config
 from tests.test_distributed import run
 

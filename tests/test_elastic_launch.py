@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from framework.checkpoint import MANIFEST
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, tiny_config
 
 STEPS = 40

@@ -11,7 +11,7 @@ import pytest
 
 from framework.config import ConfigError, DataConfig, load_config
 from framework.data import SyntheticSource, TextSource, make_source
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 from tests.test_distributed import run
 from tests.test_perf import read_event_scalars

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from framework.goodput import PARTS, GoodputClock
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, tiny_config
 from tests.test_resume import compile_once  # noqa: F401  (module fixture: one compile per config)
 

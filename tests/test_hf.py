@@ -135,7 +135,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 def test_model_init_from_in_trainer(tmp_path):
     """``model.init_from``: the Trainer's fresh state has the imported params and a fresh optimizer state."""
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     hf_dir, cfg, tensors, _ = fixture(tmp_path, "gpt2")
     tcfg = hf.run_config(hf_dir, None, ["data.source=synthetic", "logging.progress=false", "train.seq_len=16"])

@@ -10,7 +10,7 @@ import pytest
 
 from framework import memory
 from framework.config import ConfigError
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import TINY, run_script, tiny_config
 
 pytestmark = pytest.mark.gpu
@@ -36,7 +36,7 @@ class DeviceUpdate(Trainer):
 
 
 def cuda_check(trainer: Trainer) -> memory.HostUpdateCheck:
-    return memory.check_host_update(trainer._lower(trainer.cfg.train.grad_accum, platform="cuda").as_text())
+    return memory.check_host_update(trainer.lower(trainer.cfg.train.grad_accum, platform="cuda").as_text())
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,10 @@ def test_host_update_keeps_optimizer_state_off_the_device(host_trainer):
 
 def test_gradients_go_to_host_memory_in_the_accumulation_loop(host_trainer):
     leaves = len(jax.tree.leaves(host_trainer.abstract.shapes.params))
-    on_host = memory.loop_body_transfers(host_trainer._lower(2, platform="cuda").as_text(), "cuda")
+    on_host = memory.loop_body_transfers(host_trainer.lower(2, platform="cuda").as_text(), "cuda")
     # each micro-batch's gradients leave for host memory inside the micro-batch loop (one transfer per leaf)
     assert [c.to_host for c in on_host] == [leaves], on_host
-    on_device = memory.loop_body_transfers(trainer()._lower(2, platform="cuda").as_text(), "cuda")
+    on_device = memory.loop_body_transfers(trainer().lower(2, platform="cuda").as_text(), "cuda")
     assert [c.to_host for c in on_device] == [0], on_device
 
 
@@ -96,7 +96,7 @@ def test_auto_offload_of_a_state_that_cannot_update_on_the_host_is_one_line():
     compiles on the sharded mesh: adafactor's factored statistics are replicated, no longer given the params' specs."""
     with pytest.raises(ConfigError, match=r"^memory.opt_state=auto: the step does not fit the device budget of 1,000 B "
                                           r"with the optimizer state on the device, and optimizer.name=adafactor cannot") as e:
-        trainer("optimizer.name=adafactor", "memory.opt_state=auto", "memory.device_budget_bytes=1000")
+        trainer("optimizer.name=adafactor", "memory.opt_state=auto", "memory.device_budget_bytes=1000").compile()
     assert "\n" not in str(e.value)
     r = run_script("plan.py", "--estimate", "--config", TINY, *SMALL, "optimizer.name=adafactor", "memory.opt_state=auto",
                    "memory.device_budget_bytes=120000",  # 123,313 B with the state on the device, 113,929 B without

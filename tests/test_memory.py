@@ -13,7 +13,8 @@ from framework import memory
 from framework.config import ConfigError, MemoryConfig
 from framework.mesh import MeshManager, describe
 from framework.state import abstract_state
-from framework.trainer import Trainer
+from framework.train import Trainer
+from framework.train.objective import loss_for_config
 from tests.helpers import SMALLER, ROOT, TINY, run_script, tiny_config
 
 BATCH_AXES = ("data", "fsdp")
@@ -81,11 +82,11 @@ def test_model_offload_policy_reaches_the_hlo(scan):
     cfg = tiny_config(f"model.scan_layers={str(scan).lower()}", "memory.activations=offload")
     axis_sizes = MeshManager(cfg.mesh).axis_sizes(8)
     base = abstract_state(cfg, axis_sizes)
-    tags = memory.model_tags(cfg, base)
+    loss_for = loss_for_config(cfg, axis_sizes)
+    tags = memory.model_tags(cfg, loss_for(None), base.shapes.params)
     assert tags == ["decoder_layer_input", "query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_hidden", "mlp_out"]
-    graphdef = abstract_state(cfg, axis_sizes, remat_policy=memory.layer_policy(cfg, base, "offload")).graphdef
     tokens = jax.ShapeDtypeStruct((16, cfg.train.seq_len + 1), jnp.int32)
-    grad = jax.grad(lambda p, t: memory.model_loss(graphdef, p, t))
+    grad = jax.grad(loss_for(memory.layer_policy(cfg, "offload", loss_for(None), base.shapes.params)))
     check = memory.verify_offload(grad, base.shapes.params, tokens)
     # 7 of the 8 tags per layer are residuals (one is only added to the residual stream, which backward never needs):
     # offloaded in each of the 4 unrolled layers, or once in the scan body
@@ -99,7 +100,8 @@ def _needs(*overrides, n=64, accum=1):
     cfg = tiny_config(*overrides)
     axis_sizes = MeshManager(cfg.mesh).axis_sizes(n)
     abstract = abstract_state(cfg, axis_sizes)
-    return memory.estimate_needs(cfg, abstract, axis_sizes, BATCH_AXES, accum), abstract, axis_sizes
+    return memory.estimate_needs(cfg, abstract, axis_sizes, BATCH_AXES, accum, loss_for_config(cfg, axis_sizes)), \
+        abstract, axis_sizes
 
 
 @pytest.mark.slow
@@ -248,9 +250,8 @@ class AllAtOnce(Trainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.stream_params = False
-        self.abstract = abstract_state(self.cfg, self.axis_sizes)
-        self.graphdef = self.abstract.graphdef
+        self.layout.stream_params = False  # the layout's placement, with the model that reads params where they are
+        self.layout.abstract = abstract_state(self.cfg, self.axis_sizes)
 
     def train_step(self, state, batch):
         state = dataclasses.replace(state, params=jax.device_put(state.params, self.device_state_shardings.params))
@@ -259,7 +260,7 @@ class AllAtOnce(Trainer):
 
 def per_layer_fetches(trainer: Trainer) -> list[memory.OffloadCheck]:
     """Transfers inside the layer loops (forward, then backward) of the step lowered for cuda."""
-    return memory.loop_body_transfers(trainer._lower(1, platform="cuda").as_text(), "cuda")
+    return memory.loop_body_transfers(trainer.lower(1, platform="cuda").as_text(), "cuda")
 
 
 def test_streamed_params_are_fetched_per_layer():
@@ -278,7 +279,7 @@ def test_streamed_params_are_fetched_per_layer():
     # transfers anywhere in the program, could not tell the two apart)
     all_at_once = AllAtOnce(tiny_config(*scanned))
     assert [c.to_device for c in per_layer_fetches(all_at_once)] == [0, 0]
-    assert memory.count_transfers(all_at_once._lower(1, platform="cuda").as_text(), "cuda").to_device >= 68
+    assert memory.count_transfers(all_at_once.lower(1, platform="cuda").as_text(), "cuda").to_device >= 68
     assert all(c == memory.OffloadCheck("cuda", 0, 0) for c in per_layer_fetches(Trainer(tiny_config("model.scan_layers=true"))))
 
 
@@ -296,7 +297,7 @@ def test_planner_bytes_equal_real_shard_bytes():
             assert memory.shard_bytes(getattr(state, c)) == plan.bytes[c], (overrides, c)
         # the same numbers without devices, from an abstract mesh of the same shape
         abstract = abstract_state(tr.cfg, describe(MeshManager(tr.cfg.mesh).abstract(n)))
-        needs = memory.estimate_needs(tr.cfg, abstract, tr.axis_sizes, tr.batch_axes, 1)
+        needs = memory.estimate_needs(tr.cfg, abstract, tr.axis_sizes, tr.batch_axes, 1, tr.loss_for)
         assert (needs.params, needs.opt_state) == (plan.bytes["params"][tr.placement.params],
                                                    plan.bytes["opt_state"][tr.placement.opt_state])
 
@@ -357,11 +358,12 @@ def test_micro_batch_auto_picks_largest_that_fits(capsys):
     sized = Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=16"))
     need16 = sized.memory_plan().totals["device"]
     tr = Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=auto", f"memory.device_budget_bytes={need16}"))
+    tr.compile()  # the micro-batch is decided on the compiled step, at first use
     assert tr.cfg.train.grad_accum == 2 and tr.loader.global_shape == (2, 16, 33)
     assert f"train.micro_batch=auto: micro-batch 16 x grad_accum 2 (step needs {need16:,} B per device" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"^train.micro_batch=auto: no micro-batch fits memory.device_budget_bytes=1,000 "
                                           r"\(device bytes per micro-batch size: 32: [\d,]+ B; 16: [\d,]+ B; 8: [\d,]+ B\)$"):
-        Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=auto", "memory.device_budget_bytes=1000"))
+        Trainer(tiny_config(*SMALLER, "train.global_batch=32", "train.micro_batch=auto", "memory.device_budget_bytes=1000")).compile()
 
 
 # ------------------------------------------------------------------ scripts/plan.py

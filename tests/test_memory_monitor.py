@@ -5,7 +5,7 @@ import pytest
 
 from framework import memory
 from framework.config import MemoryConfig
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import SMALLER, tiny_config
 
 HEADROOM = 1_000_000

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import tiny_config
 
 MESHES = {

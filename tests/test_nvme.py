@@ -22,7 +22,7 @@ from framework.checkpoint import Checkpointer, abstract_target
 from framework.config import ConfigError
 from framework.optimizer import build_optimizer
 from framework.state import TrainState, check_run
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_mlp=64", "train.seq_len=16",

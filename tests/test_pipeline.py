@@ -15,7 +15,7 @@ from framework.config import ConfigError, load_config
 from framework.mesh import MeshManager
 from framework.pipeline import bubble_fraction
 from framework.state import abstract_state, check_run
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, tiny_config
 
 SMALL = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.d_mlp=64", "model.max_seq_len=16",
@@ -101,7 +101,7 @@ def test_streamed_params_are_fetched_per_layer_inside_each_stage():
     tr = trainer("stage=2,params in pinned_host")
     assert {s.memory_kind for s in jax.tree.leaves(tr.state_shardings.params)} == {"pinned_host"}
     per_layer = len(jax.tree.leaves(tr.abstract.shapes.params["blocks"]))
-    loops = memory.loop_body_transfers(tr._lower(1, platform="cuda").as_text(), "cuda")
+    loops = memory.loop_body_transfers(tr.lower(1, platform="cuda").as_text(), "cuda")
     ticks = 4 + 2 - 1  # M + S - 1: each tick runs both stages' layer loops (vmapped), forward then backward
     assert loops == ([memory.OffloadCheck("cuda", 0, per_layer)] * ticks  # forward: one layer's weights per iteration
                      + [memory.OffloadCheck("cuda", per_layer, 0)] * ticks), loops  # backward: its gradients to host
@@ -115,7 +115,7 @@ def test_params_auto_in_a_pipeline_measures_the_streamed_pipelined_step():
     with pytest.raises(ConfigError, match=r"^memory: nothing fits the device budget of 1,000 B .* with params offloaded "
                                           r"the step needs [\d,]+ B per device \(params 0, grads [\d,]+, opt_state [1-9]"):
         Trainer(tiny_config(*SMALL, *overrides, "memory.params=auto", "memory.device_budget_bytes=1000", steps=2),
-                devices=jax.devices()[:n])
+                devices=jax.devices()[:n]).compile()  # auto placement is decided on the compiled step, at first use
 
 
 def test_checkpoint_restores_across_stage_counts(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from framework.checkpoint import MANIFEST
 from framework.preemption import Preempted
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, tiny_config
 from tests.test_resume import compile_once  # noqa: F401  (module fixture: one compile per config)
 

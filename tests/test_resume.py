@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from framework.checkpoint import MANIFEST, CheckpointError
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 
 # broadcast.mode=none: subprocess runs of tiny_lm (auto) are compared with in-process references from

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from framework import sharding
-from framework.trainer import Trainer
+from framework.train import Trainer
 from tests.helpers import tiny_config
 
 

@@ -13,7 +13,7 @@ import pytest
 from framework.checkpoint import Checkpointer
 from framework.config import ConfigError
 from framework.data import BatchLoader
-from framework.trainer import Trainer
+from framework.train import Trainer
 from framework.tryrun import Trial, TryRunController, devices_to_use, grad_accum_for, max_useful_devices, target_of
 from tests.helpers import ROOT, TINY, run_script, tiny_config
 from tests.test_distributed import run
@@ -230,7 +230,7 @@ def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
     cfg = small("elastic.enabled=true", "elastic.min_devices=4",
                 "elastic.device_schedule=[[0,8],[3,4],[6,6],[9,8]]", steps=steps)
     trainer = Trainer(cfg, run_dir=tmp_path / "elastic")
-    elastic = trainer.fit()
+    elastic = TryRunController(trainer).fit()
 
     assert [r["step"] for r in elastic] == list(range(1, steps + 1))  # none lost, none repeated
     np.testing.assert_allclose([r["loss"] for r in elastic], [r["loss"] for r in fixed], rtol=1e-4, atol=1e-4)

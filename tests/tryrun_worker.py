@@ -26,7 +26,7 @@ def main() -> None:
     with distributed.fail_fast():
         import jax
 
-        from framework.trainer import Trainer
+        from framework.train import Trainer
         from framework.tryrun import TryRunController
         from tests.helpers import tiny_config
 

@@ -18,5 +18,5 @@ from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, c
                                       state_needs, with_compiled_activations)
 from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, NVME, OFFLOAD_ORDER, OffloadCheck,
                                      Placement, PlacementPolicy, activation_choices, activation_policy, check_auto_offload,
-                                     count_transfers, has_auto, layer_policy, loop_body_transfers, model_loss,
+                                     count_transfers, has_auto, layer_policy, loop_body_transfers,
                                      model_options, model_tags, tagged_names, verify_offload, with_memory_kinds)

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from framework import pipeline, sharding
 from framework.config import Config, ConfigError, MemoryConfig
 from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, NVME, Placement,
-                                     PlacementPolicy, has_auto, layer_policy, model_loss)
-from framework.state import AbstractState, abstract_state, pipeline_of
+                                     PlacementPolicy, has_auto, layer_policy)
 
 
 def shard_bytes(tree) -> dict[str, int]:
@@ -173,9 +172,12 @@ def format_plan(plan: dict) -> list[str]:
 # ------------------------------------------------------------------ the run's needs (config -> model -> bytes)
 
 
-def state_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
+def state_needs(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
                 grad_accum: int) -> MemoryNeeds:
-    """Exact bytes per device of params, grads, optimizer state and batch (shard shapes); no activations yet."""
+    """Exact bytes per device of params, grads, optimizer state and batch (shard shapes); no activations yet.
+
+    ``abstract`` is the run's ``framework.state.AbstractState`` on this mesh (shapes and specs).
+    """
     t = cfg.train
     micro = t.global_batch // grad_accum
     dp = math.prod(axis_sizes[a] for a in batch_axes)
@@ -192,22 +194,25 @@ def state_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, i
     )
 
 
-def estimate_needs(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
-                   grad_accum: int) -> MemoryNeeds:
+def estimate_needs(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
+                   grad_accum: int, loss_for: Callable[[Callable | None], Callable]) -> MemoryNeeds:
     """Bytes per device per category for the run ``cfg`` on a mesh of ``axis_sizes``; no devices needed.
 
     Params, grads and optimizer state are exact (shard shapes); activations are estimated from
-    the residuals of the traced loss (one micro-batch) for each activation mode.
+    the residuals of the traced loss (one micro-batch) for each activation mode. ``loss_for(remat_policy)``
+    gives the run's objective ``(params, batch) -> loss`` on the model built with that layer checkpoint
+    policy (``Trainer.loss_for``: a subclass's ``loss_fn`` is what is measured).
     """
     t = cfg.train
     micro = t.global_batch // grad_accum
     dp = math.prod(axis_sizes[a] for a in batch_axes)
     tokens = jax.ShapeDtypeStruct((micro, t.seq_len + 1), jnp.int32)
     activations = {}
+    params = abstract.shapes.params
     for mode in ACTIVATION_MODES:
-        graphdef = abstract_state(cfg, axis_sizes, remat_policy=layer_policy(cfg, abstract, mode)).graphdef
-        activations[mode] = residual_bytes(functools.partial(model_loss, graphdef), abstract.shapes.params, tokens,
-                                           micro_batch=micro, batch_shards=dp, n_devices=math.prod(axis_sizes.values()))
+        loss = loss_for(layer_policy(cfg, mode, loss_for(None), params))
+        activations[mode] = residual_bytes(loss, params, tokens, micro_batch=micro, batch_shards=dp,
+                                           n_devices=math.prod(axis_sizes.values()))
     return dataclasses.replace(
         state_needs(cfg, abstract, axis_sizes, batch_axes, grad_accum),
         activations=activations,
@@ -244,7 +249,7 @@ def compiled_device_bytes(memory_analysis, host_argument_bytes: int) -> int:
     return ma.argument_size_in_bytes - host + max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0) + ma.temp_size_in_bytes
 
 
-def host_state_bytes(abstract: AbstractState, placement: Placement, axis_sizes: Mapping[str, int]) -> int:
+def host_state_bytes(abstract, placement: Placement, axis_sizes: Mapping[str, int]) -> int:
     """Bytes per device of the state categories placed in pinned_host."""
     return sum(
         sharding.bytes_per_device(getattr(abstract.shapes, c), getattr(abstract.specs, c), axis_sizes)
@@ -252,14 +257,14 @@ def host_state_bytes(abstract: AbstractState, placement: Placement, axis_sizes: 
     )
 
 
-def pipeline_plan(cfg: Config, abstract: AbstractState, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
+def pipeline_plan(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_axes: Sequence[str],
                   grad_accum: int, param_memory: str) -> pipeline.PipelinePlan | None:
     """Per pipeline stage: layers, parameter bytes per device (exact), activation bytes of the micro-batches in flight
     (estimated: one layer's residuals for one pipeline micro-batch, traced, plus its input, times the stage's layers
     and GPipe's M micro-batches in flight), and the bubble. None without a ``stage`` axis."""
     from flax import nnx
 
-    p = pipeline_of(cfg, axis_sizes)
+    p = pipeline.for_mesh(cfg, axis_sizes)
     if p is None:
         return None
     t = cfg.train

@@ -11,17 +11,14 @@ check, in the program lowered for a GPU, that a placement really reached it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.extend
 import jax.numpy as jnp
-import optax
 
 from framework.config import HOST_OPTIMIZERS, Config, ConfigError, MemoryConfig
-from framework.state import AbstractState
 
 CATEGORIES = ("params", "grads", "opt_state", "activations", "batch")
 
@@ -175,21 +172,10 @@ def activation_policy(mode: str, per_name: Mapping[str, str], tagged: Sequence[s
     )
 
 
-def model_loss(graphdef, params, batch):
-    """The step's objective on a (B, T+1) batch, for tracing residuals: the model's own ``loss``
-    when it has one (the CNN), else next-token cross-entropy (as ``Trainer.loss_fn``)."""
-    from flax import nnx
-
-    model = nnx.merge(graphdef, params)
-    if hasattr(model, "loss"):
-        return model.loss(batch)
-    logits = model(batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-
-def model_tags(cfg: Config, abstract: AbstractState, micro_batch: int = 1) -> list[str]:
+def model_tags(cfg: Config, loss: Callable, params, micro_batch: int = 1) -> list[str]:
+    """The ``checkpoint_name`` tags ``loss(params, batch)`` applies (the run's own objective: ``Trainer.loss_for``)."""
     tokens = jax.ShapeDtypeStruct((micro_batch, cfg.train.seq_len + 1), jnp.int32)
-    return tagged_names(functools.partial(model_loss, abstract.graphdef), abstract.shapes.params, tokens)
+    return tagged_names(loss, params, tokens)
 
 
 def model_options(remat_policy: Callable | None, stream_params: bool) -> dict:
@@ -197,10 +183,14 @@ def model_options(remat_policy: Callable | None, stream_params: bool) -> dict:
     return {"remat_policy": remat_policy, "stream_params": stream_params}
 
 
-def layer_policy(cfg: Config, abstract: AbstractState, mode: str) -> Callable | None:
-    """The checkpoint policy for the model's layers under activation ``mode`` (None: no checkpointing)."""
+def layer_policy(cfg: Config, mode: str, loss: Callable, params) -> Callable | None:
+    """The checkpoint policy for the model's layers under activation ``mode`` (None: no checkpointing).
+
+    ``loss(params, batch)`` is the run's objective on the model as configured; its tags are what a per-name
+    choice or ``offload`` can name.
+    """
     per_name = cfg.memory.activation_names
-    tags = model_tags(cfg, abstract) if (mode == "offload" or per_name) else []
+    tags = model_tags(cfg, loss, params) if (mode == "offload" or per_name) else []
     return activation_policy(mode, per_name, tags)
 
 

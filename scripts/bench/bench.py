@@ -108,7 +108,7 @@ def bench(cfg, args) -> dict:
 
     from framework.config import ConfigError
     from framework.metrics import model_flops, mfu, peak_flops
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     trainer = Trainer(cfg)
     trainer.compile()

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
 
         from framework.collectives import count_compiled
         from framework.config import load_config
-        from framework.trainer import Trainer
+        from framework.train import Trainer
 
         for compress in args.compress:
             for mode in args.modes:

@@ -25,12 +25,12 @@ def measure(cfg, steps: int) -> dict:
     import jax
 
     from framework import memory
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     tr = Trainer(cfg)
     planned = tr.memory_plan(compiled_activations=False)
     tr.compile()
-    ma = tr._compiled.memory_analysis()
+    ma = tr.compiled_step.memory_analysis()
     host_state = memory.host_state_bytes(tr.abstract, tr.placement, tr.axis_sizes)
     batches = iter([tr.loader.batch(pos) for pos in range(steps + 1)])
     state, metrics = tr.init_state(), None
@@ -53,7 +53,7 @@ def measure(cfg, steps: int) -> dict:
 
 def categories(cfg) -> str:
     from framework import memory
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     tr = Trainer(cfg)
     est, comp = tr.memory_plan(compiled_activations=False), tr.memory_plan()

@@ -36,7 +36,7 @@ def step_time(cfg, steps: int) -> tuple[float, float, float]:
     """(median and fastest step seconds, compile seconds) of the framework's step on all devices, one fixed batch."""
     import jax
 
-    from framework.trainer import Trainer
+    from framework.train import Trainer
 
     tr = Trainer(cfg)
     state, batch = tr.init_state(), tr.loader.batch(0)

@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         import jax
 
         from framework.config import load_config
-        from framework.trainer import Trainer
+        from framework.train import Trainer
         from framework.tryrun import Layout, with_layout
 
         third = args.steps // 3

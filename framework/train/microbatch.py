@@ -1,0 +1,120 @@
+"""The micro-batch follows device memory (memory tiers, framework/memory): one concern of the Trainer, in its
+own file (a mixin of ``Trainer``).
+
+The global batch never changes, so neither do the losses: a smaller micro-batch means more gradient
+accumulation. ``train.micro_batch: auto`` starts at the largest micro-batch whose compiled step fits the
+budget; before each step, free memory under ``memory.headroom_bytes`` shrinks it, and
+``memory.regrow_after_steps`` steps with room grow it back; a step that runs out of device memory is
+retried smaller (``Trainer.step``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+import numpy as np
+
+from framework import memory
+from framework.config import Config, ConfigError
+
+
+def with_grad_accum(cfg: Config, grad_accum: int) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=grad_accum))
+
+
+class MicroBatchControl:
+    """The Trainer's micro-batch: which sizes can run, the largest that fits, and following free memory."""
+
+    _largest_micro: int  # the micro-batch the run started with: growing back stops there
+    _roomy_steps: int  # steps in a row with free memory above the headroom
+
+    @property
+    def micro_batch(self) -> int:
+        return self.cfg.train.global_batch // self.cfg.train.grad_accum
+
+    def _check_batch(self) -> None:
+        """The micro-batch (and the pipeline's pieces of it) split over the data-parallel devices."""
+        t = self.cfg.train
+        dp = self.layout.data_parallel
+        micro = t.global_batch // t.grad_accum
+        axes = "*".join(f"mesh.{a}" for a in self.batch_axes)
+        if micro % dp:
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} (micro-batch {micro} with train.grad_accum={t.grad_accum}) "
+                f"is not divisible by the data-parallel size {dp} ({axes})"
+            )
+        if micro % (dp * self.layout.pipeline_microbatches):  # pipeline micro-batches split as the micro-batch does
+            raise ConfigError(
+                f"train.pipeline_microbatches={t.pipeline_microbatches} cuts the micro-batch {micro} into pieces of "
+                f"{micro // t.pipeline_microbatches} rows, not divisible by the data-parallel size {dp} ({axes})"
+            )
+
+    def _micro_batch_candidates(self) -> list[int]:
+        """Micro-batch sizes that divide the global batch and split over the data-parallel devices, largest first."""
+        t = self.cfg.train
+        dp = self.layout.data_parallel
+        candidates = [m for m in range(t.global_batch, 0, -1) if t.global_batch % m == 0
+                      and m % t.pipeline_microbatches == 0 and m % (dp * self.layout.pipeline_microbatches) == 0]
+        if not candidates:
+            raise ConfigError(f"train.global_batch={t.global_batch} has no micro-batch divisible by the data-parallel size {dp}")
+        return candidates
+
+    def _step_bytes(self, micro: int) -> int:
+        """Device bytes of the step compiled for micro-batch ``micro`` (compiled now if it was not)."""
+        needs = self._compiled_needs(self.cfg.train.global_batch // micro)
+        return sum(memory.device_bytes_by_category(needs, self.placement).values())
+
+    def _auto_grad_accum(self) -> int:
+        """Compile the step for each micro-batch (largest first) and keep the first whose device bytes fit the budget."""
+        t, budget = self.cfg.train, self.layout.memory_budget
+        tried = []
+        for micro in self._micro_batch_candidates():
+            need = self._step_bytes(micro)
+            tried.append(f"{micro}: {need:,} B")
+            if need <= budget:
+                if jax.process_index() == 0:
+                    print(f"train.micro_batch=auto: micro-batch {micro} x grad_accum {t.global_batch // micro} "
+                          f"(step needs {need:,} B per device, budget {budget:,} B)", flush=True)
+                return t.global_batch // micro
+        raise ConfigError(
+            f"train.micro_batch=auto: no micro-batch fits memory.device_budget_bytes={budget:,} "
+            f"(device bytes per micro-batch size: {'; '.join(tried)})"
+        )
+
+    def _follow_memory(self, state) -> None:
+        """Before a step: shrink the micro-batch when free memory is under the headroom; grow it back
+        (up to the one the run started with) after ``memory.regrow_after_steps`` steps with room for it."""
+        headroom, regrow = self.cfg.memory.headroom_bytes, self.cfg.memory.regrow_after_steps
+        free = None if headroom is None else self.memory_monitor.read(self.devices).free
+        if free is not None and jax.process_count() > 1:  # every process decides on the tightest one
+            from jax.experimental import multihost_utils
+
+            free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+        if free is None:
+            return
+        if free < headroom:
+            self._roomy_steps = 0
+            self._shrink_micro_batch(state, f"free device memory {free:,} B is under memory.headroom_bytes={headroom:,}")
+            return
+        self._roomy_steps += 1
+        larger = [m for m in self._micro_batch_candidates() if self.micro_batch < m <= self._largest_micro]
+        if regrow and larger and self._roomy_steps >= regrow:
+            extra = self._step_bytes(larger[-1]) - self._step_bytes(self.micro_batch)
+            if free - extra >= headroom:
+                self._set_micro_batch(state, larger[-1], f"free device memory {free:,} B for {self._roomy_steps} steps "
+                                      f"covers memory.headroom_bytes={headroom:,} and the {extra:,} B more it needs")
+
+    def _shrink_micro_batch(self, state, why: str) -> bool:
+        smaller = [m for m in self._micro_batch_candidates() if m < self.micro_batch]
+        if smaller:
+            self._set_micro_batch(state, smaller[0], why)
+        return bool(smaller)
+
+    def _set_micro_batch(self, state, micro: int, why: str) -> None:
+        old, old_accum = self.micro_batch, self.cfg.train.grad_accum
+        self.cfg = with_grad_accum(self.cfg, self.cfg.train.global_batch // micro)
+        self.layout.current, self._roomy_steps = None, 0
+        if jax.process_index() == 0:
+            print(f"memory: step {int(jax.device_get(state.step)) + 1}: micro-batch {old} -> {micro} (grad_accum {old_accum} "
+                  f"-> {self.cfg.train.grad_accum}, same global batch): {why}", file=sys.stderr, flush=True)

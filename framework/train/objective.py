@@ -1,0 +1,31 @@
+"""The default training objective, in one place: ``Trainer.loss_fn`` calls it, and scripts/plan.py's memory
+estimate traces it where there is no Trainer (so the planner measures what training optimises)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import optax
+from flax import nnx
+
+from framework import memory
+from framework.state import abstract_state
+
+
+def next_token_loss(model, batch):
+    """Mean next-token cross-entropy of a (B, T+1) token batch; a model with its own objective (the CNN
+    classifier's ``loss``) uses that."""
+    if hasattr(model, "loss"):
+        return model.loss(batch)
+    logits = model(batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+def loss_for_config(cfg, axis_sizes) -> Callable:
+    """``remat_policy -> (params, batch) -> loss``: ``next_token_loss`` on the model of ``cfg`` built with that layer
+    checkpoint policy, for the memory planner where there is no Trainer (scripts/plan.py on devices it does not
+    have); a Trainer gives its own ``loss_fn`` (``Trainer.loss_for``)."""
+    def loss_for(remat_policy=None):
+        graphdef = abstract_state(cfg, axis_sizes, **memory.model_options(remat_policy, False)).graphdef
+        return lambda params, batch: next_token_loss(nnx.merge(graphdef, params), batch)
+
+    return loss_for

@@ -1,0 +1,30 @@
+"""The compiled step builder: one placement's jitted train and eval steps, compiled per micro-batch count on
+first use and kept, so that returning to a micro-batch (or, through the layout, to a mesh) costs no compile."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+
+class CompiledSteps:
+    """The jitted steps of one layout and placement; ``compiled(grad_accum)`` compiles once per micro-batch count."""
+
+    def __init__(self, train_step: Callable, eval_step: Callable, abstract_inputs: Callable):
+        self.train_step = train_step  # jitted: (state, batch) -> (state, metrics[, gradients for the nvme update])
+        self.eval_step = eval_step  # jitted: (params, batch) -> metrics
+        self._abstract_inputs = abstract_inputs  # (global_batch, seq_len, grad_accum) -> (state, batch) ShapeDtypeStructs
+        self._compiled: dict[int, jax.stages.Compiled] = {}
+        self.ran: set[int] = set()  # micro-batch counts whose compiled step has run in this process
+
+    def lower(self, global_batch: int, seq_len: int, grad_accum: int, platform: str | None = None):
+        """The train step lowered for ``grad_accum`` micro-batches; for another ``platform`` (e.g. ``cuda``) to read its program."""
+        args = self._abstract_inputs(global_batch, seq_len, grad_accum)
+        if platform is not None:
+            return self.train_step.trace(*args).lower(lowering_platforms=(platform,))
+        return self.train_step.lower(*args)
+
+    def compiled(self, global_batch: int, seq_len: int, grad_accum: int) -> jax.stages.Compiled:
+        if grad_accum not in self._compiled:
+            self._compiled[grad_accum] = self.lower(global_batch, seq_len, grad_accum).compile()
+        return self._compiled[grad_accum]
