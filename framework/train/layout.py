@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import memory, sharding
-from framework.config import Config
+from framework.config import Config, ConfigError
 from framework.data import BatchLoader, make_source
 from framework.mesh import STAGE, MeshManager, describe
 from framework.state import AbstractState, abstract_state
@@ -35,8 +35,10 @@ class MeshLayout:
         self.batch_axes = sharding.batch_axes(cfg.sharding.activation_rules, self.axis_sizes)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, self.batch_axes))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.base_abstract = abstract_state(cfg, self.axis_sizes)  # the model as configured (no remat, no streaming)
         self.pipeline_microbatches = cfg.train.pipeline_microbatches if STAGE in self.axis_sizes else 1
+        if cfg.train.micro_batch != "auto":  # (auto: the micro-batch is chosen among those that split)
+            self.check_batch(cfg)
+        self.base_abstract = abstract_state(cfg, self.axis_sizes)  # the model as configured (no remat, no streaming)
         self._regroup = jax.jit(lambda b, accum: b.reshape(accum, -1, b.shape[-1]), static_argnums=1,
                                 out_shardings=self.batch_sharding)
         # per-device bytes ``auto`` placement and ``train.micro_batch=auto`` may use
@@ -51,6 +53,23 @@ class MeshLayout:
     def data_parallel(self) -> int:
         """Devices the batch is split over."""
         return math.prod(self.axis_sizes[a] for a in self.batch_axes)
+
+    def check_batch(self, cfg: Config) -> None:
+        """The micro-batch (and the pipeline's pieces of it) split over the data-parallel devices."""
+        t = cfg.train
+        dp = self.data_parallel
+        micro = t.global_batch // t.grad_accum
+        axes = "*".join(f"mesh.{a}" for a in self.batch_axes)
+        if micro % dp:
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} (micro-batch {micro} with train.grad_accum={t.grad_accum}) "
+                f"is not divisible by the data-parallel size {dp} ({axes})"
+            )
+        if micro % (dp * self.pipeline_microbatches):  # pipeline micro-batches split as the micro-batch does
+            raise ConfigError(
+                f"train.pipeline_microbatches={t.pipeline_microbatches} cuts the micro-batch {micro} into pieces of "
+                f"{micro // t.pipeline_microbatches} rows, not divisible by the data-parallel size {dp} ({axes})"
+            )
 
     def make_loader(self, cfg: Config, split: str) -> BatchLoader:
         """Batches of ``split`` in the step's layout: the global batch, cut into micro-batches, on the batch sharding."""

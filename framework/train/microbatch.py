@@ -33,23 +33,6 @@ class MicroBatchControl:
     def micro_batch(self) -> int:
         return self.cfg.train.global_batch // self.cfg.train.grad_accum
 
-    def _check_batch(self) -> None:
-        """The micro-batch (and the pipeline's pieces of it) split over the data-parallel devices."""
-        t = self.cfg.train
-        dp = self.layout.data_parallel
-        micro = t.global_batch // t.grad_accum
-        axes = "*".join(f"mesh.{a}" for a in self.batch_axes)
-        if micro % dp:
-            raise ConfigError(
-                f"train.global_batch={t.global_batch} (micro-batch {micro} with train.grad_accum={t.grad_accum}) "
-                f"is not divisible by the data-parallel size {dp} ({axes})"
-            )
-        if micro % (dp * self.layout.pipeline_microbatches):  # pipeline micro-batches split as the micro-batch does
-            raise ConfigError(
-                f"train.pipeline_microbatches={t.pipeline_microbatches} cuts the micro-batch {micro} into pieces of "
-                f"{micro // t.pipeline_microbatches} rows, not divisible by the data-parallel size {dp} ({axes})"
-            )
-
     def _micro_batch_candidates(self) -> list[int]:
         """Micro-batch sizes that divide the global batch and split over the data-parallel devices, largest first."""
         t = self.cfg.train

@@ -57,8 +57,6 @@ class Trainer(RunResume, MicroBatchControl, Evaluation):
             cfg = with_grad_accum(cfg, cfg.train.global_batch // cfg.train.micro_batch)
         self.cfg = cfg
         self.layout = MeshLayout(cfg, jax.devices() if devices is None else devices, self.memory_monitor)
-        if cfg.train.micro_batch != "auto":
-            self._check_batch()
         self.activation_rules = sharding.rules_table(cfg.sharding.activation_rules)
         self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.compile_seconds = 0.0
