@@ -20,6 +20,9 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 from framework.config import ConfigError, MeshConfig
 
 STAGE = "stage"  # the pipeline axis (framework/pipeline.py): outermost, so each stage is a contiguous device subset
+EXPERT = "expert"  # expert parallelism: a mixture-of-experts layer's experts are split over it
+CONTEXT = "context"  # context parallelism: activations split along the sequence
+OPTIONAL_AXES = (STAGE, EXPERT, CONTEXT)  # in the mesh only when their size is not 1, so meshes without them stay as they were
 
 
 def factorizations(n: int, axis_names: Sequence[str] = ("data", "fsdp", "tensor")) -> list[dict[str, int]]:
@@ -41,15 +44,18 @@ class MeshManager:
         self.axis_names = tuple(cfg.axis_names)
 
     def requested(self) -> dict[str, int]:
+        """Axis -> configured size (-1: fill), outermost first: stage, data, fsdp, expert, context, tensor (the
+        innermost axis gets neighbouring devices: tensor parallelism moves the most bytes per step)."""
         data, fsdp, tensor = self.axis_names
-        stage = {STAGE: self.cfg.stage} if self.cfg.stage != 1 else {}
-        return {**stage, data: self.cfg.data, fsdp: self.cfg.fsdp, tensor: self.cfg.tensor}
+        c = self.cfg
+        sizes = {STAGE: c.stage, data: c.data, fsdp: c.fsdp, EXPERT: c.expert, CONTEXT: c.context, tensor: c.tensor}
+        return _without_unit_optional_axes(sizes)
 
     def axis_sizes(self, n_devices: int) -> dict[str, int]:
         """Sizes per axis for ``n_devices`` (the per-slice share when multi-slice), -1 filled.
 
-        The ``stage`` axis comes first and only when there is more than one stage, so a mesh
-        without a pipeline is the same mesh it always was.
+        The ``stage``, ``expert`` and ``context`` axes are there only when their size is not 1 (also after a
+        -1 fill), so a mesh without a pipeline, experts or context split is the same mesh it always was.
         """
         sizes = self.requested()
         for name, s in sizes.items():
@@ -83,9 +89,7 @@ class MeshManager:
                 raise ConfigError(f"mesh.stage={sizes[STAGE]} with mesh.dcn_data={self.cfg.dcn_data}: pipeline stages are "
                                   "not supported across slices; use mesh.dcn_data=1")
             sizes[self.axis_names[0]] *= self.cfg.dcn_data
-        if sizes.get(STAGE) == 1:
-            del sizes[STAGE]
-        return sizes
+        return _without_unit_optional_axes(sizes)
 
     @staticmethod
     def _describe(sizes: dict[str, int]) -> str:
@@ -127,10 +131,14 @@ class MeshManager:
             from jax.experimental import mesh_utils
 
             return mesh_utils.create_hybrid_device_mesh(
-                per_slice_shape, (n_slices, 1, 1), devices=devices, allow_split_physical_axes=True
+                per_slice_shape, (n_slices,) + (1,) * (len(shape) - 1), devices=devices, allow_split_physical_axes=True
             )
         # No slice information (CPU, single-slice GPU): contiguous groups of devices stand in for slices.
         return group_into_slices(devices, n_slices, per_slice_shape)
+
+
+def _without_unit_optional_axes(sizes: dict[str, int]) -> dict[str, int]:
+    return {name: n for name, n in sizes.items() if n != 1 or name not in OPTIONAL_AXES}
 
 
 def group_into_slices(devices: list, n_slices: int, per_slice_shape: tuple[int, ...]) -> np.ndarray:

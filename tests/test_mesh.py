@@ -46,3 +46,14 @@ def test_errors():
         MeshManager(MeshConfig(data=3, fsdp=2, tensor=1)).axis_sizes(8)
     with pytest.raises(ConfigError, match="mesh.dcn_data=3 does not divide the 8"):
         MeshManager(MeshConfig(dcn_data=3)).axis_sizes(8)
+
+
+def test_expert_and_context_axes_sit_between_fsdp_and_tensor_and_vanish_at_size_1():
+    from framework.config import MeshConfig
+
+    sizes = MeshManager(MeshConfig(data=1, fsdp=-1, expert=2, context=2, tensor=1)).axis_sizes(8)
+    assert list(sizes.items()) == [("data", 1), ("fsdp", 2), ("expert", 2), ("context", 2), ("tensor", 1)]
+    assert MeshManager(MeshConfig(fsdp=2, expert=-1, tensor=2)).axis_sizes(8) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    assert MeshManager(MeshConfig(fsdp=8, expert=-1)).axis_sizes(8) == {"data": 1, "fsdp": 8, "tensor": 1}  # filled to 1
+    mesh = MeshManager(MeshConfig(fsdp=2, expert=2, context=2)).build()
+    assert mesh.axis_names == ("data", "fsdp", "expert", "context", "tensor") and mesh.devices.shape == (1, 2, 2, 2, 1)

@@ -55,6 +55,8 @@ class MeshConfig:
     tensor: int = 1
     dcn_data: int = 1  # data-parallel replicas across slices (multi-slice / DCN)
     stage: int = 1  # pipeline stages (framework/pipeline.py): the layer stack cut into this many pieces on disjoint devices
+    expert: int = 1  # expert parallelism: a mixture-of-experts layer's experts split over this axis, tokens sent to them
+    context: int = 1  # context parallelism: the sequence split over this axis (ring or all-gather attention)
     axis_names: list[str] = field(default_factory=lambda: ["data", "fsdp", "tensor"])
 
 
