@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from framework import broadcast, pipeline, sharding
-from framework.memory import nvme
+from framework.memory import nvme_rules
 from framework.config import Config
 from framework.optimizer import build_optimizer
 from models import build_model
@@ -81,7 +81,7 @@ def check_run(cfg: Config) -> None:
     rules when it is used, and what pipeline stages need. ``abstract_state`` runs them first, so every
     run that is assembled (the Trainer, scripts/plan.py, the benchmarks) gets them."""
     if "nvme" in (cfg.memory.opt_state, cfg.memory.params):
-        nvme.check_config(cfg)
+        nvme_rules.check_config(cfg)
     pipeline.check_config(cfg)
 
 

@@ -6,6 +6,7 @@ host.py     the optimizer update on the host where pinned_host state lives, grad
 monitor.py  the devices' memory state while training runs (MemoryMonitor) and the budget it gives
 nvme.py     the NVMe tier: the optimizer state (and float32 master parameters) in files on local disk, streamed
             through the update in chunks
+nvme_rules.py  the NVMe tier's rules: the optimizers it streams, its files, what it refuses, optax's formulas on a chunk
 
 Everything is re-exported here: ``from framework import memory`` and ``memory.X`` work.
 """
