@@ -103,17 +103,6 @@ def write(run_dir: str | Path | None, report: dict) -> dict:
     return {"runs": runs, "total": total}
 
 
-def write_tensorboard(run_dir: str | Path | None, report: dict, step: int) -> None:
-    """The parts (seconds) and the goodput fraction as ``goodput/<part>`` scalars at ``step`` (process 0)."""
-    if run_dir is None or jax.process_index() != 0:
-        return
-    from tensorboardX import SummaryWriter
-
-    with SummaryWriter(str(Path(run_dir) / "tensorboard")) as tb:
-        for key, value in report.items():
-            tb.add_scalar(f"goodput/{key}", value, step)
-
-
 def summary_line(report: dict, runs: int = 1) -> str:
     """``goodput: 81.2% of 40.3 s wall: steps 32.7 s, compile 3.1 s, ...`` (parts under 0.05 s left out)."""
     names = {"productive_steps": "steps", "checkpoint_save": "checkpoint save", "checkpoint_restore": "restore",

@@ -1,13 +1,12 @@
-"""Step metrics out of the loop: metrics.jsonl, TensorBoard event files, a progress bar;
-and the numbers a benchmark reports: model FLOPs per step, device peaks, MFU, step timings.
+"""Step metrics: metrics.jsonl on resume, a progress bar; and the numbers a benchmark (and each logged step)
+reports: model FLOPs per step, device peaks, MFU, step timings.
 
-Only process 0 writes; other processes get writers that do nothing, so the training loop
-never branches on the process index.
+What leaves the loop goes through the trackers (framework/trackers/: metrics.jsonl, TensorBoard, wandb). Only
+process 0 writes; on other processes the bar and the trackers do nothing, so the loop never branches on it.
 """
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,47 +14,7 @@ from pathlib import Path
 
 import jax
 
-
-class MetricsWriter:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (and TensorBoard scalars).
-
-    Evaluation records share the file: ``{"step": s, "eval_loss": ...}``, told apart by their
-    ``eval_`` keys (they have no ``loss``).
-    """
-
-    def __init__(self, run_dir: str | Path | None, tensorboard: bool = True):
-        self.enabled = run_dir is not None and jax.process_index() == 0
-        self._file = None
-        self._tb = None
-        if not self.enabled:
-            return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        try:
-            self._file.write(json.dumps(record) + "\n")
-        except OSError as e:  # a full disk: say which file (a failed write names none)
-            raise OSError(e.errno, e.strerror, self._file.name) from None
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    # evaluation records' keys (eval_loss, ...) become eval/loss, ...
-                    tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
-                    self._tb.add_scalar(tag, value, record["step"])
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb:
-            self._tb.close()
+METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step (framework/trackers/jsonl.py writes it)
 
 
 def drop_records_after(run_dir: str | Path | None, step: int) -> int:
@@ -63,7 +22,7 @@ def drop_records_after(run_dir: str | Path | None, step: int) -> int:
 
     Returns the newest step logged before (0 when none; on process 0 only, which reads the file).
     """
-    path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    path = Path(run_dir) / METRICS_FILE if run_dir is not None else None
     if path is None or not path.is_file() or jax.process_index() != 0:
         return 0
     kept, newest = [], 0

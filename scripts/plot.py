@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Plot a run: loss, throughput, (when RUN_DIR/tryrun.jsonl exists) try-run decisions over steps,
+"""Plot a run: loss, throughput, memory over steps, (when RUN_DIR/tryrun.jsonl exists) try-run decisions,
 and (when RUN_DIR/goodput.json exists) where the wall time went.
 
 python scripts/plot.py RUN_DIR [--out DIR]
-Reads RUN_DIR/metrics.jsonl (written by Trainer.fit) and writes loss.png, throughput.png,
+Reads RUN_DIR/metrics.jsonl (written by Trainer.fit) and writes loss.png, throughput.png, memory.png,
 tryrun.png and goodput.png to DIR (default RUN_DIR/plots). Mesh changes are marked on the throughput plot;
-evaluation records (``eval_loss``, with ``train.eval_every``) are drawn on the loss plot.
+evaluation records (``eval_loss``, with ``train.eval_every``) are drawn on the loss plot; memory.png shows the
+device bytes in use and at peak (memory_stats(), or the compiled step's figures where the platform has none, as
+on CPU: the title says which) and the process's host RSS.
 """
 from __future__ import annotations
 
@@ -71,6 +73,28 @@ def plot_throughput(records: list[dict], path: Path) -> None:
         ax.annotate(str(mesh), (step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", ha="right")
     ax.set(xlabel="step", ylabel="tokens/s", title="throughput (first step includes start-up)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_memory(records: list[dict], path: Path) -> None:
+    """Device bytes in use and peak (per device, as the record's ``device_memory_source`` says) and host RSS, in MiB."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    mib = lambda key: [(r.get(key) or 0) / 2**20 for r in records]  # noqa: E731
+    sources = sorted({r["device_memory_source"] for r in records})
+    fig, (dev, host) = plt.subplots(1, 2, figsize=(11, 4))
+    dev.plot(steps, mib("device_bytes_in_use"), lw=1, label="in use")
+    dev.plot(steps, mib("device_peak_bytes"), lw=1, ls="--", label="peak")
+    dev.set(xlabel="step", ylabel="MiB per device", title=f"device memory ({', '.join(sources)})")
+    host.plot(steps, mib("host_rss_bytes"), lw=1, label="RSS")
+    host.plot(steps, mib("host_peak_rss_bytes"), lw=1, ls="--", label="peak RSS")
+    host.set(xlabel="step", ylabel="MiB", title="host memory (process 0)")
+    for ax in (dev, host):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -143,6 +167,10 @@ def make_plots(run_dir: Path, out: Path) -> list[Path]:
     written = [out / "loss.png", out / "throughput.png"]
     plot_loss(records, evals, written[0])
     plot_throughput(records, written[1])
+    with_memory = [r for r in records if "device_bytes_in_use" in r]  # runs from before memory was logged have none
+    if with_memory:
+        plot_memory(with_memory, out / "memory.png")
+        written.append(out / "memory.png")
     tryrun = run_dir / "tryrun.jsonl"
     if tryrun.is_file():
         decisions = read_jsonl(tryrun)

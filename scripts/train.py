@@ -14,9 +14,25 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--run-dir", default=None, help="where metrics.jsonl, config.yaml and checkpoints go (default runs/<config name>)")
     p.add_argument("--cpu-devices", type=int, default=8, help="devices to emulate on the CPU platform (default 8)")
+    p.add_argument("--profile", metavar="START:STOP", default=None,
+                   help="jax.profiler trace of steps START..STOP (as metrics.jsonl numbers them) in RUN_DIR/profile "
+                        "(sets logging.profile_steps)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 mesh.fsdp=-1")
     distributed.add_arguments(p)
     return p.parse_intermixed_args(argv)
+
+
+def profile_override(text: str | None) -> list[str]:
+    """``--profile 5:8`` as the override ``logging.profile_steps=[5, 8]`` (checked against the run like the key)."""
+    if text is None:
+        return []
+    from framework.config import ConfigError
+
+    start, sep, stop = text.partition(":")
+    if not (sep and start.strip().isdigit() and stop.strip().isdigit()):
+        raise ConfigError(f"--profile {text!r}: expected START:STOP, two step numbers as metrics.jsonl numbers them "
+                          "(e.g. --profile 5:8)")
+    return [f"logging.profile_steps=[{int(start)}, {int(stop)}]"]
 
 
 def main(argv=None) -> None:
@@ -36,7 +52,7 @@ def main(argv=None) -> None:
         from framework.train import Trainer
 
         distributed.initialize(distributed.args_from_namespace(args))  # before anything touches a backend
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *profile_override(args.profile)])
         check_run(cfg)  # before the run dir is touched, and before an elastic start could try other layouts instead
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
         primary = jax.process_index() == 0

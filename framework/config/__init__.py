@@ -9,7 +9,7 @@ concern's knowledge (the NVMe tier, pipeline stages) live with the concern and r
 assembled (``framework.state.check_run``). Errors are one line; scripts exit 2 on them.
 """
 from framework.config.loading import config_to_dict, load_config, parse_override
-from framework.config.schema import (DTYPES, HOST_OPTIMIZERS, TOKEN_METADATA, VOCAB_MULTIPLE, BroadcastConfig,
+from framework.config.schema import (DTYPES, HOST_OPTIMIZERS, TOKEN_METADATA, TRACKERS, VOCAB_MULTIPLE, BroadcastConfig,
                                      CheckpointConfig, Config, ConfigError, DataConfig, ElasticConfig, LoggingConfig,
                                      MemoryConfig, MeshConfig, ModelConfig, OptimizerConfig, ShardingConfig, TrainConfig)
 from framework.config.validation import warnings

@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HOST_OPTIMIZERS = ("adamw", "adam", "sgd", "lion")  # their updates run on the host (memory.opt_state=pinned_host)
 TOKEN_METADATA = "metadata.json"  # a token store's description (framework/data/prepare.py writes it)
 VOCAB_MULTIPLE = 128  # model.vocab_size: auto pads the store's vocabulary up to a multiple of this
+TRACKERS = ("jsonl", "tensorboard", "wandb")  # logging.trackers: where metrics leave the loop (framework/trackers/)
 
 
 @dataclass
@@ -115,8 +116,24 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """What a run reports and where (framework/trackers/), and what it lets you see inside it.
+
+    ``trackers``: ``jsonl`` (RUN_DIR/metrics.jsonl), ``tensorboard`` (RUN_DIR/tensorboard), ``wandb`` (the
+    optional extra: ``pip install -e '.[wandb]'``; WANDB_MODE=offline writes RUN_DIR/wandb only).
+    ``tensorboard: false`` leaves tensorboard out of ``trackers`` (the switch tests and benchmarks use).
+    ``profile_steps: [start, stop]``: a jax.profiler trace of steps start..stop (numbered as in metrics.jsonl)
+    in RUN_DIR/profile, by process 0 unless ``profile_all_processes``. ``dump_hlo``: every compiled train step's
+    optimized HLO, memory_analysis() and cost_analysis() in RUN_DIR/compiled/<layout>/.
+    """
+
     progress: bool = True
+    trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     tensorboard: bool = True
+    wandb_project: str = "meshpilot"
+    wandb_entity: str = ""  # empty: the account's default entity
+    profile_steps: list[int] = field(default_factory=list)  # [] or [start, stop], 1 <= start <= stop <= train.steps
+    profile_all_processes: bool = False
+    dump_hlo: bool = False
 
 
 @dataclass

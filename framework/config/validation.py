@@ -5,7 +5,8 @@ rules, stage divisibility) live with that concern and are called by ``framework.
 """
 from __future__ import annotations
 
-from framework.config.schema import DTYPES, HOST_OPTIMIZERS, Config, ConfigError, ElasticConfig, OptimizerConfig
+from framework.config.schema import (DTYPES, HOST_OPTIMIZERS, TRACKERS, Config, ConfigError, ElasticConfig, LoggingConfig,
+                                     OptimizerConfig)
 
 
 def validate(cfg: Config) -> None:
@@ -56,6 +57,20 @@ def validate(cfg: Config) -> None:
     if cfg.checkpoint.every_minutes < 0:
         raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: expected a number >= 0 (0: off)")
     validate_elastic(cfg.elastic)
+    validate_logging(cfg.logging, t.steps)
+
+
+def validate_logging(log: LoggingConfig, steps: int) -> None:
+    """Tracker names, and profile steps inside the run."""
+    for i, name in enumerate(log.trackers):
+        if name not in TRACKERS:
+            raise ConfigError(f"logging.trackers: unknown tracker {name!r}; expected a list of {', '.join(TRACKERS)}")
+        if name in log.trackers[:i]:
+            raise ConfigError(f"logging.trackers: {name!r} is listed twice")
+    p = log.profile_steps
+    if p and not (len(p) == 2 and 1 <= p[0] <= p[1] <= steps):
+        raise ConfigError(f"logging.profile_steps={p}: expected [start, stop] with 1 <= start <= stop <= train.steps={steps} "
+                          "(steps numbered as in metrics.jsonl; [] for no trace)")
 
 
 def validate_memory(cfg: Config) -> None:

@@ -11,9 +11,9 @@ nvme_rules.py  the NVMe tier's rules: the optimizers it streams, its files, what
 Everything is re-exported here: ``from framework import memory`` and ``memory.X`` work.
 """
 from framework.memory.host import HostUpdateCheck, check_host_update, on_host
-from framework.memory.monitor import MemoryMonitor, MemoryReading, needs_budget, resolve_budget
+from framework.memory.monitor import MemoryMonitor, MemoryReading, host_memory, needs_budget, resolve_budget
 from framework.memory.nvme import NvmeOptimizer, NvmeStateError, disk_bytes, held_abstract
-from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_device_bytes,
+from framework.memory.planner import (MemoryNeeds, MemoryPlan, category_bytes, compiled_argument_bytes, compiled_device_bytes,
                                       device_bytes_by_category, device_share, estimate_needs, format_plan,
                                       host_state_bytes, make_plan, pipeline_plan, plan_memory, residual_bytes, shard_bytes,
                                       state_needs, with_compiled_activations)

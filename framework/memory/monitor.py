@@ -5,7 +5,8 @@ platform reports them: GPU/TPU; CPU reports nothing) into a ``MemoryReading`` of
 local device. The Trainer reads it before every step: when free memory falls under
 ``memory.headroom_bytes`` it shrinks the micro-batch, and grows it back after
 ``memory.regrow_after_steps`` steps with room. Subclass ``read`` for research (or tests: a
-monitor whose free memory falls mid-run) and assign an instance to ``Trainer.memory_monitor``.
+monitor whose free memory falls mid-run) and assign an instance to ``Trainer.memory_monitor``. Each logged step
+records its reading and ``host_memory``, the process's resident host memory (framework/train/segment.py).
 """
 from __future__ import annotations
 
@@ -53,6 +54,15 @@ class MemoryMonitor:
             return min(with_free, key=lambda r: r.free)
         with_limit = [r for r in readings if r.bytes_limit is not None]
         return min(with_limit, key=lambda r: r.bytes_limit) if with_limit else readings[0]
+
+
+def host_memory() -> tuple[int | None, int | None]:
+    """This process's resident host memory now and at its peak, in bytes (VmRSS and VmHWM; None off Linux)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return tuple(int(fields[k].split()[0]) * 1024 if k in fields else None for k in ("VmRSS", "VmHWM"))
+    except (OSError, ValueError):
+        return None, None
 
 
 def needs_budget(cfg: MemoryConfig, micro_batch: Any = None) -> bool:

@@ -245,8 +245,14 @@ def compiled_device_bytes(memory_analysis, host_argument_bytes: int) -> int:
     state's outputs are donated, so aliased output bytes are not counted twice.
     """
     ma = memory_analysis
-    host = host_argument_bytes if ma.host_argument_size_in_bytes == 0 else 0
-    return ma.argument_size_in_bytes - host + max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0) + ma.temp_size_in_bytes
+    return compiled_argument_bytes(ma, host_argument_bytes) + max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0) \
+        + ma.temp_size_in_bytes
+
+
+def compiled_argument_bytes(memory_analysis, host_argument_bytes: int) -> int:
+    """Device bytes of a compiled step's arguments (the state and batch it starts from, less those in pinned_host)."""
+    ma = memory_analysis
+    return ma.argument_size_in_bytes - (host_argument_bytes if ma.host_argument_size_in_bytes == 0 else 0)
 
 
 def host_state_bytes(abstract, placement: Placement, axis_sizes: Mapping[str, int]) -> int:

@@ -6,7 +6,11 @@
                  the try-run controller hands it between Trainers (``Trainer.adopt``)
   steps.py       CompiledSteps: the jitted train/eval steps of one placement, compiled per micro-batch on first use
   loop.py        timed_steps: the one timed loop of live training and try-runs
-  segment.py     Segment: one stretch of the loop: metrics, hooks, evaluation and checkpoint work between steps
+  segment.py     Segment: one stretch of the loop: records to the trackers, hooks, the profiler, evaluation and
+                 checkpoint work between steps
+  session.py     the run around its segments: preemption, goodput, the trackers' lifetime, RUN_DIR/plans.json (a mixin)
+  profiler.py    StepProfiler: a jax.profiler trace of logging.profile_steps in RUN_DIR/profile
+  artifacts.py   logging.dump_hlo's compiled steps in RUN_DIR/compiled, the layouts' plans in RUN_DIR/plans.json
   callbacks.py   Callback: research hooks outside the Trainer class
   microbatch.py  the micro-batch follows device memory (a Trainer mixin)
   resume.py      resume per checkpoint.resume, the run's config.yaml (a Trainer mixin)

@@ -10,7 +10,9 @@ step, so the step itself reads the same on every tier.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -22,6 +24,7 @@ from framework.config import Config, ConfigError
 from framework.data import BatchLoader, make_source
 from framework.mesh import STAGE, MeshManager, describe
 from framework.state import AbstractState, abstract_state
+from framework.train import artifacts
 from framework.train.steps import CompiledSteps
 
 
@@ -83,8 +86,9 @@ class MeshLayout:
     # ------------------------------------------------------------------ a placement on this mesh
 
     def place(self, cfg: Config, placement: memory.Placement, remat_policy: Callable | None,
-              traced_step: Callable, traced_eval: Callable) -> None:
-        """Shardings, memory kinds and jitted steps for ``placement`` (kept when already placed the same way)."""
+              traced_step: Callable, traced_eval: Callable, dump_dir: Path | None = None) -> None:
+        """Shardings, memory kinds and jitted steps for ``placement`` (kept when already placed the same way); with
+        ``dump_dir`` (``logging.dump_hlo``) every train step compiled for it is written there (artifacts.py)."""
         if self.placement is not None and self._placed_key == placement.key():  # (a policy may mutate its placement)
             self.placement = placement  # the same kinds; its reasons may say more
             return
@@ -111,7 +115,15 @@ class MeshLayout:
             # params are read, not donated: training goes on from them
             jax.jit(traced_eval, in_shardings=(self.state_shardings.params, self.batch_sharding),
                     out_shardings=self.replicated),
-            self.abstract_inputs)
+            self.abstract_inputs, None if dump_dir is None else functools.partial(self._dump, dump_dir, placement))
+
+    def _dump(self, dump_dir: Path, placement: memory.Placement, grad_accum: int, compiled) -> None:
+        """One compiled train step into ``dump_dir/<layout>/`` (framework/train/artifacts.py)."""
+        about = {"mesh": self.axis_sizes, "devices": [d.id for d in self.devices], "grad_accum": grad_accum,
+                 "placement": dict(zip(("params", "opt_state", "activations", "grads"), placement.key()))}
+        host = memory.host_state_bytes(self.abstract, placement, self.axis_sizes)
+        artifacts.dump_compiled(dump_dir / artifacts.layout_name(self.axis_sizes, grad_accum, placement), compiled,
+                                about, host)
 
     def abstract_inputs(self, global_batch: int, seq_len: int, grad_accum: int) -> tuple:
         """The step's arguments as ShapeDtypeStructs on their shardings: the state, a batch of ``grad_accum`` micro-batches."""

@@ -28,12 +28,14 @@ class StepDone:
 
 
 def timed_steps(trainer, start: int, stop: int, stop_before: Callable[[int], bool] | None = None,
-                pause_after: Callable[[int], bool] | None = None) -> Iterator[StepDone]:
+                pause_after: Callable[[int], bool] | None = None,
+                before_step: Callable[[int], None] | None = None) -> Iterator[StepDone]:
     """Run steps ``start``..``stop``-1 on ``trainer.state`` and yield each one when its metrics arrive.
 
     ``stop_before(step)`` true ends the loop before ``step`` (a preemption, a try-run trigger);
     ``pause_after(step)`` true yields ``step`` before the next one is dispatched, so the consumer can
-    evaluate or checkpoint the state after it, and restarts the clock when the consumer comes back.
+    evaluate or checkpoint the state after it, and restarts the clock when the consumer comes back;
+    ``before_step(step)`` is called just before ``step``'s batch is taken and the step dispatched (the profiler).
     """
     prefetch = Prefetcher(trainer.loader, int(jax.device_get(trainer.state.data_pos)), trainer.cfg.data.prefetch)
     pending = None  # (step, metrics) of the step in flight
@@ -52,6 +54,8 @@ def timed_steps(trainer, start: int, stop: int, stop_before: Callable[[int], boo
         for step in range(start, stop):
             if stop_before is not None and stop_before(step):
                 break
+            if before_step is not None:
+                before_step(step)
             if step > start:
                 batch = prefetch.next()[1]
             trainer.state, metrics = trainer.step(trainer.state, batch)

@@ -1,17 +1,21 @@
 """One segment of the training loop: from the state's step to the end of the run, or to a stop (a preemption,
 a try-run trigger, after which the controller remeshes and starts the next segment).
 
-The segment owns what the loop writes (metrics.jsonl and TensorBoard, the progress bar, the records it
-returns), calls the hooks (``Trainer.on_step_end``/``on_eval_end`` and ``trainer.callbacks``), decides the
-work between steps (evaluation, checkpoints) and saves the checkpoint a segment ends with.
+The segment makes what the loop reports (each step's record with its memory figures and MFU, the progress bar,
+the records it returns) and hands it to the run's trackers (``trainer.trackers``: metrics.jsonl, TensorBoard,
+wandb), calls the hooks (``Trainer.on_step_end``/``on_eval_end`` and ``trainer.callbacks``), runs the profiler
+over ``logging.profile_steps``, decides the work between steps (evaluation, checkpoints) and saves the
+checkpoint a segment ends with.
 """
 from __future__ import annotations
 
 import jax
 
-from framework import preemption
-from framework.metrics import MetricsWriter, ProgressBar
+from framework import memory, metrics, preemption
+from framework.config import config_to_dict
+from framework.metrics import ProgressBar
 from framework.train.loop import StepDone
+from framework.train.profiler import StepProfiler
 
 
 class Segment:
@@ -19,13 +23,15 @@ class Segment:
 
     def __init__(self, trainer, start: int, total: int):
         self.trainer, self.start, self.total = trainer, start, total
-        self.writer = MetricsWriter(trainer.run_dir, trainer.cfg.logging.tensorboard)
         self.bar = ProgressBar(total, start, trainer.cfg.logging.progress)
+        self.profiler = StepProfiler(trainer.cfg.logging, trainer.run_dir, start + 1, resumed=not trainer.goodput.started)
+        self._compiled_memory: dict[int, tuple[int, int]] = {}  # id(compiled step) -> its (argument, peak) device bytes
         self.records: list[dict] = []
         self.preempted_at: int | None = None  # the step a SIGTERM/SIGINT stopped the loop before
         self._due = (False, False)  # (evaluate, save) after the step the loop paused at
 
     def __enter__(self) -> "Segment":
+        self.trainer.trackers.start(config_to_dict(self.trainer.cfg))  # once per run (Trainer.session finishes them)
         self.trainer.goodput.loop_started()
         if self.trainer.checkpointer is not None:
             self.trainer.checkpointer.new_segment()
@@ -34,13 +40,13 @@ class Segment:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.profiler.stop()  # first: a trace cut short by an error or a preemption is still written
         try:
             if self.trainer.checkpointer is not None:
                 with self.trainer.goodput.span("checkpoint_save"):
                     self.trainer.checkpointer.wait()
         finally:
             self.bar.close()
-            self.writer.close()
 
     # ------------------------------------------------------------------ what the loop asks
 
@@ -65,10 +71,17 @@ class Segment:
 
     # ------------------------------------------------------------------ what the segment does
 
+    def before_step(self, step: int) -> None:
+        """Step index ``step`` is about to be dispatched (the profiler's trace may start)."""
+        self.profiler.before(step + 1)
+
     def log_step(self, done: StepDone) -> dict:
-        """The step's record: to metrics.jsonl (every ``train.log_every`` steps), the bar, goodput and the hooks."""
+        """The step's record: to the trackers (every ``train.log_every`` steps, with memory figures and MFU), the bar,
+        goodput and the hooks."""
         tr, t = self.trainer, self.trainer.cfg.train
         values, dt = done.metrics, done.seconds
+        logged = (done.step + 1) % t.log_every == 0 or done.step + 1 == t.steps
+        self.profiler.after(done.step + 1)
         record = {
             "step": done.step + 1,
             "loss": float(values["loss"]),
@@ -82,15 +95,51 @@ class Segment:
         record.update({key: float(value) for key, value in values.items() if key not in record})  # loss_fn's own metrics
         if not self.records:  # the first step's time is its latency (transfers, first run); data and compile are apart
             record["compile_s"] = tr.compile_seconds
+        if logged:
+            record.update(self.throughput(dt))
+            record.update(self.memory_in_use())
         self.records.append(record)
         tr.goodput.step(done.step + 1, dt)
-        if (done.step + 1) % t.log_every == 0 or done.step + 1 == t.steps:
-            self.writer.write(record)
+        if logged:
+            tr.trackers.log(record)
         self.bar.update(record)
         tr.on_step_end(done.step + 1, record)
         for callback in tr.callbacks:
             callback.on_step_end(tr, done.step + 1, record)
         return record
+
+    def throughput(self, seconds: float) -> dict:
+        """Model FLOP/s of the step (decoder LMs: ``metrics.model_flops``) and MFU where the device's peak is known."""
+        tr = self.trainer
+        flops = tr.model_flops_per_step
+        if flops is None:
+            return {}
+        out = {"model_flops_per_s": flops / seconds}
+        mfu = metrics.mfu(flops, seconds, len(tr.devices), tr.devices[0].device_kind)
+        return out if mfu is None else {**out, "mfu": mfu}
+
+    def memory_in_use(self) -> dict:
+        """Device bytes in use and at peak (the memory monitor's reading of the tightest local device: memory_stats()
+        where the platform has it; else the compiled step's arguments and peak, labelled ``compiled``) and host RSS."""
+        tr = self.trainer
+        reading = tr.memory_monitor.read(tr.devices)
+        if reading.bytes_in_use is not None:
+            device = {"device_bytes_in_use": reading.bytes_in_use, "device_peak_bytes": reading.peak_bytes_in_use,
+                      "device_memory_source": "memory_stats"}
+        else:
+            in_use, peak = self._compiled_bytes(tr.layout)
+            device = {"device_bytes_in_use": in_use, "device_peak_bytes": peak, "device_memory_source": "compiled"}
+        rss, peak_rss = memory.host_memory()
+        return {**device, "host_rss_bytes": rss, "host_peak_rss_bytes": peak_rss}
+
+    def _compiled_bytes(self, layout) -> tuple[int, int]:
+        key = id(layout.current)
+        if key not in self._compiled_memory:
+            analysis = layout.current.memory_analysis()
+            host = memory.host_state_bytes(layout.abstract, layout.placement, layout.axis_sizes)
+            self._compiled_memory[key] = (memory.compiled_argument_bytes(analysis, host),
+                                          memory.compiled_device_bytes(analysis, host))
+        return self._compiled_memory[key]
 
     def work(self, step: int) -> None:
         """The evaluation and checkpoint due at ``step`` (the step is logged first: metrics.jsonl stays in step
@@ -100,7 +149,7 @@ class Segment:
         if evaluate:
             with tr.goodput.span("evaluation"):
                 record = {"step": step, **tr.evaluate()}
-                self.writer.write(record)
+                tr.trackers.log(record)
                 tr.on_eval_end(step, record)
                 for callback in tr.callbacks:
                     callback.on_eval_end(tr, step, record)

@@ -10,7 +10,6 @@ Research extension by subclassing: override ``loss_fn`` (its aux dict is logged 
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -29,6 +28,8 @@ from framework.config import Config, ConfigError, config_to_dict
 from framework.data import BatchLoader
 from framework.optimizer import global_norm, learning_rate_schedule
 from framework.state import TrainState, abstract_state, init_state
+from framework.trackers import Trackers
+from framework.train import artifacts
 from framework.train.callbacks import Callback
 from framework.train.evaluation import Evaluation
 from framework.train.layout import MeshLayout
@@ -37,12 +38,13 @@ from framework.train.microbatch import MicroBatchControl, with_grad_accum
 from framework.train.objective import next_token_loss
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
+from framework.train.session import RunSession
 
 # The model ``Trainer.model`` builds while ``loss_for`` traces: the same loss_fn on the model built another way
 _MODEL_GRAPHDEF: contextvars.ContextVar = contextvars.ContextVar("meshpilot_model_graphdef", default=None)
 
 
-class Trainer(RunResume, MicroBatchControl, Evaluation):
+class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
     placement_policy: memory.PlacementPolicy = memory.PlacementPolicy()  # research: assign a subclass
     memory_monitor: memory.MemoryMonitor = memory.MemoryMonitor()  # research: assign a subclass instance
 
@@ -51,6 +53,7 @@ class Trainer(RunResume, MicroBatchControl, Evaluation):
         self.goodput = goodput.GoodputClock()  # where wall time goes; scripts/train.py starts it at process start
         self.goodput_line = ""
         self.callbacks: list[Callback] = []
+        self.trackers = Trackers(cfg.logging, self.run_dir)  # where records go (logging.trackers); started with the loop
         if cfg.train.compilation_cache_dir:
             enable_compilation_cache(cfg.train.compilation_cache_dir)
         if isinstance(cfg.train.micro_batch, int):  # memory tiers: a fixed micro-batch sets grad_accum
@@ -103,7 +106,9 @@ class Trainer(RunResume, MicroBatchControl, Evaluation):
 
     def _place(self, placement: memory.Placement) -> None:
         remat = memory.layer_policy(self.cfg, placement.activations, self.loss_for(), self.base_abstract.shapes.params)
-        self.layout.place(self.cfg, placement, remat, self._traced_step, self._traced_eval)
+        dump = self.cfg.logging.dump_hlo and self.run_dir is not None and jax.process_index() == 0
+        self.layout.place(self.cfg, placement, remat, self._traced_step, self._traced_eval,
+                          self.run_dir / artifacts.COMPILED_DIR if dump else None)
 
     def _placed(self) -> MeshLayout:
         """The layout once placed: an ``auto`` placement is measured on the compiled step the first time it is needed."""
@@ -347,18 +352,6 @@ class Trainer(RunResume, MicroBatchControl, Evaluation):
         with self.session():
             return self._fit(total)
 
-    @contextlib.contextmanager
-    def session(self):
-        """A whole run: SIGTERM/SIGINT stop it at a step boundary with a checkpoint (framework/preemption.py), and
-        RUN_DIR/goodput.json says where its wall time went (framework/goodput.py)."""
-        with preemption.watching():
-            try:
-                yield
-            except preemption.Preempted:
-                self.record_goodput()
-                raise
-        self.record_goodput()
-
     def _fit(self, total: int) -> list[dict]:
         """One segment: from the state's step to ``total``, or to a stop (a preemption, a try-run trigger)."""
         if self.state is None:
@@ -371,9 +364,11 @@ class Trainer(RunResume, MicroBatchControl, Evaluation):
             return []
         self.write_config()
         self.compile()
+        self.write_plans(start)
         with Segment(self, start, total) as run:
-            for done in timed_steps(self, start, total, stop_before=run.stop_before, pause_after=run.work_due):
-                run.log_step(done)  # metrics.jsonl, TensorBoard, progress bar, goodput, hooks and callbacks
+            for done in timed_steps(self, start, total, stop_before=run.stop_before, pause_after=run.work_due,
+                                    before_step=run.before_step):
+                run.log_step(done)  # the trackers (metrics.jsonl, TensorBoard, wandb), progress bar, goodput, hooks
                 if done.paused:
                     run.work(done.step + 1)  # an evaluation, a checkpoint
             run.finish()  # the checkpoint a segment ends with
@@ -381,16 +376,6 @@ class Trainer(RunResume, MicroBatchControl, Evaluation):
             raise preemption.Preempted(run.preempted_at, preemption.received(),
                                        self.checkpointer.directory if self.checkpointer is not None else None)
         return run.records
-
-    def record_goodput(self) -> None:
-        """RUN_DIR/goodput.json, TensorBoard ``goodput/*`` and ``goodput_line`` (framework/goodput.py)."""
-        if not self.goodput.started:  # nothing was trained: the run dir stays as it was
-            return
-        report = self.goodput.report()
-        history = goodput.write(self.run_dir, report)
-        if self.cfg.logging.tensorboard and self.state is not None:
-            goodput.write_tensorboard(self.run_dir, report, int(jax.device_get(self.state.step)))
-        self.goodput_line = goodput.summary_line(history["total"], len(history["runs"]))
 
 
 def enable_compilation_cache(path: str) -> None:
