@@ -12,10 +12,10 @@ on CPU: the title says which) and the process's host RSS.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import _cli  # noqa: F401  (puts the repository on sys.path)
+from _runfiles import mesh_changes, read_json, read_jsonl, read_metrics
 
 
 def parse_args(argv=None):
@@ -23,29 +23,6 @@ def parse_args(argv=None):
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.add_argument("--out", default=None, help="where the PNGs go (default RUN_DIR/plots)")
     return p.parse_intermixed_args(argv)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    from framework.config import ConfigError
-
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path}:{i}: not a JSON object") from None
-    return records
-
-
-def mesh_changes(records: list[dict]) -> list[tuple[int, dict]]:
-    """(step, new mesh) wherever the mesh differs from the previous record's."""
-    out = []
-    for prev, rec in zip(records, records[1:]):
-        if rec.get("mesh") != prev.get("mesh"):
-            out.append((rec["step"], rec.get("mesh")))
-    return out
 
 
 def plot_loss(records: list[dict], evals: list[dict], path: Path) -> None:
@@ -152,14 +129,7 @@ def plot_goodput(history: dict, path: Path) -> None:
 def make_plots(run_dir: Path, out: Path) -> list[Path]:
     from framework.config import ConfigError
 
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ConfigError(f"{metrics}: not found (expected a run directory written by scripts/train.py)")
-    logged = read_jsonl(metrics)
-    records = [r for r in logged if "loss" in r]  # training steps; evaluation records carry eval_* keys instead
-    evals = [r for r in logged if "eval_loss" in r]
-    if not records:
-        raise ConfigError(f"{metrics}: no records")
+    records, evals = read_metrics(run_dir)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,12 +149,12 @@ def make_plots(run_dir: Path, out: Path) -> list[Path]:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{tryrun}: a decision lacks {e} (expected step, baseline, candidates, chosen)") from None
         written.append(out / "tryrun.png")
-    goodput = run_dir / "goodput.json"
-    if goodput.is_file():
+    goodput = read_json(run_dir / "goodput.json", "runs and total")
+    if goodput is not None:
         try:
-            plot_goodput(json.loads(goodput.read_text()), out / "goodput.png")
+            plot_goodput(goodput, out / "goodput.png")
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{goodput}: not a goodput record ({e}; expected runs and total)") from None
+            raise ConfigError(f"{run_dir / 'goodput.json'}: not a goodput record ({e}; expected runs and total)") from None
         written.append(out / "goodput.png")
     return written
 

@@ -150,7 +150,7 @@ def test_plot_writes_pngs(short_run, tmp_path):
     finally:
         (short_run / "tryrun.jsonl").unlink()
     assert r.returncode == 0, r.stderr[-2000:]
-    names = ["loss.png", "throughput.png", "tryrun.png", "goodput.png"]  # every run writes goodput.json
+    names = ["loss.png", "throughput.png", "memory.png", "tryrun.png", "goodput.png"]  # every run writes goodput.json
     assert r.stdout.split() == [str(tmp_path / "plots" / n) for n in names]
     for n in names:
         data = (tmp_path / "plots" / n).read_bytes()
@@ -160,7 +160,7 @@ def test_plot_writes_pngs(short_run, tmp_path):
 def test_plot_without_tryrun_and_missing_dir(short_run, tmp_path):
     r = run_script("plot.py", str(short_run), "--out", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["goodput.png", "loss.png", "throughput.png"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["goodput.png", "loss.png", "memory.png", "throughput.png"]
     r = run_script("plot.py", str(tmp_path / "nowhere"))
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'nowhere' / 'metrics.jsonl'}: not found (expected a run directory written by scripts/train.py)"

@@ -26,9 +26,14 @@ class WandbTracker(Tracker):
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity or None, name=self.run_dir.name,
-                              id=self._run_id(), resume="allow", dir=str(self.run_dir), config=config,
-                              settings=wandb.Settings(console="off", quiet=True))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity or None,
+                                  name=self.run_dir.name, id=self._run_id(), resume="allow", dir=str(self.run_dir),
+                                  config=config, settings=wandb.Settings(console="off", quiet=True))
+        except Exception:
+            wandb.teardown()  # wandb keeps its settings per process until then: a later start reads them again
+            raise
 
     def _run_id(self) -> str:
         path = self.run_dir / RUN_ID_FILE
@@ -53,6 +58,7 @@ class WandbTracker(Tracker):
 
     def finish(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
+        self._wandb.teardown()  # waits for wandb's service to write the run (finish alone may return before)
 
 
 def _cell(value):
