@@ -51,22 +51,13 @@ class Decision:
 
     def record(self) -> dict:
         return {
-            "trigger": self.trigger,
-            "step": self.step,
-            "checkpoint_step": self.step,
-            "available_devices": self.available_devices,
-            "max_devices": self.max_devices,
-            "min_devices": self.min_devices,
-            "integer_multiple": self.n_devices % self.min_devices == 0,
-            "baseline": self.baseline.record(),
-            "candidates": [tr.record() for tr in self.candidates],
-            "dropped": self.dropped,
-            "chosen": self.chosen.record(),
-            "adopted": self.adopted,
-            "threshold": self.threshold,
-            "max_useful_devices": self.max_useful_devices,
-            "idle_devices": self.idle_devices,
-            "state_from": self.state_from,
+            "trigger": self.trigger, "step": self.step, "checkpoint_step": self.step,
+            "available_devices": self.available_devices, "max_devices": self.max_devices,
+            "min_devices": self.min_devices, "integer_multiple": self.n_devices % self.min_devices == 0,
+            "baseline": self.baseline.record(), "candidates": [tr.record() for tr in self.candidates],
+            "dropped": self.dropped, "chosen": self.chosen.record(), "adopted": self.adopted,
+            "threshold": self.threshold, "max_useful_devices": self.max_useful_devices,
+            "idle_devices": self.idle_devices, "state_from": self.state_from,
             "seconds": dataclasses.asdict(self.seconds),
         }
 
