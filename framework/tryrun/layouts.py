@@ -1,0 +1,186 @@
+"""The layouts a try-run decision may choose among, and the gates each one must pass.
+
+A layout is a mesh over the first ``n_devices`` devices plus the gradient accumulation that keeps the
+global batch fixed. *Horizontal* candidates are more data-parallel replicas of the minimal split (only
+when the device count is an integer multiple of it); *vertical* ones split the model over more devices
+(over fsdp x tensor, and, kind ``pipeline``, its stacked layers cut into more stages). A layout that
+cannot run (a tensor size that does not divide the heads, a batch that does not split) is left out
+with its reason, which the decision log records under ``dropped``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from framework import sharding
+from framework.config import Config, ConfigError
+from framework.mesh import STAGE
+
+
+@dataclasses.dataclass
+class Layout:
+    """One way to run: a mesh over the first ``n_devices`` devices and the accumulation that keeps the batch."""
+
+    kind: str  # "horizontal", "vertical", "pipeline" (vertical: more pipeline stages), "baseline" (current, possibly shrunk)
+    n_devices: int
+    mesh: dict[str, int]  # axis name -> size
+    grad_accum: int
+
+    @property
+    def key(self) -> tuple:
+        return self.n_devices, tuple(self.mesh.items()), self.grad_accum
+
+
+def grad_accum_for(global_batch: int, data_parallel: int, preferred: int) -> int | None:
+    """Micro-batches per step so that each micro-batch splits evenly over ``data_parallel`` devices.
+
+    The global batch never changes; of the accumulations that work, the one nearest the configured
+    one is taken (ties: more micro-batches, i.e. less activation memory). None when no split works
+    (e.g. 16 samples over 6 data-parallel devices).
+    """
+    working = [a for a in range(1, global_batch + 1) if global_batch % a == 0 and (global_batch // a) % data_parallel == 0]
+    return min(working, key=lambda a: (abs(a - preferred), -a), default=None)
+
+
+def tensor_misfit(cfg: Config, tensor: int) -> str | None:
+    """Why the model's tensor-split dimensions (heads, KV heads, MLP width) do not divide by ``tensor``; None when they do."""
+    if tensor == 1 or cfg.model.name != "transformer":
+        return None
+    m = cfg.model
+    dims = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads or m.n_heads, "model.d_mlp": m.d_mlp}
+    bad = [f"{key}={value}" for key, value in dims.items() if value % tensor]
+    return f"tensor={tensor} does not divide {', '.join(bad)}" if bad else None
+
+
+def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | str:
+    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor), or why none fits.
+
+    ``prefer_tensor`` (the current tensor size) is kept when it divides the split; otherwise as much
+    fsdp as the global batch allows (fsdp also splits the batch). A tensor size must divide the heads,
+    KV heads and MLP width; the data-parallel size must split the global batch.
+    """
+    data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
+    t = cfg.train
+    tensors = sorted((d for d in range(1, split + 1) if split % d == 0), key=lambda d: (d != prefer_tensor, d))
+    reasons = []
+    for tensor in tensors:
+        misfit = tensor_misfit(cfg, tensor)
+        if misfit is not None:
+            reasons.append(misfit)
+            continue
+        mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
+        dp = math.prod(mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, mesh))
+        accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
+        if accum is not None:
+            return Layout(kind, n_devices, mesh, accum)
+        reasons.append(f"train.global_batch={t.global_batch} does not split over data-parallel size {dp} "
+                       f"(tensor={tensor})")
+    return "; ".join(reasons)
+
+
+def plan_pipeline_layout(cfg: Config, n_devices: int, replicas: int, split: int, stages: int,
+                         prefer_tensor: int = 1) -> Layout | str:
+    """``replicas`` copies of the model cut into ``stages`` pipeline stages over ``split`` devices (each stage's
+    share split over fsdp x tensor as ``plan_layout`` does), or why none fits."""
+    m, t = cfg.model, cfg.train
+    if m.n_layers % stages:
+        return f"model.n_layers={m.n_layers} is not divisible by {stages} stages"
+    found = plan_layout(cfg, "pipeline", n_devices, replicas, split // stages, prefer_tensor)
+    if isinstance(found, str):
+        return found
+    dp = math.prod(found.mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, found.mesh))
+    accum = grad_accum_for(t.global_batch, dp * t.pipeline_microbatches, t.grad_accum)  # pieces split like the batch
+    if accum is None:
+        return (f"train.global_batch={t.global_batch} does not split into train.pipeline_microbatches="
+                f"{t.pipeline_microbatches} pieces over data-parallel size {dp}")
+    return Layout("pipeline", n_devices, {STAGE: stages, **found.mesh}, accum)
+
+
+def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
+    """``plan_layout``, None when nothing fits."""
+    found = plan_layout(cfg, kind, n_devices, replicas, split, prefer_tensor)
+    return found if isinstance(found, Layout) else None
+
+
+def with_layout(cfg: Config, layout: Layout) -> Config:
+    """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
+    data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
+    stage = layout.mesh.get(STAGE, 1)
+    return dataclasses.replace(
+        cfg,
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, dcn_data=1),
+        train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
+                                  micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
+    )
+
+
+@dataclasses.dataclass
+class Gates:
+    """Builds a decision's layouts from the live mesh (``current``: its axis sizes), each through its gates;
+    a layout that fails them goes into ``dropped`` ({kind, n_devices, split, reason}, as the log writes it)."""
+
+    cfg: Config
+    current: dict[str, int]
+    dropped: list[dict]
+
+    def candidates(self, n_devices: int, min_devices: int) -> list[Layout]:
+        """Horizontal (n / min replicas of the minimal split) only when n is a multiple of min; vertical always."""
+        out = []
+        if n_devices % min_devices == 0:
+            out.append(self.layout("horizontal", n_devices, n_devices // min_devices, min_devices))
+        else:
+            self.drop("horizontal", n_devices, min_devices, f"{n_devices} devices are not a multiple of {min_devices}")
+        for split in range(min_devices + 1, n_devices + 1):
+            if n_devices % split == 0:
+                out.append(self.layout("vertical", n_devices, n_devices // split, split))
+        out += self.pipeline_candidates(n_devices, min_devices)
+        return [c for c in out if c is not None]
+
+    def pipeline_candidates(self, n_devices: int, min_devices: int) -> list[Layout | None]:
+        """Vertical by pipeline: for each split of the model over more devices, its stacked layers (``model.scan_layers``)
+        cut into the next stage count above the current one that divides the split and the layer count."""
+        m = self.cfg.model
+        if m.name != "transformer" or not m.scan_layers:
+            return []
+        now = self.current.get(STAGE, 1)
+        out = []
+        for split in range(min_devices + 1, n_devices + 1):
+            if n_devices % split:
+                continue
+            stages = next((s for s in range(now + 1, split + 1) if split % s == 0 and m.n_layers % s == 0), None)
+            if stages is None:
+                self.drop("pipeline", n_devices, split, f"no stage count above {now} divides the split {split} "
+                          f"and model.n_layers={m.n_layers}")
+                continue
+            found = plan_pipeline_layout(self.cfg, n_devices, n_devices // split, split, stages, self.prefer_tensor)
+            if isinstance(found, str):
+                self.drop("pipeline", n_devices, split, found)
+                found = None
+            out.append(found)
+        return out
+
+    def shrunk(self, n_devices: int, min_devices: int) -> Layout:
+        """The current layout on fewer devices: same model split, fewer replicas; else the nearest split that fits."""
+        _, fsdp_axis, tensor_axis = self.cfg.mesh.axis_names
+        split = self.current.get(STAGE, 1) * self.current[fsdp_axis] * self.current[tensor_axis]
+        splits = sorted((s for s in range(min_devices, n_devices + 1) if n_devices % s == 0), key=lambda s: abs(s - split))
+        for s in splits:
+            found = self.layout("baseline", n_devices, n_devices // s, s)
+            if found is not None:
+                return found
+        raise ConfigError(f"elastic: no mesh over {n_devices} devices fits train.global_batch={self.cfg.train.global_batch}")
+
+    @property
+    def prefer_tensor(self) -> int:
+        """The live tensor size: a layout keeps it where it can (see ``plan_layout``)."""
+        return self.current[self.cfg.mesh.axis_names[2]]
+
+    def layout(self, kind: str, n_devices: int, replicas: int, split: int) -> Layout | None:
+        found = plan_layout(self.cfg, kind, n_devices, replicas, split, self.prefer_tensor)
+        if isinstance(found, Layout):
+            return found
+        self.drop(kind, n_devices, split, found)
+        return None
+
+    def drop(self, kind: str, n_devices: int, split: int, reason: str) -> None:
+        self.dropped.append({"kind": kind, "n_devices": n_devices, "split": split, "reason": reason})
