@@ -328,3 +328,69 @@ def test_report_renders_its_charts_offline_with_no_console_errors(inside_run, tm
     assert all(n >= 1 for n in seen["marks"]) and all(w > 300 for w in seen["widths"])
     assert seen["headings"][:5] == ["Summary", "Loss", "Throughput and MFU", "Memory over time", "Goodput"]
     assert "data 1 x fsdp 8 x tensor 1" in text and "activations" in text  # the plans and the config
+
+
+# ---------------------------------------------------------------- an elastic run: try-run candidates inside
+
+class AdoptCandidate:
+    """Scores the candidate above the baseline, so the run goes on on another layout (another Trainer) whatever
+    the shared machine's timings."""
+
+    def score(self, trial):
+        return 100.0 if trial.layout.kind == "baseline" or trial.source == "rolling" else 200.0
+
+
+@pytest.mark.slow
+def test_elastic_run_dumps_every_candidate_logs_their_peaks_and_reports_the_decision(tmp_path, capsys, monkeypatch):
+    from framework.tryrun import TryRunController
+    from tests.test_perf import read_event_scalars
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb = "wandb" if _has_wandb() else None  # the decision reaches wandb too where the extra is installed
+    trackers = ["jsonl", "tensorboard"] + ([wandb] if wandb else [])
+    cfg = tiny_config(*SMALL, "model.n_heads=4", "model.d_mlp=128", "elastic.tryrun_steps=2", "elastic.enabled=true",
+                      "elastic.min_devices=2", "elastic.trigger=every_n_steps", "elastic.every_n_steps=3",
+                      "elastic.device_schedule=[[0,4]]", "logging.dump_hlo=true", "logging.tensorboard=true",
+                      f"logging.trackers=[{', '.join(trackers)}]", steps=6)
+    trainer = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
+    records = type("Adopt", (AdoptCandidate, TryRunController), {})(trainer).fit()
+    assert [r["step"] for r in records] == list(range(1, 7))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 7))
+    assert records[-1]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} != records[0]["mesh"]  # adopted at step 3
+
+    (decision,) = [json.loads(line) for line in (tmp_path / "tryrun.jsonl").read_text().splitlines()]
+    dumped = {json.dumps(json.loads((d / "layout.json").read_text())["mesh"]): json.loads((d / "layout.json").read_text())
+              for d in (tmp_path / "compiled").iterdir()}
+    rows = [decision["baseline"], *decision["candidates"]]
+    assert len(rows) == 2 and len(dumped) == 2  # the live layout and the candidate: each dumped once
+    for row in rows:  # each candidate's peak is its compiled step's, as dumped
+        assert row["peak_bytes_per_device"] == dumped[json.dumps(row["mesh"])]["device_bytes"] > 0
+    table = capsys.readouterr().out
+    assert "peak MiB" in table and f"{rows[1]['peak_bytes_per_device'] / 2**20:.1f}" in table
+    scalars = read_event_scalars(tmp_path / "tensorboard")  # the adopted layout's trainer logs to the run's trackers
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 7)) and len(list((tmp_path / "tensorboard").iterdir())) == 1
+    assert scalars["tryrun/candidates"] == [(3, 1.0)] and scalars["tryrun/adopted"] == [(3, 1.0)]
+    if wandb:
+        found = wandb_records(tmp_path)
+        keys = {item.key or "/".join(item.nested_key) for r in found if r.WhichOneof("record_type") == "history"
+                for item in r.history.item}
+        assert {"tryrun/chosen_samples_per_s", "tryrun/candidates_table/_type", "train/loss"} <= keys
+        table_file = next(tmp_path.glob("wandb/offline-run-*/files/media/table/tryrun/candidates_table_3_*.table.json"))
+        assert len(json.loads(table_file.read_text())["data"]) == 2
+
+    r = run_script("report.py", str(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = render(tmp_path / "report.html")
+    assert seen["console"] == [] and seen["requests"] == []
+    assert "try-run decisions (samples/s)" in seen["titles"] and all(n >= 1 for n in seen["marks"])
+    text = (tmp_path / "report.html").read_text()
+    assert f"{rows[1]['peak_bytes_per_device']:,}" in text  # the candidate's peak in the decision's table
+
+
+def _has_wandb() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True

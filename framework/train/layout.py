@@ -49,6 +49,7 @@ class MeshLayout:
         self.placement: memory.Placement | None = None
         self.steps: CompiledSteps | None = None
         self.current: jax.stages.Compiled | None = None  # the compiled step in use (for the current micro-batch)
+        self._compiled_bytes: dict[int, tuple[int, int]] = {}  # id(compiled step) -> compiled_bytes()
         self.loader: BatchLoader | None = None  # training batches; set once the micro-batch is known
         self.eval_loader: BatchLoader | None = None
 
@@ -116,6 +117,17 @@ class MeshLayout:
             jax.jit(traced_eval, in_shardings=(self.state_shardings.params, self.batch_sharding),
                     out_shardings=self.replicated),
             self.abstract_inputs, None if dump_dir is None else functools.partial(self._dump, dump_dir, placement))
+
+    def compiled_bytes(self) -> tuple[int, int]:
+        """Per-device bytes of the compiled step in use, as the memory planner reads them: its arguments (the state
+        and batch a step starts from) and its peak (arguments, unaliased outputs, temporaries), pinned_host left out."""
+        key = id(self.current)
+        if key not in self._compiled_bytes:
+            analysis = self.current.memory_analysis()
+            host = memory.host_state_bytes(self.abstract, self.placement, self.axis_sizes)
+            self._compiled_bytes[key] = (memory.compiled_argument_bytes(analysis, host),
+                                         memory.compiled_device_bytes(analysis, host))
+        return self._compiled_bytes[key]
 
     def _dump(self, dump_dir: Path, placement: memory.Placement, grad_accum: int, compiled) -> None:
         """One compiled train step into ``dump_dir/<layout>/`` (framework/train/artifacts.py)."""

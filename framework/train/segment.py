@@ -25,7 +25,6 @@ class Segment:
         self.trainer, self.start, self.total = trainer, start, total
         self.bar = ProgressBar(total, start, trainer.cfg.logging.progress)
         self.profiler = StepProfiler(trainer.cfg.logging, trainer.run_dir, start + 1, resumed=not trainer.goodput.started)
-        self._compiled_memory: dict[int, tuple[int, int]] = {}  # id(compiled step) -> its (argument, peak) device bytes
         self.records: list[dict] = []
         self.preempted_at: int | None = None  # the step a SIGTERM/SIGINT stopped the loop before
         self._due = (False, False)  # (evaluate, save) after the step the loop paused at
@@ -127,19 +126,10 @@ class Segment:
             device = {"device_bytes_in_use": reading.bytes_in_use, "device_peak_bytes": reading.peak_bytes_in_use,
                       "device_memory_source": "memory_stats"}
         else:
-            in_use, peak = self._compiled_bytes(tr.layout)
+            in_use, peak = tr.layout.compiled_bytes()
             device = {"device_bytes_in_use": in_use, "device_peak_bytes": peak, "device_memory_source": "compiled"}
         rss, peak_rss = memory.host_memory()
         return {**device, "host_rss_bytes": rss, "host_peak_rss_bytes": peak_rss}
-
-    def _compiled_bytes(self, layout) -> tuple[int, int]:
-        key = id(layout.current)
-        if key not in self._compiled_memory:
-            analysis = layout.current.memory_analysis()
-            host = memory.host_state_bytes(layout.abstract, layout.placement, layout.axis_sizes)
-            self._compiled_memory[key] = (memory.compiled_argument_bytes(analysis, host),
-                                          memory.compiled_device_bytes(analysis, host))
-        return self._compiled_memory[key]
 
     def work(self, step: int) -> None:
         """The evaluation and checkpoint due at ``step`` (the step is logged first: metrics.jsonl stays in step

@@ -112,6 +112,7 @@ class TryRunController:
             made = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
             made.goodput = self.trainer.goodput  # one clock for the run's wall time
             made.checkpointer = self.checkpoints  # one checkpointer (its own was never opened): one last-save time
+            made.trackers = self.trainer.trackers  # one set of trackers: every segment's records reach the same ones
             self._trainers[key] = made
         trainer = self._trainers[key]
         layout.grad_accum = trainer.cfg.train.grad_accum
@@ -234,6 +235,8 @@ class TryRunController:
         ).record()
         self.decisions.append(record)
         log_decision(record, self.log_path)
+        trainer.trackers.start(config_to_dict(self.cfg))  # (a decision at start-up comes before the first segment)
+        trainer.trackers.log_tryrun(record)
         return next_trainer
 
     def save(self, trainer, step: int) -> float:
@@ -264,7 +267,8 @@ class TryRunController:
         current = self.current_layout(trainer)
         if usable.runnable and len(self.rolling) >= 2:
             return Trial(current, self.cfg.train.global_batch / statistics.median(self.rolling), "rolling",
-                         warmup_steps=self.rolling_warmup, measured_steps=len(self.rolling))
+                         warmup_steps=self.rolling_warmup, measured_steps=len(self.rolling),
+                         peak_bytes_per_device=trainer.layout.compiled_bytes()[1])
         if usable.runnable:
             return self.try_run(current, trainer.devices, step)
         return self.try_run(self.gates().shrunk(len(usable.devices), min_devices), usable.devices, step)

@@ -103,14 +103,16 @@ def format_decision(d: dict) -> str:
     lines = [
         f"try-run at step {d['step']} ({d['trigger']}): {d['available_devices']} devices available, "
         f"{d['min_devices']} per model replica, integer multiple: {'yes' if d['integer_multiple'] else 'no'}",
-        f"  {'kind':<11}{'mesh':<11}{'devices':>8}{'accum':>6}{'samples/s':>11}{'vs base':>9}{'compile s':>10}  source",
+        f"  {'kind':<11}{'mesh':<11}{'devices':>8}{'accum':>6}{'samples/s':>11}{'vs base':>9}{'compile s':>10}"
+        f"{'peak MiB':>10}  source",
     ]
     for row in (d["baseline"], *d["candidates"]):
         mesh = mesh_text(row["mesh"])
         vs = "" if row is d["baseline"] else f"{row['improvement']:+.1%}"
+        peak = row.get("peak_bytes_per_device")  # per device, the compiled step's (absent in older records)
         lines.append(
             f"  {row['kind']:<11}{mesh:<11}{row['n_devices']:>8}{row['grad_accum']:>6}{row['samples_per_s']:>11.1f}"
-            f"{vs:>9}{row['compile_s']:>10.2f}  {row['source']}"
+            f"{vs:>9}{row['compile_s']:>10.2f}{'-' if peak is None else f'{peak / 2**20:.1f}':>10}  {row['source']}"
         )
     for row in d.get("dropped", []):
         lines.append(f"  {row['kind']:<11}{'-':<11}{row['n_devices']:>8}{'':>6}{'dropped':>11}  {row['reason']}")

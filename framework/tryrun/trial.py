@@ -35,6 +35,7 @@ class Trial:
     measured_steps: int = 0  # steps whose median decides
     samples_per_s: float = 0.0
     improvement: float = 0.0
+    peak_bytes_per_device: int | None = None  # the layout's compiled step: arguments, unaliased outputs, temporaries
 
     @property
     def samples_per_total_s(self) -> float | None:
@@ -51,6 +52,7 @@ class Trial:
             "samples_per_total_s": self.samples_per_total_s,
             "improvement": self.improvement, "compile_s": self.compile_s, "restore_s": self.restore_s,
             "measure_s": self.measure_s, "warmup_steps": self.warmup_steps, "measured_steps": self.measured_steps,
+            "peak_bytes_per_device": self.peak_bytes_per_device,
         }
 
 
@@ -63,7 +65,8 @@ def measure(trainer, layout: Layout, state, warmup: int, steps: int, compile_s: 
     measure_s = time.perf_counter() - t0
     return Trial(layout, batch / statistics.median(step_times[warmup:]), "tryrun",
                  compile_s=compile_s, restore_s=restore_s, measure_s=measure_s,
-                 samples=len(step_times) * batch, warmup_steps=warmup, measured_steps=len(step_times) - warmup)
+                 samples=len(step_times) * batch, warmup_steps=warmup, measured_steps=len(step_times) - warmup,
+                 peak_bytes_per_device=trainer.layout.compiled_bytes()[1])
 
 
 def live_step_times(trainer, state, steps: int) -> list[float]:
