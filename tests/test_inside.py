@@ -77,6 +77,11 @@ def test_dump_hlo_and_memory_figures_are_the_compiled_steps(inside_run):
     assert analysis["temp_size_in_bytes"] == ma.temp_size_in_bytes > 0
     assert analysis["argument_size_in_bytes"] == ma.argument_size_in_bytes > 0
     assert json.loads((layout / "cost_analysis.json").read_text())["flops"] > 0
+    # what plan.py --measure counts in the live step, read from the dump
+    from framework.collectives import count_compiled, parse_collectives
+
+    dumped = parse_collectives((layout / "train_step.hlo.txt").read_text(), 8)
+    assert dumped and dumped == count_compiled(compiled, 8).ops
     about = json.loads((layout / "layout.json").read_text())
     assert about["mesh"] == trainer.axis_sizes and about["grad_accum"] == 1 and about["placement"]["opt_state"] == "device"
     assert about["device_bytes"] == memory.compiled_device_bytes(ma, 0)
