@@ -170,10 +170,9 @@ def tryrun_tables(decisions: list[dict]) -> str:
                      f"{d['min_devices']} per model replica: {esc(verdict)}</h3>")
         rows, classes = [], []
         for row in (d["baseline"], *d["candidates"]):
-            peak = row.get("peak_bytes_per_device")
             rows.append([row["kind"], mesh_text(row["mesh"]), row["n_devices"], row["grad_accum"], num(row["samples_per_s"]),
                          "" if row is d["baseline"] else f"{row['improvement']:+.1%}", num(row.get("compile_s"), 2),
-                         num(peak) if peak is not None else "-", row.get("source", "")])
+                         num(row.get("peak_bytes_per_device")), row.get("source", "")])
             classes.append("chosen" if row["mesh"] == chosen["mesh"] and row["kind"] == chosen["kind"] else "")
         for row in d.get("dropped", []):
             rows.append([row["kind"], "-", row["n_devices"], "", "dropped", "", "", "", row["reason"]])

@@ -16,6 +16,7 @@ import pytest
 from framework import memory
 from framework.config import ConfigError
 from framework.preemption import Preempted
+from framework.trackers import Tracker
 from framework.train import Callback, Trainer
 from tests.helpers import ROOT, SMALLER, TINY, run_script, tiny_config
 from tests.test_preemption import SignalAt
@@ -45,6 +46,24 @@ def assert_trace_of_the_step(run_dir):
     json.loads(perfetto[0])  # what the Perfetto UI opens
 
 
+class Collecting(Tracker):
+    """A tracker of one's own (the extension point): keeps what it is given."""
+
+    name = "collecting"
+
+    def start(self, config):
+        self.config, self.records, self.goodput, self.failed = config, [], [], None
+
+    def log(self, record):
+        self.records.append(record)
+
+    def log_goodput(self, report, step):
+        self.goodput.append((step, report))
+
+    def finish(self, failed):
+        self.failed = failed
+
+
 @pytest.fixture(scope="module")
 def inside_run(tmp_path_factory, compile_once):
     """One run with everything on: a trace of steps 2..3, every compiled step dumped, evaluation, tensorboard."""
@@ -52,10 +71,13 @@ def inside_run(tmp_path_factory, compile_once):
     cfg = tiny_config(*SMALL, "logging.profile_steps=[2, 3]", "logging.dump_hlo=true", "train.eval_every=3",
                       "logging.tensorboard=true", steps=6)
     trainer = Trainer(cfg, run_dir=run_dir)
+    trainer.collecting = Collecting(run_dir, cfg.logging)
+    trainer.trackers.add(trainer.collecting)
     records = trainer.fit()
     return run_dir, trainer, records
 
 
+@pytest.mark.gpu
 def test_profile_steps_write_a_trace_that_names_the_step(inside_run):
     run_dir, _, records = inside_run
     assert [r["step"] for r in records] == list(range(1, 7))
@@ -80,8 +102,9 @@ def test_dump_hlo_and_memory_figures_are_the_compiled_steps(inside_run):
     # what plan.py --measure counts in the live step, read from the dump
     from framework.collectives import count_compiled, parse_collectives
 
-    dumped = parse_collectives((layout / "train_step.hlo.txt").read_text(), 8)
-    assert dumped and dumped == count_compiled(compiled, 8).ops
+    n = len(trainer.devices)
+    dumped = parse_collectives((layout / "train_step.hlo.txt").read_text(), n)
+    assert dumped == count_compiled(compiled, n).ops and (dumped or n == 1)
     about = json.loads((layout / "layout.json").read_text())
     assert about["mesh"] == trainer.axis_sizes and about["grad_accum"] == 1 and about["placement"]["opt_state"] == "device"
     assert about["device_bytes"] == memory.compiled_device_bytes(ma, 0)
@@ -97,10 +120,10 @@ def test_dump_hlo_and_memory_figures_are_the_compiled_steps(inside_run):
     assert len(plans) == 1 and plans[0]["memory"]["totals"] == trainer.memory_plan().to_dict()["totals"]
 
 
-def test_metrics_and_evaluations_reach_tensorboard_and_jsonl(inside_run):
+def test_metrics_and_evaluations_reach_every_tracker(inside_run):
     from tests.test_perf import read_event_scalars
 
-    run_dir, _, records = inside_run
+    run_dir, trainer, records = inside_run
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 3, 4, 5, 6, 6]
     scalars = read_event_scalars(run_dir / "tensorboard")
@@ -108,6 +131,10 @@ def test_metrics_and_evaluations_reach_tensorboard_and_jsonl(inside_run):
     assert [s for s, _ in scalars["eval/loss"]] == [3, 6]
     assert [s for s, _ in scalars["goodput/goodput"]] == [6]
     assert scalars["train/model_flops_per_s"][0][1] == pytest.approx(records[0]["model_flops_per_s"], rel=1e-6)
+    own = trainer.collecting  # a tracker of one's own gets what metrics.jsonl gets, the goodput, the config
+    assert own.records == logged and own.failed is False and own.config["train"]["steps"] == 6
+    assert [(step, report["goodput"]) for step, report in own.goodput] == \
+        [(6, json.loads((run_dir / "goodput.json").read_text())["runs"][0]["goodput"])]
 
 
 class FailAt(Callback):
@@ -134,6 +161,8 @@ def test_a_trace_cut_short_by_an_error_is_written_and_a_tracker_that_cannot_star
     trainer = Trainer(cfg, run_dir=tmp_path)
     trainer.memory_monitor = StatsMonitor()
     trainer.callbacks.append(FailAt(3))
+    own = Collecting(tmp_path, cfg.logging)
+    trainer.trackers.add(own)
     with pytest.raises(RuntimeError, match="stopped at step 3"):
         trainer.fit()
     assert_trace_of_the_step(tmp_path)
@@ -142,6 +171,7 @@ def test_a_trace_cut_short_by_an_error_is_written_and_a_tracker_that_cannot_star
     assert warnings[0].endswith("; the run goes on without it")
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3]  # jsonl went on; the step that raised was logged first
+    assert own.records == logged and own.failed is True
     assert {(r["device_memory_source"], r["device_bytes_in_use"], r["device_peak_bytes"]) for r in logged} == \
         {("memory_stats", 3 << 20, 5 << 20)}
     jax.profiler.start_trace(str(tmp_path / "again"))  # the profiler was left stopped
@@ -399,3 +429,23 @@ def _has_wandb() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_process", [False, True], ids=["process0", "all_processes"])
+def test_two_processes_trace_on_process_0_unless_all_are_asked(tmp_path, every_process):
+    from tests.test_distributed import run
+
+    r = run([sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--processes", "2", "--devices-per-process", "2",
+             "--", str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(tmp_path), "train.steps=4",
+             "logging.progress=false", "logging.tensorboard=false", *SMALL, "--profile", "2:3",
+             f"logging.profile_all_processes={str(every_process).lower()}"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_trace_of_the_step(tmp_path)  # process 0's, in RUN_DIR/profile
+    own = [p for p in (tmp_path / "profile").rglob("*.xplane.pb") if "process_1" not in p.parts]
+    assert len(own) == 1
+    other = list((tmp_path / "profile" / "process_1").rglob("*.xplane.pb"))
+    if every_process:
+        assert len(other) == 1 and STEP_FUNCTION in other[0].read_bytes()
+    else:
+        assert not (tmp_path / "profile" / "process_1").exists()

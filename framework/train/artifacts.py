@@ -61,5 +61,6 @@ def append_plan(run_dir: Path, entry: dict) -> bool:
     key = lambda e: (e["mesh"], e["grad_accum"], e["memory"]["placement"])  # noqa: E731
     if layouts and key(layouts[-1]) == key(entry):
         return False
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps({"layouts": [*layouts, entry]}, indent=1))
     return True
