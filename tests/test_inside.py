@@ -130,6 +130,8 @@ def test_metrics_and_evaluations_reach_every_tracker(inside_run):
     assert scalars["train/device_peak_bytes"] == [(r["step"], r["device_peak_bytes"]) for r in records]
     assert [s for s, _ in scalars["eval/loss"]] == [3, 6]
     assert [s for s, _ in scalars["goodput/goodput"]] == [6]
+    events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").iterdir())
+    assert b"config/text_summary" in events and b"global_batch: 16" in events  # the resolved config, as text
     assert scalars["train/model_flops_per_s"][0][1] == pytest.approx(records[0]["model_flops_per_s"], rel=1e-6)
     own = trainer.collecting  # a tracker of one's own gets what metrics.jsonl gets, the goodput, the config
     assert own.records == logged and own.failed is False and own.config["train"]["steps"] == 6
@@ -263,6 +265,7 @@ def test_wandb_offline_gets_the_config_metrics_eval_and_goodput(tmp_path, monkey
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["train"]["steps"] == 4 and config["logging"]["trackers"] == ["jsonl", "wandb"]
     assert run.run_id == (tmp_path / "wandb_run_id").read_text().strip()
+    assert (run.project, run.display_name) == ("meshpilot", tmp_path.name)  # logging.wandb_project; the run dir's name
     key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  ("train/loss" arrives as a nested key)
     history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in found if r.WhichOneof("record_type") == "history"]
     train = [h for h in history if "train/loss" in h]
