@@ -30,7 +30,7 @@ def test_every_leaf_has_rule_sharding():
     cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     tr = Trainer(cfg)
     state = tr.init_state()
-    specs = tr.state_specs
+    specs = tr.abstract.specs
     rules = sharding.rules_table(cfg.sharding.param_rules)
     flat_axes = dict(jax.tree_util.tree_leaves_with_path(tr.abstract.logical_axes, is_leaf=lambda x: isinstance(x, tuple)))
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
@@ -55,7 +55,7 @@ def test_fully_sharded_holds_one_nth():
     total = sum(x.nbytes for x in jax.tree.leaves(state.params))
     per_device = _device_bytes(state.params)
     assert len(per_device) == 8 and set(per_device.values()) == {total // 8}
-    assert sharding.bytes_per_device(tr.abstract.shapes.params, tr.state_specs.params, tr.axis_sizes) == total // 8
+    assert sharding.bytes_per_device(tr.abstract.shapes.params, tr.abstract.specs.params, tr.axis_sizes) == total // 8
     # optimizer state: both Adam moments sharded the same way, plus replicated scalar counts
     opt = _device_bytes(state.opt_state)
     assert set(opt.values()) == {2 * total // 8 + sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)}
