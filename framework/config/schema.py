@@ -37,6 +37,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: bool = False
     attention: Literal["xla", "cudnn", "auto"] = "xla"
+    context_attention: Literal["ring", "allgather", "auto"] = "auto"  # mesh.context > 1: models/context.py (auto: its cost model)
     gelu: Literal["tanh", "exact"] = "tanh"  # gpt style: tanh approximation (GPT-2, HF gelu_new) or exact erf (HF gelu)
     init_from: str = ""  # a Hugging Face model dir (framework/hf.py): fresh runs start from its params
     # CNN classifier (models/cnn.py, name: cnn): square images, 3x3 convs, one 2x2 max-pool, dense layers
@@ -158,7 +159,7 @@ class ShardingConfig:
     activation_rules: list[list[Any]] = field(
         default_factory=lambda: [
             ["batch", ["data", "fsdp"]],
-            ["length", None],
+            ["length", "context"],  # context parallelism: the sequence split (no axis when mesh.context=1)
             ["embed", None],
             ["mlp", "tensor"],
             ["heads", "tensor"],

@@ -9,6 +9,7 @@ from flax import nnx
 
 from framework import memory
 from framework.state import abstract_state
+from models import context
 
 
 def next_token_loss(model, batch):
@@ -16,8 +17,9 @@ def next_token_loss(model, batch):
     classifier's ``loss``) uses that."""
     if hasattr(model, "loss"):
         return model.loss(batch)
-    logits = model(batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    inputs, targets = context.to_layout((batch[:, :-1], batch[:, 1:]))  # the mesh's token order (zig-zag under mesh.context)
+    logits = model(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def loss_for_config(cfg, axis_sizes) -> Callable:
