@@ -142,21 +142,20 @@ def loss_and_grads(tr, params, batch):
     return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
 
 
+SCANNED = ["model.scan_layers=true", "model.n_layers=2"]  # every case compares with one reference trainer
 MESHES = {
     "context=2,data=2,tensor=2": ["mesh.context=2", "mesh.data=2", "mesh.tensor=2", "mesh.fsdp=1"],
-    "context=2,stage=2,fsdp=2": ["mesh.context=2", "mesh.stage=2", "mesh.fsdp=2", "model.scan_layers=true",
-                                 "model.n_layers=2", "train.pipeline_microbatches=2"],
+    "context=2,stage=2,fsdp=2": ["mesh.context=2", "mesh.stage=2", "mesh.fsdp=2", "train.pipeline_microbatches=2"],
 }
 
 
 @pytest.mark.parametrize("name", list(MESHES))
 def test_trainer_loss_and_gradients_equal_one_device(name):
-    extra = ["model.scan_layers=true", "model.n_layers=2"] if "stage" in name else []
-    ref = trainer("mesh.fsdp=1", *extra, n=1)
+    ref = trainer("mesh.fsdp=1", *SCANNED, n=1)
     params = jax.device_get(ref.init_state().params)
     batch = np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)
     want_loss, want_grads = loss_and_grads(ref, params, batch)
-    loss, grads = loss_and_grads(trainer(*MESHES[name]), params, batch)
+    loss, grads = loss_and_grads(trainer(*SCANNED, *MESHES[name]), params, batch)
     assert abs(loss - want_loss) < 1e-5
     assert_close(grads, want_grads)
 
