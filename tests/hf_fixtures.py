@@ -175,3 +175,24 @@ def write_tokenizer(hf_dir: Path, vocab_size: int) -> list[str]:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(hf_dir / "tokenizer.json"))
     return words
+
+
+# config.json of real hub checkpoints (gpt2, Llama-3.2-1B without its llama3 RoPE scaling, Qwen2.5-0.5B, Qwen3-0.6B,
+# Mixtral-8x7B-v0.1, Qwen3-30B-A3B), as published: every field must be read or known inert
+HUB_CONFIGS = {
+    "gpt2": {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+             "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+             "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+             "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None,
+             "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
+             "summary_use_proj": True, "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+             "vocab_size": 50257},
+    "llama-3.2-1b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                     "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+                     "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+                     "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+                     "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+                     "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                     "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0", "use_cache": True,
+                     "vocab_size": 128256},
+}

@@ -148,6 +148,26 @@ def test_model_init_from_in_trainer(tmp_path):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))  # fresh moments and counts
 
 
+@pytest.mark.parametrize("name", list(fx.HUB_CONFIGS))
+def test_hub_configs_have_no_unknown_fields(name):
+    fields = hf.model_fields(fx.HUB_CONFIGS[name], name)
+    assert fields["n_layers"] == fx.HUB_CONFIGS[name].get("num_hidden_layers", fx.HUB_CONFIGS[name].get("n_layer"))
+
+
+def test_unknown_config_field_is_named_exit_2(tmp_path):
+    """A config.json field meshpilot neither reads nor knows to be inert stops the import: one line naming it."""
+    with pytest.raises(ConfigError, match=r"^x: unknown fields 'attn_logit_softcapping', 'layer_scale' for GPT2LMHeadModel"):
+        hf.model_fields({**fx.GPT2_CONFIG, "attn_logit_softcapping": 30.0, "use_cache": True, "layer_scale": 1}, "x")
+    hf_dir, *_ = fixture(tmp_path, "llama-gqa")
+    (hf_dir / "config.json").write_text(json.dumps({**fx.LLAMA_CONFIG, "_name_or_path": "x", "use_cache": True,
+                                                    "attn_logit_softcapping": 50.0}))
+    r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr == (f"error: {hf_dir}/config.json: unknown field 'attn_logit_softcapping' for LlamaForCausalLM: "
+                        "meshpilot does not know what it does to the model (remove it if it changes nothing)\n")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_import_mismatch_exit_2(tmp_path):
     hf_dir, *_ = fixture(tmp_path, "llama-gqa")

@@ -38,7 +38,7 @@ class ModelConfig:
     remat: bool = False
     attention: Literal["xla", "cudnn", "auto"] = "xla"
     gelu: Literal["tanh", "exact"] = "tanh"  # gpt style: tanh approximation (GPT-2, HF gelu_new) or exact erf (HF gelu)
-    init_from: str = ""  # a Hugging Face model dir (framework/hf.py): fresh runs start from its params
+    init_from: str = ""  # a Hugging Face model dir (framework/hf/): fresh runs start from its params
     # CNN classifier (models/cnn.py, name: cnn): square images, 3x3 convs, one 2x2 max-pool, dense layers
     image_size: int = 8
     image_channels: int = 1

@@ -195,7 +195,7 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         """Fresh state, created directly in its shardings (no full copy on one device).
 
         With ``model.init_from`` the params are a Hugging Face checkpoint's, each read straight
-        into its device sharding (framework/hf.py); the optimizer state starts fresh. With the master
+        into its device sharding (framework/hf/); the optimizer state starts fresh. With the master
         copy on nvme the float32 params are made in host memory, written to its file, and the device
         gets them in the compute dtype.
         """
