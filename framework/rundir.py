@@ -149,6 +149,7 @@ def keep_previous(path: Path, new_text: str) -> Path | None:
 STATE_KEYS = (
     "model.name", "model.style", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
     "model.n_kv_heads", "model.d_mlp", "model.max_seq_len", "model.tie_embeddings", "model.scan_layers",
+    "model.head_dim", "model.qkv_bias", "model.qk_norm",
     "model.image_size", "model.image_channels", "model.conv_channels", "model.dense_features", "model.num_classes",
     "optimizer.name", "train.param_dtype",
 )

@@ -53,11 +53,11 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """LayerNorm (GPT-2) or RMSNorm (Llama), in float32 for stability."""
+    """LayerNorm (GPT-2) or RMSNorm (Llama), in float32 for stability; over the last axis, named ``axis``."""
 
-    def __init__(self, d: int, kind: str, eps: float, param_dtype, rngs):
+    def __init__(self, d: int, kind: str, eps: float, param_dtype, rngs, axis: str = "embed"):
         self.kind, self.eps = kind, eps
-        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))(rngs.params(), (d,), param_dtype))
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), (axis,))(rngs.params(), (d,), param_dtype))
         self.bias = (
             nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))(rngs.params(), (d,), param_dtype))
             if kind == "layer"
@@ -88,17 +88,22 @@ def rope(x, positions, theta: float):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
-        d, n, hd = cfg.d_model, cfg.n_heads, cfg.d_model // cfg.n_heads
+        d, n, hd = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
         kv = cfg.n_kv_heads or n
         self.cfg, self.dtype = cfg, dtype
         bias = cfg.style == "gpt"
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: q, k, v biased, the output not
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = Dense("btd,dnh->btnh", (d, n, hd), ("embed", "heads", "head_dim"),
-                           bias_axes=("heads", "head_dim") if bias else None, **kw)
+                           bias_axes=("heads", "head_dim") if qkv_bias else None, **kw)
         self.key = Dense("btd,dnh->btnh", (d, kv, hd), ("embed", "kv_heads", "head_dim"),
-                         bias_axes=("kv_heads", "head_dim") if bias else None, **kw)
+                         bias_axes=("kv_heads", "head_dim") if qkv_bias else None, **kw)
         self.value = Dense("btd,dnh->btnh", (d, kv, hd), ("embed", "kv_heads", "head_dim"),
-                           bias_axes=("kv_heads", "head_dim") if bias else None, **kw)
+                           bias_axes=("kv_heads", "head_dim") if qkv_bias else None, **kw)
+        # Qwen3: each head's q and k RMS-normalised (one scale over head_dim, shared by the heads) before RoPE
+        self.q_norm, self.k_norm = ((Norm(hd, "rms", cfg.norm_eps, param_dtype, rngs, axis="head_dim"),
+                                     Norm(hd, "rms", cfg.norm_eps, param_dtype, rngs, axis="head_dim"))
+                                    if cfg.qk_norm else (None, None))
         self.out = Dense("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
                          bias_axes=("embed",) if bias else None, std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
 
@@ -107,6 +112,8 @@ class Attention(nnx.Module):
         q = checkpoint_name(constrain(self.query(x), ("batch", "length", "heads", "head_dim")), "query_proj")
         k = checkpoint_name(constrain(self.key(x), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
         v = checkpoint_name(constrain(self.value(x), ("batch", "length", "kv_heads", "head_dim")), "value_proj")
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.style == "llama":
             positions = jnp.arange(x.shape[1]) if positions is None else positions
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
@@ -321,7 +328,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache for ``length`` positions: keys and values of every layer, in the compute dtype."""
         c = self.cfg
-        shape = (c.n_layers, batch, length, c.n_kv_heads or c.n_heads, c.d_model // c.n_heads)
+        shape = (c.n_layers, batch, length, c.n_kv_heads or c.n_heads, c.resolved_head_dim)
         return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
     def decode(self, tokens, cache: KVCache, start) -> tuple[jax.Array, KVCache]:

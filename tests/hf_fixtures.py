@@ -18,6 +18,11 @@ LLAMA_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", voca
                     intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=500000.0, hidden_act="silu",
                     tie_word_embeddings=False)
+# Qwen2: q/k/v biases; Qwen3: q/k RMSNorm per head and a head_dim other than hidden_size / heads (16, not 8)
+QWEN2_CONFIG = dict(LLAMA_CONFIG, architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
+                    tie_word_embeddings=True, use_sliding_window=False, sliding_window=32, max_window_layers=2)
+QWEN3_CONFIG = dict(LLAMA_CONFIG, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16,
+                    rope_theta=1000000.0, attention_bias=False, use_sliding_window=False, sliding_window=None)
 
 
 def gpt2_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -43,12 +48,17 @@ def gpt2_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return t
 
 
+def _arch(cfg: dict) -> str:
+    return cfg["architectures"][0]
+
+
 def llama_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """LlamaForCausalLM's state dict (nn.Linear weights are (out, in))."""
+    """LlamaForCausalLM's state dict (nn.Linear weights are (out, in)); Qwen2's adds q/k/v biases, Qwen3's
+    q_norm/k_norm weights (head_dim,)."""
     r = np.random.default_rng(seed)
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     n, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = d // n
+    hd = cfg.get("head_dim") or d // n
     w = lambda *s: (0.3 * r.standard_normal(s)).astype(np.float32)  # noqa: E731
     gain = lambda n_: (1 + 0.1 * r.standard_normal(n_)).astype(np.float32)  # noqa: E731
     t = {"model.embed_tokens.weight": w(v, d)}
@@ -61,6 +71,11 @@ def llama_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
             p + "post_attention_layernorm.weight": gain(d),
             p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f),
         })
+        if _arch(cfg) == "Qwen2ForCausalLM":
+            t.update({p + "self_attn.q_proj.bias": w(n * hd), p + "self_attn.k_proj.bias": w(kv * hd),
+                      p + "self_attn.v_proj.bias": w(kv * hd)})
+        if _arch(cfg) == "Qwen3ForCausalLM":
+            t.update({p + "self_attn.q_norm.weight": gain(hd), p + "self_attn.k_norm.weight": gain(hd)})
     t["model.norm.weight"] = gain(d)
     if not cfg.get("tie_word_embeddings", False):
         t["lm_head.weight"] = w(v, d)
@@ -130,10 +145,14 @@ def gpt2_forward(t: dict, cfg: dict, tokens: np.ndarray) -> np.ndarray:
 
 
 def llama_forward(t: dict, cfg: dict, tokens: np.ndarray) -> np.ndarray:
-    """LlamaForCausalLM logits (T, vocab) for one sequence, float64 (rotate_half RoPE, repeat_kv for GQA)."""
+    """LlamaForCausalLM logits (T, vocab) for one sequence, float64 (rotate_half RoPE, repeat_kv for GQA).
+
+    Qwen2ForCausalLM: q/k/v projections add their biases. Qwen3ForCausalLM: head_dim from the config; q_norm
+    and k_norm (RMSNorm over head_dim, per head) on the projected q and k, before RoPE.
+    """
     t = {k: v.astype(np.float64) for k, v in t.items()}
     d, n, kv, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
-    hd = d // n
+    hd = cfg.get("head_dim") or d // n
     T = len(tokens)
     inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
     emb = np.concatenate([np.outer(np.arange(T), inv_freq)] * 2, axis=-1)  # (T, hd)
@@ -151,9 +170,13 @@ def llama_forward(t: dict, cfg: dict, tokens: np.ndarray) -> np.ndarray:
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         a = rms(h, t[p + "input_layernorm.weight"])
-        q = (a @ t[p + "self_attn.q_proj.weight"].T).reshape(T, n, hd).transpose(1, 0, 2)  # nn.Linear: x @ W.T
-        k = (a @ t[p + "self_attn.k_proj.weight"].T).reshape(T, kv, hd).transpose(1, 0, 2)
-        v = (a @ t[p + "self_attn.v_proj.weight"].T).reshape(T, kv, hd).transpose(1, 0, 2)
+        bias = {x: t[p + f"self_attn.{x}_proj.bias"] if _arch(cfg) == "Qwen2ForCausalLM" else 0.0 for x in "qkv"}
+        q = (a @ t[p + "self_attn.q_proj.weight"].T + bias["q"]).reshape(T, n, hd)  # nn.Linear: x @ W.T + b
+        k = (a @ t[p + "self_attn.k_proj.weight"].T + bias["k"]).reshape(T, kv, hd)
+        v = (a @ t[p + "self_attn.v_proj.weight"].T + bias["v"]).reshape(T, kv, hd)
+        if _arch(cfg) == "Qwen3ForCausalLM":  # Qwen3RMSNorm(head_dim) on q_proj(x).view(..., heads, head_dim)
+            q, k = rms(q, t[p + "self_attn.q_norm.weight"]), rms(k, t[p + "self_attn.k_norm.weight"])
+        q, k, v = (x.transpose(1, 0, 2) for x in (q, k, v))
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k, v = np.repeat(k, n // kv, axis=0), np.repeat(v, n // kv, axis=0)  # repeat_kv
         h = h + _causal_attention(q, k, v) @ t[p + "self_attn.o_proj.weight"].T
@@ -177,8 +200,8 @@ def write_tokenizer(hf_dir: Path, vocab_size: int) -> list[str]:
     return words
 
 
-# config.json of real hub checkpoints (gpt2, Llama-3.2-1B without its llama3 RoPE scaling, Qwen2.5-0.5B, Qwen3-0.6B,
-# Mixtral-8x7B-v0.1, Qwen3-30B-A3B), as published: every field must be read or known inert
+# config.json of real hub checkpoints (gpt2, Llama-3.2-1B without its llama3 RoPE scaling, Qwen2.5-0.5B, Qwen3-0.6B),
+# as published: every field must be read or known inert
 HUB_CONFIGS = {
     "gpt2": {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
              "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
@@ -195,4 +218,19 @@ HUB_CONFIGS = {
                      "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
                      "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0", "use_cache": True,
                      "vocab_size": 128256},
+    "qwen2.5-0.5b": {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                     "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+                     "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+                     "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                     "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+                     "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
+                     "use_sliding_window": False, "vocab_size": 151936},
+    "qwen3-0.6b": {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                   "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                   "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+                   "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+                   "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                   "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+                   "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+                   "use_sliding_window": False, "vocab_size": 151936},
 }

@@ -4,6 +4,7 @@ The fixtures' names and shapes are those of transformers' GPT-2 and Llama code; 
 logits come from a numpy forward pass written from the Hugging Face equations (tests/hf_fixtures.py).
 """
 import json
+import re
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from framework import hf, runs, sharding
-from framework.config import ConfigError
+from framework.config import ConfigError, load_config
 from framework.mesh import MeshManager, describe
 from framework.state import abstract_state
 from tests import hf_fixtures as fx
@@ -25,6 +26,8 @@ CASES = {
     "gpt2-untied": (GPT2_UNTIED, fx.gpt2_tensors, fx.gpt2_forward),
     "llama-gqa": (fx.LLAMA_CONFIG, fx.llama_tensors, fx.llama_forward),
     "llama-tied": (LLAMA_TIED_MHA, fx.llama_tensors, fx.llama_forward),
+    "qwen2": (fx.QWEN2_CONFIG, fx.llama_tensors, fx.llama_forward),
+    "qwen3": (fx.QWEN3_CONFIG, fx.llama_tensors, fx.llama_forward),
 }
 TOKENS = np.random.default_rng(7).integers(0, 64, (2, 16)).astype(np.int32)
 
@@ -50,12 +53,13 @@ def import_logits(hf_dir, *overrides, devices=None):
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_independent_numpy_forward(tmp_path, case):
     hf_dir, cfg, tensors, forward = fixture(tmp_path, case)
-    logits, _, _, _ = import_logits(hf_dir, "mesh.fsdp=8", *(["model.scan_layers=true"] if case == "llama-gqa" else []))
+    scanned = case in ("llama-gqa", "qwen3")
+    logits, _, _, _ = import_logits(hf_dir, "mesh.fsdp=8", *(["model.scan_layers=true"] if scanned else []))
     ref = np.stack([forward(tensors, cfg, row) for row in TOKENS])
     np.testing.assert_allclose(logits, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "qwen3"])
 def test_fsdp8_and_data2_tensor2_give_the_same_logits(tmp_path, case):
     hf_dir, *_ = fixture(tmp_path, case)
     a, _, _, _ = import_logits(hf_dir, "mesh.fsdp=8")
@@ -154,6 +158,36 @@ def test_hub_configs_have_no_unknown_fields(name):
     assert fields["n_layers"] == fx.HUB_CONFIGS[name].get("num_hidden_layers", fx.HUB_CONFIGS[name].get("n_layer"))
 
 
+def test_qwen_params_and_config_keys():
+    """Qwen2 reads as model.qkv_bias, Qwen3 as model.qk_norm with its own head_dim (Qwen3Config's 128 when absent);
+    the keys are validated, and a model without them is named as a mismatch."""
+    q2 = hf.model_fields(fx.QWEN2_CONFIG, "q2")
+    assert (q2["qkv_bias"], q2["qk_norm"], q2["head_dim"]) == (True, False, 8)
+    q3 = hf.model_fields(fx.QWEN3_CONFIG, "q3")
+    assert (q3["qkv_bias"], q3["qk_norm"], q3["head_dim"]) == (False, True, 16)
+    assert hf.model_fields({k: v for k, v in fx.QWEN3_CONFIG.items() if k != "head_dim"}, "x")["head_dim"] == 128
+    llama = [f"model.{k}={json.dumps(v)}" for k, v in hf.model_fields(fx.LLAMA_CONFIG, "l").items()]
+    plain = load_config(None, [*llama, "train.seq_len=16"]).model
+    assert hf.mismatches(plain, q2) == ["model.qkv_bias=False (config.json: True)",
+                                        "model.tie_embeddings=False (config.json: True)",
+                                        "model.rope_theta=500000.0 (config.json: 1000000.0)"]
+    with pytest.raises(ConfigError, match=r"use_sliding_window=True: meshpilot supports full attention"):
+        hf.model_fields({**fx.QWEN2_CONFIG, "use_sliding_window": True}, "x")
+    with pytest.raises(ConfigError, match=r"attention_bias=True: meshpilot supports false"):
+        hf.model_fields({**fx.QWEN3_CONFIG, "attention_bias": True}, "x")
+    for overrides, message in (
+        (["model.head_dim=-1"], "model.head_dim=-1: expected a positive integer or 0"),
+        (["model.style=llama", "model.head_dim=7"], "model.head_dim=7: RoPE rotates pairs"),
+        (["model.qk_norm=true"], "model.qk_norm=true needs model.style=llama (got model.style=gpt)"),
+        (["model.d_model=30"], "model.d_model=30 is not divisible by model.n_heads=8 (or set model.head_dim)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, overrides)
+    load_config(None, ["model.d_model=30", "model.head_dim=4"])  # an explicit head width needs no divisibility
+    with pytest.raises(ConfigError, match=r"model.qkv_bias=true with model.qk_norm=true: no Hugging Face architecture"):
+        hf.hf_config(load_config(None, ["model.style=llama", "model.qkv_bias=true", "model.qk_norm=true"]).model)
+
+
 def test_unknown_config_field_is_named_exit_2(tmp_path):
     """A config.json field meshpilot neither reads nor knows to be inert stops the import: one line naming it."""
     with pytest.raises(ConfigError, match=r"^x: unknown fields 'attn_logit_softcapping', 'layer_scale' for GPT2LMHeadModel"):
@@ -185,7 +219,8 @@ def test_import_mismatch_exit_2(tmp_path):
     r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2
     assert r.stderr == (f"error: {hf_dir}/config.json: architectures=['BertModel']: "
-                        "expected one of GPT2LMHeadModel, LlamaForCausalLM\n")
+                        f"expected one of {', '.join(hf.ARCHITECTURES)}\n")
+    assert "GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in r.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -52,6 +52,9 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 8
     n_kv_heads: int = 0  # 0: same as n_heads (no grouped-query attention)
+    head_dim: int = 0  # width of one attention head; 0: d_model // n_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # llama style: biases on the q, k, v projections, none on the output (Qwen2)
+    qk_norm: bool = False  # llama style: RMSNorm over each head's q and k before RoPE (Qwen3)
     d_mlp: int = 512
     max_seq_len: int = 128
     tie_embeddings: Optional[bool] = None  # None: tied for gpt, untied for llama
@@ -69,6 +72,11 @@ class ModelConfig:
     conv_channels: list[int] = field(default_factory=lambda: [16, 32])
     dense_features: list[int] = field(default_factory=lambda: [256])
     num_classes: int = 10
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """One attention head's width: ``head_dim``, or ``d_model // n_heads`` when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass

@@ -6,7 +6,7 @@ rules, stage divisibility) live with that concern and are called by ``framework.
 from __future__ import annotations
 
 from framework.config.schema import (DTYPES, HOST_OPTIMIZERS, TRACKERS, Config, ConfigError, ElasticConfig, LoggingConfig,
-                                     OptimizerConfig)
+                                     ModelConfig, OptimizerConfig)
 
 
 def validate(cfg: Config) -> None:
@@ -30,8 +30,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.prefetch={cfg.data.prefetch}: expected an integer >= 0 (0: no prefetch)")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction}: expected a fraction in [0, 1)")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    validate_attention(m)
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         raise ConfigError(f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
@@ -59,6 +58,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: expected a number >= 0 (0: off)")
     validate_elastic(cfg.elastic)
     validate_logging(cfg.logging, t.steps)
+
+
+def validate_attention(m: ModelConfig) -> None:
+    """The head width, and the llama-style attention options (gpt style already has every bias and no q/k norm)."""
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim={m.head_dim}: expected a positive integer or 0 (d_model // n_heads)")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} "
+                          "(or set model.head_dim)")
+    if m.style == "llama" and m.resolved_head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.resolved_head_dim}: RoPE rotates pairs; expected an even head width")
+    for key in ("qkv_bias", "qk_norm"):
+        if getattr(m, key) and m.style != "llama":
+            raise ConfigError(f"model.{key}=true needs model.style=llama (got model.style={m.style})")
 
 
 def validate_logging(log: LoggingConfig, steps: int) -> None:

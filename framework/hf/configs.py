@@ -40,10 +40,14 @@ _GPT2_FIELDS = {"vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_he
 _DECODER_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
                    "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings"}
+_WINDOW_FIELDS = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}  # Qwen: checked off
 FIELDS = {
     "GPT2LMHeadModel": _GPT2_FIELDS,
     "LlamaForCausalLM": _DECODER_FIELDS | {"attention_bias", "mlp_bias"},
+    "Qwen2ForCausalLM": _DECODER_FIELDS | _WINDOW_FIELDS,
+    "Qwen3ForCausalLM": _DECODER_FIELDS | _WINDOW_FIELDS | {"attention_bias"},
 }
+QWEN3_HEAD_DIM = 128  # Qwen3Config's default head_dim when config.json has none
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -96,26 +100,29 @@ def _gpt2_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
             _unsupported(where, key, hf[key], str(supported).lower())
     d = hf["n_embd"]
     return dict(style="gpt", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                n_kv_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
+                n_kv_heads=hf["n_head"], head_dim=d // hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
                 tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
                 gelu=GELU[act])
 
 
 def _llama_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
+    """Llama, Qwen2 and Qwen3: one decoder, with q/k/v biases (Qwen2) or q/k norms and their own head_dim (Qwen3)."""
     if hf.get("hidden_act", "silu") != "silu":
         _unsupported(where, "hidden_act", hf["hidden_act"], "'silu'")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key, False):
-            _unsupported(where, key, True, "false (no biases in llama style)")
+            _unsupported(where, key, True, "false (biased o_proj or MLP; Qwen2's q/k/v biases are supported)")
+    if hf.get("use_sliding_window", False) or set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+        _unsupported(where, "use_sliding_window", True, "full attention in every layer (use_sliding_window=false)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         _unsupported(where, "rope_scaling", rope, "the default RoPE (no scaling)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     d, n = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // n):
-        _unsupported(where, "head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {d // n}")
+    head_dim = hf.get("head_dim") or (QWEN3_HEAD_DIM if arch == "Qwen3ForCausalLM" else d // n)
     return dict(style="llama", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
-                n_kv_heads=hf.get("num_key_value_heads") or n, d_mlp=hf["intermediate_size"],
+                n_kv_heads=hf.get("num_key_value_heads") or n, head_dim=head_dim, qkv_bias=arch == "Qwen2ForCausalLM",
+                qk_norm=arch == "Qwen3ForCausalLM", d_mlp=hf["intermediate_size"],
                 max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default; Llama-2 sets 1e-5
                 rope_theta=float(theta))
@@ -124,7 +131,8 @@ def _llama_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
 def effective(m: ModelConfig) -> dict[str, Any]:
     """The model's values as they shape params and numerics (defaults resolved)."""
     return dict(style=m.style, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-                n_kv_heads=m.n_kv_heads or m.n_heads, d_mlp=m.d_mlp, max_seq_len=m.max_seq_len,
+                n_kv_heads=m.n_kv_heads or m.n_heads, head_dim=m.resolved_head_dim, qkv_bias=m.qkv_bias,
+                qk_norm=m.qk_norm, d_mlp=m.d_mlp, max_seq_len=m.max_seq_len,
                 tie_embeddings=m.tie_embeddings if m.tie_embeddings is not None else m.style == "gpt",
                 norm_eps=m.norm_eps, rope_theta=m.rope_theta, gelu=m.gelu)
 
@@ -159,11 +167,15 @@ def hf_config(m: ModelConfig, token_ids: dict | None = None) -> dict:
                     n_head=m.n_heads, n_inner=m.d_mlp, n_positions=m.max_seq_len, n_ctx=m.max_seq_len,
                     activation_function="gelu_new" if m.gelu == "tanh" else "gelu", layer_norm_epsilon=m.norm_eps,
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    return dict(architectures=[arch], model_type="llama", hidden_size=m.d_model,
-                num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=e["n_kv_heads"],
-                head_dim=m.d_model // m.n_heads, intermediate_size=m.d_mlp, max_position_embeddings=m.max_seq_len,
-                rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, hidden_act="silu", attention_bias=False,
-                mlp_bias=False, **common)
+    decoder = dict(architectures=[arch], hidden_size=m.d_model, num_hidden_layers=m.n_layers,
+                   num_attention_heads=m.n_heads, num_key_value_heads=e["n_kv_heads"], head_dim=e["head_dim"],
+                   intermediate_size=m.d_mlp, max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+                   rope_theta=m.rope_theta, hidden_act="silu", **common)
+    if arch == "LlamaForCausalLM":
+        return dict(model_type="llama", **decoder, attention_bias=False, mlp_bias=False)
+    if arch == "Qwen2ForCausalLM":  # q/k/v biases are Qwen2's own; it reads head_dim when given
+        return dict(model_type="qwen2", **decoder, use_sliding_window=False)
+    return dict(model_type="qwen3", **decoder, attention_bias=False, use_sliding_window=False)
 
 
 def run_config(hf_dir: str | Path, config_path: str | Path | None = None, overrides=()) -> Config:

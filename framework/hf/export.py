@@ -20,9 +20,9 @@ def hf_tensors(params: dict, m: ModelConfig, logical_axes: dict) -> dict[str, np
     pieces: dict[str, dict[int, np.ndarray]] = {}
     placements = plan(m, flat, flatten(logical_axes))
     for path, p in placements.items():
-        layers = flat[path] if p.stacked else [flat[path]]
-        for name, layer in zip(p.names, layers):
-            merged = np.asarray(layer).reshape(p.merged_shape)
+        param = np.asarray(flat[path])
+        for at in np.ndindex(p.names.shape):  # one Hugging Face tensor per layer / expert of a stacked param
+            name, merged = p.names[at], param[at].reshape(p.merged_shape)
             pieces.setdefault(name, {})[p.rule.part] = merged.T if p.rule.transpose else merged
     out = {}
     for name, parts in pieces.items():

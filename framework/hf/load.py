@@ -66,7 +66,7 @@ def load_params(hf_dir: str | Path, m: ModelConfig, shapes: dict, logical_axes: 
 def _check_tensors(hf_dir, m: ModelConfig, placements, files, resolve, tensor) -> None:
     used = set()
     for p in placements.values():
-        for name in p.names:
+        for name in p.names.flat:
             if resolve(name) not in files:
                 raise ConfigError(f"{hf_dir}: tensor {name} missing (needed for the {m.style} model's {p.rule.path})")
             shape = tuple(tensor(name).get_shape())

@@ -8,6 +8,7 @@ the whole model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -42,9 +43,10 @@ class Placement:
     """How one meshpilot param relates to Hugging Face tensors (one layer's view)."""
 
     rule: Rule
-    names: tuple[str, ...]  # one Hugging Face name per layer when layer-stacked (scan_layers), else one
-    stacked: bool  # the meshpilot param has a leading layer axis
-    layer_shape: tuple[int, ...]  # one layer's meshpilot shape
+    # Hugging Face names (object array), one per index of the param's leading stack dims: a layer dim when
+    # layer-stacked (scan_layers), then an expert dim when the rule has {j}; 0-d for a param of one tensor
+    names: np.ndarray
+    layer_shape: tuple[int, ...]  # the meshpilot shape of one Hugging Face tensor (stack dims removed)
     groups: tuple[tuple[int, ...], ...]  # meshpilot dims whose product is each (transposed, unsplit) Hugging Face dim
 
     @property
@@ -72,24 +74,31 @@ def plan(m: ModelConfig, shapes: dict[str, Any], axes: dict[str, tuple]) -> dict
     """meshpilot param path -> Placement, from the architecture's table (flat "/" paths in, table order out)."""
     out: dict[str, Placement] = {}
 
-    def add(path, rule, names, stacked):
-        shape, ax = tuple(shapes[path].shape), tuple(axes[path])
-        if stacked:
-            shape, ax = shape[1:], ax[1:]
-        out[path] = Placement(rule, tuple(names), stacked, shape, _groups(ax))
+    def add(path, rule, layers):
+        """``layers``: the layer index of an unstacked param, the stacked layers' indices, or None (no layer)."""
+        lead = int(isinstance(layers, range))
+        experts = range(shapes[path].shape[lead]) if "{j}" in rule.hf else None
+
+        def at(i):
+            hf = rule.hf if i is None else rule.hf.replace("{i}", str(i))
+            return hf if experts is None else [hf.replace("{j}", str(j)) for j in experts]
+
+        names = np.array([at(i) for i in layers] if lead else at(layers), dtype=object)
+        shape, ax = tuple(shapes[path].shape)[names.ndim:], tuple(axes[path])[names.ndim:]
+        out[path] = Placement(rule, names, shape, _groups(ax))
 
     for rule in table_of(m):
         if "{i}" not in rule.path:
             if rule.path in shapes:
-                add(rule.path, rule, [rule.hf], False)
+                add(rule.path, rule, None)
         elif m.scan_layers:
             path = rule.path.replace("{i}/", "")
             if path in shapes:
-                add(path, rule, [rule.hf.format(i=i) for i in range(m.n_layers)], True)
+                add(path, rule, range(m.n_layers))
         else:
             for i in range(m.n_layers):
                 if rule.path.format(i=i) in shapes:
-                    add(rule.path.format(i=i), rule, [rule.hf.format(i=i)], False)
+                    add(rule.path.format(i=i), rule, i)
     unmapped = sorted(set(shapes) - set(out))
     if unmapped:
         raise ValueError(f"no Hugging Face tensor maps to meshpilot params {unmapped}")
@@ -120,11 +129,10 @@ def place(p: Placement, tensor, shape: jax.ShapeDtypeStruct, sharding) -> jax.Ar
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n)[:2] for s, n in zip(index, shape.shape))
         if key not in cache:
-            if p.stacked:
-                lo, hi, _ = index[0].indices(shape.shape[0])
-                x = np.stack([read_slice(tensor(p.names[i]), p, index[1:]) for i in range(lo, hi)])
-            else:
-                x = read_slice(tensor(p.names[0]), p, index)
+            k = p.names.ndim  # stack dims: one Hugging Face tensor per index (layers, experts)
+            ranges = [range(*key[d]) for d in range(k)]
+            parts = [read_slice(tensor(p.names[at]), p, index[k:]) for at in itertools.product(*ranges)]
+            x = np.stack(parts).reshape(*map(len, ranges), *parts[0].shape) if k else parts[0]
             cache[key] = np.asarray(x, dtype=shape.dtype)
         return cache[key]
 

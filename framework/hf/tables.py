@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from framework.config import ModelConfig
+from framework.config import ConfigError, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +73,38 @@ LLAMA = (
     Rule("lm_head.weight", "unembed", transpose=True),
 )
 
-ARCHITECTURES = {"GPT2LMHeadModel": ("gpt", GPT2), "LlamaForCausalLM": ("llama", LLAMA)}
-STYLE_ARCH = {style: arch for arch, (style, _) in ARCHITECTURES.items()}
+# Qwen2 (Qwen2ForCausalLM): Llama's layout, plus biases on q, k and v (o_proj has none). A bias
+# (n*hd,) is meshpilot's (n, hd) bias merged, like the kernels' output axis.
+QWEN2 = (
+    *LLAMA[:5],
+    Rule("model.layers.{i}.self_attn.q_proj.bias", "blocks/{i}/attn/query/bias"),
+    Rule("model.layers.{i}.self_attn.k_proj.bias", "blocks/{i}/attn/key/bias"),
+    Rule("model.layers.{i}.self_attn.v_proj.bias", "blocks/{i}/attn/value/bias"),
+    *LLAMA[5:],
+)
+
+# Qwen3 (Qwen3ForCausalLM): Llama's layout with its own head_dim (q_proj (n*head_dim, d), o_proj
+# (d, n*head_dim)), plus q_norm and k_norm: one RMSNorm weight (head_dim,) each, applied to every
+# head of q and k after the projection and before RoPE.
+QWEN3 = (
+    *LLAMA[:5],
+    Rule("model.layers.{i}.self_attn.q_norm.weight", "blocks/{i}/attn/q_norm/scale"),
+    Rule("model.layers.{i}.self_attn.k_norm.weight", "blocks/{i}/attn/k_norm/scale"),
+    *LLAMA[5:],
+)
+
+ARCHITECTURES = {"GPT2LMHeadModel": ("gpt", GPT2), "LlamaForCausalLM": ("llama", LLAMA),
+                 "Qwen2ForCausalLM": ("llama", QWEN2), "Qwen3ForCausalLM": ("llama", QWEN3)}
 
 
 def arch_of(m: ModelConfig) -> str:
-    """The Hugging Face architecture a meshpilot model config is (export writes it)."""
-    return STYLE_ARCH[m.style]
+    """The Hugging Face architecture a meshpilot model config is (import checks it, export writes it)."""
+    if m.style == "gpt":
+        return "GPT2LMHeadModel"
+    if m.qkv_bias and m.qk_norm:
+        raise ConfigError("model.qkv_bias=true with model.qk_norm=true: no Hugging Face architecture meshpilot "
+                          "reads or writes has both (Qwen2 has the biases, Qwen3 the norms)")
+    return "Qwen2ForCausalLM" if m.qkv_bias else "Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"
 
 
 def table_of(m: ModelConfig) -> tuple[Rule, ...]:
