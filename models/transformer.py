@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from framework.config import ModelConfig
 from framework.sharding import constrain
-from models import moe, ops
+from models import context, moe, ops
 
 BLC = ("batch", "length", "embed")  # residual stream layout
 
@@ -108,21 +108,22 @@ class Attention(nnx.Module):
                          bias_axes=("embed",) if bias else None, std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
 
     def _qkv(self, x, positions=None):
-        """Projected q, k, v (RoPE applied in llama style) of tokens at ``positions`` (default 0..T-1)."""
+        """Projected q, k, v (RoPE applied in llama style) of tokens at ``positions`` (default: the true positions
+        of the tokens as the mesh holds them, 0..T-1 without a context axis)."""
         q = checkpoint_name(constrain(self.query(x), ("batch", "length", "heads", "head_dim")), "query_proj")
         k = checkpoint_name(constrain(self.key(x), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
         v = checkpoint_name(constrain(self.value(x), ("batch", "length", "kv_heads", "head_dim")), "value_proj")
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.style == "llama":
-            positions = jnp.arange(x.shape[1]) if positions is None else positions
+            positions = context.positions(x.shape[1]) if positions is None else positions
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         return q, k, v
 
-    def __call__(self, x):
-        q, k, v = self._qkv(x)
+    def __call__(self, x, segment_ids=None, positions=None):
+        q, k, v = self._qkv(x, positions)
         impl = {"xla": "xla", "cudnn": "cudnn", "auto": None}[self.cfg.attention]
-        ctx = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        ctx = context.attention(q, k, v, segment_ids=segment_ids, mode=self.cfg.context_attention, implementation=impl)
         ctx = checkpoint_name(constrain(ctx, ("batch", "length", "heads", "head_dim")), "context")
         return checkpoint_name(self.out(ctx), "out_proj")
 
@@ -176,10 +177,10 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, segment_ids=None, positions=None):
         x, stats = moe.split(x)  # an MoE model's carry also holds the routing sums
         x = checkpoint_name(constrain(x, BLC), "decoder_layer_input")
-        x = x + self.attn(self.ln_attn(x))
+        x = x + self.attn(self.ln_attn(x), segment_ids, positions)
         h, stats = moe.mlp_call(self.mlp, self.ln_mlp(x), stats)
         return moe.join(constrain(x + h, BLC), stats)
 
@@ -197,9 +198,9 @@ class LayerGroup(nnx.Module):
         every = cfg.moe.every
         self.layers = nnx.List([Block(cfg, dtype, param_dtype, rngs, is_moe=j == every - 1) for j in range(every)])
 
-    def __call__(self, x):
+    def __call__(self, x, segment_ids=None, positions=None):
         for block in self.layers:
-            x = block(x)
+            x = block(x, segment_ids, positions)
         return x
 
 
@@ -272,21 +273,23 @@ class Transformer(nnx.Module):
         return jax.device_put(x, jax.memory.Space.Device) if self.stream_params else x
 
     def _block_fn(self):
-        call = (lambda block, x: _to_device(block)(x)) if self.stream_params else (lambda block, x: block(x))
+        call = (lambda block, x, *seq: _to_device(block)(x, *seq)) if self.stream_params else (lambda block, x, *seq: block(x, *seq))
         if self.cfg.remat or self.remat_policy is not None:
             call = nnx.remat(call, policy=self.remat_policy, prevent_cse=not self.cfg.scan_layers)
         return call
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, *, segment_ids=None, positions=None):
+        """Under a context axis the tokens come in the mesh's (zig-zag) order: models/context.py ``to_layout``."""
         x = ops.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
         if self.pos_embed is not None:
-            x = x + self._fetch(self.pos_embed[...])[: tokens.shape[1]].astype(self.dtype)
+            where = context.positions(tokens.shape[1]) if positions is None else positions
+            x = x + jnp.take(self._fetch(self.pos_embed[...]), where, axis=0).astype(self.dtype)
         x = moe.start(self.cfg, constrain(x, BLC))  # an MoE model carries its routing sums beside x
         call = self._block_fn()
         if self.cfg.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
             def run(block, h):
-                return call(block, h)
+                return call(block, h, segment_ids, positions)
 
             if self.pipeline is not None:
                 x = self._pipelined(run, x)
@@ -295,7 +298,7 @@ class Transformer(nnx.Module):
                     x = run(self.blocks, x)
         else:
             for block in self.blocks:
-                x = call(block, x)
+                x = call(block, x, segment_ids, positions)
         x, stats = moe.split(x)
         logits = self._logits((_to_device(self.ln_f) if self.stream_params else self.ln_f)(x))
         return logits if stats is None else (logits, moe.finish(self.cfg, stats, tokens.shape[1]))

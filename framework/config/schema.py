@@ -63,6 +63,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: bool = False
     attention: Literal["xla", "cudnn", "auto"] = "xla"
+    context_attention: Literal["ring", "allgather", "auto"] = "auto"  # mesh.context > 1: models/context.py (auto: its cost model)
     gelu: Literal["tanh", "exact"] = "tanh"  # gpt style: tanh approximation (GPT-2, HF gelu_new) or exact erf (HF gelu)
     moe: MoEConfig = field(default_factory=MoEConfig)
     init_from: str = ""  # a Hugging Face model dir (framework/hf/): fresh runs start from its params
@@ -191,7 +192,7 @@ class ShardingConfig:
     activation_rules: list[list[Any]] = field(
         default_factory=lambda: [
             ["batch", ["data", "fsdp", "expert"]],  # expert: tokens start split over it and travel to their experts
-            ["length", None],
+            ["length", "context"],  # context parallelism: the sequence split (no axis when mesh.context=1)
             ["embed", None],
             ["mlp", "tensor"],
             ["heads", "tensor"],

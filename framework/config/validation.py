@@ -36,6 +36,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
+        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by 2 * mesh.context = {2 * cfg.mesh.context} "
+                          "(context parallelism's zig-zag split: two chunks per device)")
     if t.global_batch % t.grad_accum:
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}"

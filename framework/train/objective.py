@@ -9,6 +9,7 @@ from flax import nnx
 
 from framework import memory
 from framework.state import abstract_state
+from models import context
 
 
 def next_token_loss(model, batch):
@@ -21,9 +22,10 @@ def loss_and_metrics(model, batch):
     """(``next_token_loss``, metrics): an MoE model's routing losses join the loss, its ``moe/*`` metrics the dict."""
     if hasattr(model, "loss"):
         return model.loss(batch), {}
-    out = model(batch[:, :-1])
+    inputs, targets = context.to_layout((batch[:, :-1], batch[:, 1:]))  # the mesh's token order (zig-zag under mesh.context)
+    out = model(inputs)
     logits, routing = out if isinstance(out, tuple) else (out, {"loss": 0.0, "metrics": {}})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     return loss + routing["loss"], routing["metrics"]
 
 

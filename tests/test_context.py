@@ -1,0 +1,163 @@
+"""Context parallelism (models/context.py): the sequence split over mesh.context gives the logits and gradients of
+the unsplit model (ring and all-gather attention, with and without segment ids, GQA, with the other axes); the ring's
+compiled step passes K/V blocks with collective-permutes and gathers no full-sequence activation; bad input."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from framework import sharding
+from framework.config import ConfigError, load_config
+from framework.train import Trainer
+from models import context
+from models.transformer import Transformer
+from tests.helpers import TINY, run_script, tiny_config
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+T = 48  # a sequence length no weight dimension has: an all-gather of this length is a full-sequence activation
+LLAMA = ["model.style=llama", "model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.d_mlp=64", f"model.max_seq_len={T}", f"train.seq_len={T}", "train.global_batch=4", "data.source=synthetic"]
+RULES = sharding.rules_table(tiny_config().sharding.activation_rules)
+
+
+def mesh_of(context_size, data=1):
+    devices = np.array(jax.devices()[: data * context_size]).reshape(data, context_size)
+    return Mesh(devices, ("data", "context"), axis_types=(AxisType.Auto,) * 2)
+
+
+def segments(batch, seq):
+    """Three documents per row, of different lengths per row."""
+    cuts = np.array([[seq // 4, seq // 2], [5, seq - 7]])[np.arange(batch) % 2]
+    return (np.arange(seq)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+
+
+def build(*overrides):
+    with nnx.use_eager_sharding(False):  # replicated parameters: the test is about the sequence split
+        return Transformer(tiny_config(*LLAMA, *overrides).model, rngs=nnx.Rngs(0))
+
+
+def run_model(model, tokens, seg, mesh=None):
+    """Logits in true order and the gradient of a logit-weighted sum, the sequence split over ``mesh``'s context axis."""
+    weights = jnp.sin(jnp.arange(tokens.size * model.cfg.vocab_size, dtype=jnp.float32)).reshape(*tokens.shape, -1)
+    graphdef, params = nnx.split(model)
+
+    def f(params, tokens, seg, weights):
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
+            return (logits * weights).sum(), logits
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    if mesh is None:
+        (_, logits), grads = jax.jit(f)(params, tokens, seg, weights)
+        return logits, grads
+    with sharding.activation_sharding(mesh, RULES):
+        (_, logits), grads = jax.jit(f)(params, *context.to_layout((tokens, seg, weights)))
+    return context.from_layout(logits, mesh.shape["context"]), grads
+
+
+def assert_close(got, want, tol=1e-5):
+    leaves = jax.tree_util.tree_leaves_with_path(want)
+    assert len(leaves) == len(jax.tree.leaves(got)) > 0
+    for (path, w), g in zip(leaves, jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return jnp.asarray(rng.integers(0, 256, (2, T), dtype=np.int32)), jnp.asarray(segments(2, T))
+
+
+@pytest.fixture(scope="module")
+def reference(batch):
+    tokens, seg = batch
+    model = build()
+    return {"none": run_model(model, tokens, None), "segments": run_model(model, tokens, seg)}
+
+
+CASES = [(size, "ring", segmented) for size in (2, 4, 8) for segmented in (False, True)] + [(4, "allgather", True)]
+
+
+@pytest.mark.parametrize("size,mode,segmented", CASES, ids=[f"context={c},{m},{'segments' if s else 'no segments'}"
+                                                            for c, m, s in CASES])
+def test_logits_and_gradients_equal_unsplit(batch, reference, size, mode, segmented):
+    tokens, seg = batch
+    logits, grads = run_model(build(f"model.context_attention={mode}"), tokens, seg if segmented else None, mesh_of(size))
+    want_logits, want_grads = reference["segments" if segmented else "none"]
+    assert_close(logits, want_logits)
+    assert_close(grads, want_grads)
+
+
+# ------------------------------------------------------------------ the Trainer's step on meshes with other axes
+
+_trainers = {}
+
+
+def trainer(*overrides, n=8):
+    key = (overrides, n)
+    if key not in _trainers:
+        _trainers[key] = Trainer(tiny_config(*LLAMA, *overrides, steps=1), devices=jax.devices()[:n])
+    return _trainers[key]
+
+
+def loss_and_grads(tr, params, batch):
+    rng = jax.random.key_data(jax.random.key(0))
+
+    def f(p, b):
+        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
+            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
+
+    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
+    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
+    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
+
+
+MESHES = {
+    "context=2,data=2,tensor=2": ["mesh.context=2", "mesh.data=2", "mesh.tensor=2", "mesh.fsdp=1"],
+    "context=2,stage=2,fsdp=2": ["mesh.context=2", "mesh.stage=2", "mesh.fsdp=2", "model.scan_layers=true",
+                                 "model.n_layers=2", "train.pipeline_microbatches=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_trainer_loss_and_gradients_equal_one_device(name):
+    extra = ["model.scan_layers=true", "model.n_layers=2"] if "stage" in name else []
+    ref = trainer("mesh.fsdp=1", *extra, n=1)
+    params = jax.device_get(ref.init_state().params)
+    batch = np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)
+    want_loss, want_grads = loss_and_grads(ref, params, batch)
+    loss, grads = loss_and_grads(trainer(*MESHES[name]), params, batch)
+    assert abs(loss - want_loss) < 1e-5
+    assert_close(grads, want_grads)
+
+
+def _ops(hlo: str, kind: str) -> list[tuple[str, str]]:
+    """(result shape, source_target_pairs or replica_groups) of every ``kind`` op of a compiled program."""
+    pattern = r"=\s*(\w+\[[\d,]*\])\S*\s+" + kind + r"(?:-start)?\(.*?(?:source_target_pairs|replica_groups)=(\{\{.*?\}\}|\S+?),"
+    return re.findall(pattern, hlo)
+
+
+def test_ring_step_permutes_kv_blocks_and_gathers_no_sequence():
+    """The compiled train step (context=4 x data=2, 1 layer): 2 K/V permutes forward, 4 (K/V and their gradients)
+    per backward hop and 2 bringing the gradients home, each of one local block (2 rows, T/4 tokens, 2 kv heads of
+    8) round the context ring; no all-gather has the full sequence length. All-gather mode has them."""
+    hlo = trainer("mesh.context=4", "mesh.data=2", "mesh.fsdp=1", "model.context_attention=ring").compiled_step.as_text()
+    ring = "{{0,1},{1,2},{2,3},{3,0},{4,5},{5,6},{6,7},{7,4}}"
+    assert _ops(hlo, "collective-permute") == [("f32[2,12,2,8]", ring)] * 8
+    assert not [shape for shape, _ in _ops(hlo, "all-gather") if f",{T}," in shape]
+    gathered = trainer("mesh.context=4", "mesh.data=2", "mesh.fsdp=1", "model.context_attention=allgather")
+    assert [s for s, _ in _ops(gathered.compiled_step.as_text(), "all-gather")] == [f"f32[2,{T},2,8]"] * 2
+
+
+def test_seq_len_the_zigzag_split_does_not_divide_exits_2():
+    r = run_script("train.py", "--config", TINY, "mesh.context=4", "train.seq_len=36", "model.max_seq_len=36")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: train.seq_len=36 is not divisible by 2 * mesh.context = 8 "
+                                "(context parallelism's zig-zag split: two chunks per device)")
+    with pytest.raises(ConfigError, match="train.seq_len=36"):
+        load_config(TINY, ["mesh.context=4", "train.seq_len=36", "model.max_seq_len=36"])
