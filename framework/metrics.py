@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from framework.fileio import atomic_write
+
 METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step (framework/trackers/jsonl.py writes it)
 
 
@@ -34,7 +36,7 @@ def drop_records_after(run_dir: str | Path | None, step: int) -> int:
         newest = max(newest, logged)
         if logged <= step:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    atomic_write(path, "".join(kept))  # a kill here leaves the file as it was, not cut short
     return newest
 
 

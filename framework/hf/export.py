@@ -9,6 +9,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from framework.config import ModelConfig
+from framework.fileio import atomic_path, atomic_write
 from framework.hf.placement import flatten, plan
 
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' save_pretrained default max_shard_size ("5GB")
@@ -48,16 +49,22 @@ def save(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path,
         shards[-1][name] = x
         size += x.nbytes
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    # Crash-safe order: an earlier save's index goes first and the new one comes last, each file renamed into
+    # place complete (fileio), so a killed save leaves no index naming shards that are missing or half new.
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
     if len(shards) == 1:
         files = [out / "model.safetensors"]
     else:
         files = [out / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    for f, shard in zip(files, shards):
+        with atomic_path(f) as tmp:
+            save_file(shard, str(tmp), metadata=meta)
+    atomic_write(out / "config.json", json.dumps(config, indent=2))
+    if tokenizer is not None:
+        with atomic_path(out / "tokenizer.json") as tmp:
+            shutil.copyfile(tokenizer, tmp)
+    if len(shards) > 1:
         index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
                  "weight_map": {name: f.name for f, shard in zip(files, shards) for name in shard}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for f, shard in zip(files, shards):
-        save_file(shard, str(f), metadata=meta)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
+        atomic_write(out / "model.safetensors.index.json", json.dumps(index, indent=2))
     return files

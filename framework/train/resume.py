@@ -10,6 +10,7 @@ import yaml
 from framework import rundir
 from framework.checkpoint import CheckpointError, abstract_target, warn
 from framework.config import ConfigError, config_to_dict
+from framework.fileio import atomic_write
 from framework.metrics import drop_records_after
 
 
@@ -76,4 +77,4 @@ class RunResume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
             rundir.keep_previous(self.run_dir / "config.yaml", text)
-            (self.run_dir / "config.yaml").write_text(text)
+            atomic_write(self.run_dir / "config.yaml", text)
