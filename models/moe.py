@@ -108,7 +108,7 @@ def _sharded(fn, args):
     w_spec = PartitionSpec(EXPERT_AXIS) if shards > 1 else PartitionSpec()
     body = functools.partial(fn, axis=EXPERT_AXIS if shards > 1 else None, shards=shards)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, PartitionSpec(), w_spec, w_spec, w_spec),
-                           out_specs=(x_spec, x_spec), axis_names=set(mesh.axis_names) - {STAGE_AXIS})
+                           out_specs=(x_spec, x_spec))
     return mapped(*args)
 
 

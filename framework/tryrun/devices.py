@@ -13,6 +13,7 @@ import jax
 from framework import memory, sharding
 from framework.config import Config, ConfigError, ElasticConfig
 from framework.distributed import spread_over_processes
+from framework.tryrun.layouts import expert_split
 
 
 def scheduled_devices(devices: Sequence[jax.Device], n: int | None, step: int) -> list[jax.Device]:
@@ -53,7 +54,8 @@ def fewest_devices_holding_state(cfg: Config, trainer, n_available: int) -> int:
     abstract = trainer.abstract
     rules = sharding.rules_table(cfg.sharding.param_rules)
     for m in range(1, n_available + 1):
-        sizes = {data_axis: 1, fsdp_axis: m, tensor_axis: 1}
+        expert = expert_split(cfg, m)  # a mixture of experts: its expert weights split over the expert axis first
+        sizes = {data_axis: 1, fsdp_axis: m // expert, tensor_axis: 1, **({"expert": expert} if expert > 1 else {})}
         param_specs = sharding.param_specs(abstract.shapes.params, abstract.logical_axes, rules, sizes)
         opt_specs = sharding.opt_state_specs(abstract.tx, abstract.shapes.opt_state, param_specs, abstract.shapes.params)
         params = sharding.bytes_per_device(abstract.shapes.params, param_specs, sizes)

@@ -52,12 +52,21 @@ def tensor_misfit(cfg: Config, tensor: int) -> str | None:
     return f"tensor={tensor} does not divide {', '.join(bad)}" if bad else None
 
 
+def expert_split(cfg: Config, devices: int) -> int:
+    """The ``expert`` axis size of a split over ``devices``: the largest divisor of both and of ``model.moe.n_experts``
+    (1 for a dense model), so a mixture of experts spreads its experts as far as the split allows."""
+    n = cfg.model.moe.n_experts
+    return max((e for e in range(1, devices + 1) if devices % e == 0 and n % e == 0), default=1) if n else 1
+
+
 def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | str:
-    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor), or why none fits.
+    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x expert x tensor), or why
+    none fits.
 
     ``prefer_tensor`` (the current tensor size) is kept when it divides the split; otherwise as much
     fsdp as the global batch allows (fsdp also splits the batch). A tensor size must divide the heads,
-    KV heads and MLP width; the data-parallel size must split the global batch.
+    KV heads and MLP width; the data-parallel size must split the global batch. A mixture of experts
+    takes the ``expert`` axis out of the fsdp share (``expert_split``).
     """
     data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
     t = cfg.train
@@ -68,7 +77,9 @@ def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: in
         if misfit is not None:
             reasons.append(misfit)
             continue
-        mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
+        expert = expert_split(cfg, split // tensor)
+        mesh = {data_axis: replicas, fsdp_axis: split // tensor // expert, **({"expert": expert} if expert > 1 else {}),
+                tensor_axis: tensor}
         dp = math.prod(mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, mesh))
         accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
         if accum is not None:
@@ -105,10 +116,10 @@ def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int
 def with_layout(cfg: Config, layout: Layout) -> Config:
     """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
     data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
-    stage = layout.mesh.get(STAGE, 1)
+    stage, expert = layout.mesh.get(STAGE, 1), layout.mesh.get("expert", 1)
     return dataclasses.replace(
         cfg,
-        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, dcn_data=1),
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, expert=expert, dcn_data=1),
         train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
                                   micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
     )
@@ -147,7 +158,8 @@ class Gates:
         for split in range(min_devices + 1, n_devices + 1):
             if n_devices % split:
                 continue
-            stages = next((s for s in range(now + 1, split + 1) if split % s == 0 and m.n_layers % s == 0), None)
+            stacked = m.n_layers // m.moe.every if m.moe.n_experts else m.n_layers  # models/moe.py: groups of `every` layers
+            stages = next((s for s in range(now + 1, split + 1) if split % s == 0 and stacked % s == 0), None)
             if stages is None:
                 self.drop("pipeline", n_devices, split, f"no stage count above {now} divides the split {split} "
                           f"and model.n_layers={m.n_layers}")
@@ -162,7 +174,7 @@ class Gates:
     def shrunk(self, n_devices: int, min_devices: int) -> Layout:
         """The current layout on fewer devices: same model split, fewer replicas; else the nearest split that fits."""
         _, fsdp_axis, tensor_axis = self.cfg.mesh.axis_names
-        split = self.current.get(STAGE, 1) * self.current[fsdp_axis] * self.current[tensor_axis]
+        split = self.current.get(STAGE, 1) * self.current.get("expert", 1) * self.current[fsdp_axis] * self.current[tensor_axis]
         splits = sorted((s for s in range(min_devices, n_devices + 1) if n_devices % s == 0), key=lambda s: abs(s - split))
         for s in splits:
             found = self.layout("baseline", n_devices, n_devices // s, s)
