@@ -147,6 +147,11 @@ def activation_sharding(mesh, rules: Rules):
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def activation_context():
+    """(mesh, rules) while a step is traced under ``activation_sharding``, else None (layers that shard_map themselves)."""
+    return _ACTIVATION_CONTEXT.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint at a layer boundary; a no-op outside ``activation_sharding``."""
     ctx = _ACTIVATION_CONTEXT.get()

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from framework.config import ModelConfig
 from framework.sharding import constrain
-from models import ops
+from models import moe, ops
 
 BLC = ("batch", "length", "embed")  # residual stream layout
 
@@ -165,24 +165,42 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs, is_moe: bool = False):
         norm = "layer" if cfg.style == "gpt" else "rms"
         self.ln_attn = Norm(cfg.d_model, norm, cfg.norm_eps, param_dtype, rngs)
         self.attn = Attention(cfg, dtype, param_dtype, rngs)
         self.ln_mlp = Norm(cfg.d_model, norm, cfg.norm_eps, param_dtype, rngs)
-        self.mlp = MLP(cfg, dtype, param_dtype, rngs)
+        if is_moe:  # models/moe.py: routed experts (and shared ones, a dense MLP)
+            shared = MLP(moe.shared_config(cfg), dtype, param_dtype, rngs) if cfg.moe.n_shared_experts else None
+            self.mlp = moe.MoE(cfg, dtype, param_dtype, rngs, shared)
+        else:
+            self.mlp = MLP(cfg, dtype, param_dtype, rngs)
 
     def __call__(self, x):
+        x, stats = moe.split(x)  # an MoE model's carry also holds the routing sums
         x = checkpoint_name(constrain(x, BLC), "decoder_layer_input")
         x = x + self.attn(self.ln_attn(x))
-        x = x + self.mlp(self.ln_mlp(x))
-        return constrain(x, BLC)
+        h, stats = moe.mlp_call(self.mlp, self.ln_mlp(x), stats)
+        return moe.join(constrain(x + h, BLC), stats)
 
     def decode(self, x, cache_k, cache_v, start):
         h, cache_k, cache_v = self.attn.decode(self.ln_attn(constrain(x, BLC)), cache_k, cache_v, start)
         x = x + h
         x = x + self.mlp(self.ln_mlp(x))
         return constrain(x, BLC), cache_k, cache_v
+
+
+class LayerGroup(nnx.Module):
+    """``every`` consecutive layers, the last an MoE one: the scanned unit of an MoE model with moe.every > 1."""
+
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+        every = cfg.moe.every
+        self.layers = nnx.List([Block(cfg, dtype, param_dtype, rngs, is_moe=j == every - 1) for j in range(every)])
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
 
 
 @jax.tree_util.register_dataclass
@@ -207,7 +225,8 @@ def _to_device(module: nnx.Module) -> nnx.Module:
 
 
 class Transformer(nnx.Module):
-    """tokens (B, T) int32 -> logits (B, T, vocab) float32.
+    """tokens (B, T) int32 -> logits (B, T, vocab) float32; with ``model.moe`` (logits, {"loss": routing loss,
+    "metrics": moe/...}) (models/moe.py).
 
     ``stream_params``: parameters live in pinned_host and each layer's weights are brought to
     the device where the layer runs. The fetch sits inside the remat boundary: with checkpointed
@@ -231,14 +250,20 @@ class Transformer(nnx.Module):
             else None
         )
         if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.n_layers)
+            grouped = cfg.moe.n_experts > 0 and cfg.moe.every > 1  # models/moe.py: groups of `every` layers
+            self.n_stacked = cfg.n_layers // cfg.moe.every if grouped else cfg.n_layers
+
+            @nnx.split_rngs(splits=self.n_stacked)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(r):
-                return Block(cfg, dtype, param_dtype, r)
+                if grouped:
+                    return LayerGroup(cfg, dtype, param_dtype, r)
+                return Block(cfg, dtype, param_dtype, r, is_moe=cfg.moe.n_experts > 0)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs, is_moe=moe.is_moe_layer(cfg, i))
+                                    for i in range(cfg.n_layers)])
         self.ln_f = Norm(cfg.d_model, "layer" if cfg.style == "gpt" else "rms", cfg.norm_eps, param_dtype, rngs)
         self.unembed = None if self.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype)
         ops.name_layers(self, Dense)
@@ -256,7 +281,7 @@ class Transformer(nnx.Module):
         x = ops.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
         if self.pos_embed is not None:
             x = x + self._fetch(self.pos_embed[...])[: tokens.shape[1]].astype(self.dtype)
-        x = constrain(x, BLC)
+        x = moe.start(self.cfg, constrain(x, BLC))  # an MoE model carries its routing sums beside x
         call = self._block_fn()
         if self.cfg.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
@@ -266,13 +291,14 @@ class Transformer(nnx.Module):
             if self.pipeline is not None:
                 x = self._pipelined(run, x)
             else:
-                with ops.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
+                with ops.repeated(self.n_stacked):  # the plan charges the body's layers once per stacked layer
                     x = run(self.blocks, x)
         else:
             for block in self.blocks:
                 x = call(block, x)
-        x = (_to_device(self.ln_f) if self.stream_params else self.ln_f)(x)
-        return self._logits(x)
+        x, stats = moe.split(x)
+        logits = self._logits((_to_device(self.ln_f) if self.stream_params else self.ln_f)(x))
+        return logits if stats is None else (logits, moe.finish(self.cfg, stats, tokens.shape[1]))
 
     def one_layer(self):
         """(fn(layer params, x) -> x, shapes of one layer's params): a single stacked layer as the model runs it,

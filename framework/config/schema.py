@@ -21,6 +21,29 @@ TRACKERS = ("jsonl", "tensorboard", "wandb")  # logging.trackers: where metrics 
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (models/moe.py): ``n_experts`` 0 keeps every layer a dense MLP.
+
+    Layer i (0-based) is an MoE layer when (i + 1) % ``every`` == 0 (Qwen3-MoE's ``decoder_sparse_step``);
+    with ``model.scan_layers`` the stack is of groups of ``every`` layers. ``router: softmax_topk``: softmax over
+    all experts, the top ``top_k`` kept, renormalised to sum 1 when ``norm_topk_prob`` (Mixtral, Qwen3-MoE).
+    ``capacity_factor`` 0: dropless (grouped matmuls); > 0: each sequence gives an expert at most
+    ceil(capacity_factor * seq_len * top_k / n_experts) tokens, the rest are dropped (counted, logged).
+    """
+
+    n_experts: int = 0  # 0: no MoE layer
+    top_k: int = 2
+    d_expert_mlp: int = 0  # each expert's hidden width; 0: model.d_mlp
+    n_shared_experts: int = 0  # a dense MLP of n_shared_experts * d_expert_mlp every token goes through, beside the routed experts
+    every: int = 1
+    router: Literal["softmax_topk"] = "softmax_topk"
+    norm_topk_prob: bool = True
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss (1.0 at a perfect balance), per sequence
+    router_z_loss_weight: float = 0.0  # ST-MoE z-loss: mean logsumexp(router logits)^2
+    capacity_factor: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     name: str = "transformer"
     style: Literal["gpt", "llama"] = "gpt"
@@ -41,6 +64,7 @@ class ModelConfig:
     remat: bool = False
     attention: Literal["xla", "cudnn", "auto"] = "xla"
     gelu: Literal["tanh", "exact"] = "tanh"  # gpt style: tanh approximation (GPT-2, HF gelu_new) or exact erf (HF gelu)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     init_from: str = ""  # a Hugging Face model dir (framework/hf/): fresh runs start from its params
     # CNN classifier (models/cnn.py, name: cnn): square images, 3x3 convs, one 2x2 max-pool, dense layers
     image_size: int = 8
@@ -160,12 +184,13 @@ class ShardingConfig:
             ["vocab", "tensor"],
             ["head_dim", None],
             ["length", None],
+            ["expert", "expert"],  # a mixture-of-experts layer's experts (models/moe.py)
             ["layers", "stage"],  # stacked layers: contiguous pieces per pipeline stage (no axis when mesh.stage=1)
         ]
     )
     activation_rules: list[list[Any]] = field(
         default_factory=lambda: [
-            ["batch", ["data", "fsdp"]],
+            ["batch", ["data", "fsdp", "expert"]],  # expert: tokens start split over it and travel to their experts
             ["length", None],
             ["embed", None],
             ["mlp", "tensor"],

@@ -12,12 +12,19 @@ from framework.state import abstract_state
 
 
 def next_token_loss(model, batch):
-    """Mean next-token cross-entropy of a (B, T+1) token batch; a model with its own objective (the CNN
-    classifier's ``loss``) uses that."""
+    """Mean next-token cross-entropy of a (B, T+1) token batch (plus an MoE model's routing losses); a model with
+    its own objective (the CNN classifier's ``loss``) uses that."""
+    return loss_and_metrics(model, batch)[0]
+
+
+def loss_and_metrics(model, batch):
+    """(``next_token_loss``, metrics): an MoE model's routing losses join the loss, its ``moe/*`` metrics the dict."""
     if hasattr(model, "loss"):
-        return model.loss(batch)
-    logits = model(batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return model.loss(batch), {}
+    out = model(batch[:, :-1])
+    logits, routing = out if isinstance(out, tuple) else (out, {"loss": 0.0, "metrics": {}})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    return loss + routing["loss"], routing["metrics"]
 
 
 def loss_for_config(cfg, axis_sizes) -> Callable:

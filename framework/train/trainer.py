@@ -35,7 +35,7 @@ from framework.train.evaluation import Evaluation
 from framework.train.layout import MeshLayout
 from framework.train.loop import timed_steps
 from framework.train.microbatch import MicroBatchControl, with_grad_accum
-from framework.train.objective import next_token_loss
+from framework.train.objective import loss_and_metrics
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
 from framework.train.session import RunSession
@@ -224,10 +224,11 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         return nnx.merge(self.graphdef if graphdef is None else graphdef, params)
 
     def loss_fn(self, params, batch: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
-        """(loss, metrics) of one micro-batch (B, T+1) of tokens: mean next-token cross-entropy, no extra metrics.
+        """(loss, metrics) of one micro-batch (B, T+1) of tokens: mean next-token cross-entropy; an MoE model adds
+        its routing losses and ``moe/*`` metrics (models/moe.py).
 
         The metrics dict's scalars are averaged over the step's micro-batches and logged with the step."""
-        return next_token_loss(self.model(params), batch), {}
+        return loss_and_metrics(self.model(params), batch)
 
     def loss_for(self, remat_policy=None):
         """``(params, batch) -> loss``: this trainer's ``loss_fn`` on the model built with ``remat_policy``
