@@ -28,6 +28,8 @@ CASES = {
     "llama-tied": (LLAMA_TIED_MHA, fx.llama_tensors, fx.llama_forward),
     "qwen2": (fx.QWEN2_CONFIG, fx.llama_tensors, fx.llama_forward),
     "qwen3": (fx.QWEN3_CONFIG, fx.llama_tensors, fx.llama_forward),
+    "mixtral": (fx.MIXTRAL_CONFIG, fx.llama_tensors, fx.llama_forward),
+    "qwen3-moe": (fx.QWEN3_MOE_CONFIG, fx.llama_tensors, fx.llama_forward),
 }
 TOKENS = np.random.default_rng(7).integers(0, 64, (2, 16)).astype(np.int32)
 
@@ -38,22 +40,23 @@ def fixture(tmp_path, case, shards=1):
     return fx.write(tmp_path / case, cfg, tensors, shards), cfg, tensors, forward
 
 
-def import_logits(hf_dir, *overrides, devices=None):
-    """Params loaded from ``hf_dir`` onto the mesh the overrides describe, and the model's logits of TOKENS."""
+def import_logits(hf_dir, *overrides, devices=None, tokens=TOKENS):
+    """Params loaded from ``hf_dir`` onto the mesh the overrides describe, and the model's logits of ``tokens``."""
     cfg = hf.run_config(hf_dir, None, overrides)
     mesh = MeshManager(cfg.mesh).build(devices)
     a = abstract_state(cfg, describe(mesh))
     shardings = sharding.named(mesh, a.specs.params)
     params = hf.load_params(hf_dir, cfg.model, a.shapes.params, a.logical_axes, shardings)
     assert jax.tree.all(jax.tree.map(lambda p, s: p.sharding == s, params, shardings))  # placed, not resharded later
-    logits = jax.jit(lambda p, x: nnx.merge(a.graphdef, p)(x))(params, TOKENS)
+    out = jax.jit(lambda p, x: nnx.merge(a.graphdef, p)(x))(params, tokens)
+    logits = out[0] if isinstance(out, tuple) else out  # an MoE model also returns its routing loss and metrics
     return np.asarray(logits), params, cfg, a
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_independent_numpy_forward(tmp_path, case):
     hf_dir, cfg, tensors, forward = fixture(tmp_path, case)
-    scanned = case in ("llama-gqa", "qwen3")
+    scanned = case in ("llama-gqa", "qwen3", "qwen3-moe")  # qwen3-moe: stacked groups of 2 layers (dense, sparse)
     logits, _, _, _ = import_logits(hf_dir, "mesh.fsdp=8", *(["model.scan_layers=true"] if scanned else []))
     ref = np.stack([forward(tensors, cfg, row) for row in TOKENS])
     np.testing.assert_allclose(logits, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
@@ -82,7 +85,7 @@ def test_each_device_holds_only_its_slice(tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_bit_identical_and_same_config(tmp_path, case):
     hf_dir, cfg, tensors, _ = fixture(tmp_path, case)
-    _, params, mcfg, a = import_logits(hf_dir, "mesh.fsdp=8")
+    _, params, mcfg, a = import_logits(hf_dir, "mesh.fsdp=8", *(["model.scan_layers=true"] if case == "qwen3-moe" else []))
     out = tmp_path / "out"
     hf.save(hf.hf_tensors(runs.gather(params), mcfg.model, a.logical_axes), hf.hf_config(mcfg.model), out)
     with safe_open(out / "model.safetensors", framework="numpy") as f:
@@ -94,6 +97,50 @@ def test_round_trip_bit_identical_and_same_config(tmp_path, case):
     exported = json.loads((out / "config.json").read_text())
     assert exported["architectures"] == cfg["architectures"]
     assert hf.model_fields(exported, "out") == hf.model_fields(cfg, "in")
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen3-moe"])
+def test_moe_experts_load_onto_the_expert_axis(tmp_path, case):
+    """expert=2 x fsdp=2 x tensor=2: each device holds its experts' slice of the HF tensors, read straight from
+    disk, and the expert-parallel model (8 rows: tokens travel to their experts) gives the numpy logits."""
+    hf_dir, cfg, tensors, forward = fixture(tmp_path, case)
+    tokens = np.random.default_rng(8).integers(0, 64, (8, 16)).astype(np.int32)
+    scan = ["model.scan_layers=true"] if case == "qwen3-moe" else []
+    logits, params, _, _ = import_logits(hf_dir, "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2", *scan, tokens=tokens)
+    ref = np.stack([forward(tensors, cfg, row) for row in tokens])
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    moe, name = ((params["blocks"][1]["mlp"], "model.layers.1.block_sparse_moe.experts.{e}.w1.weight") if not scan else
+                 (params["blocks"]["layers"][1]["mlp"], "model.layers.{i}.mlp.experts.{e}.gate_proj.weight"))
+    w_gate = moe["w_gate"]  # Mixtral [E, D, F] of layer 1; Qwen3-MoE [groups, E, D, F]: group g's layer 2g + 1
+    assert "expert" in w_gate.sharding.spec
+    full = (np.stack([tensors[name.format(e=e)].T for e in range(4)]) if not scan else
+            np.stack([np.stack([tensors[name.format(i=2 * g + 1, e=e)].T for e in range(4)]) for g in range(2)]))
+    for shard in w_gate.addressable_shards:
+        assert shard.data.shape[-3] == 2  # 2 of the 4 experts on each device
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+
+
+def test_moe_config_fields_and_errors():
+    """Mixtral and Qwen3-MoE config.json -> model.moe; decoder_sparse_step is moe.every; mlp_only_layers that
+    moe.every cannot express, a sliding window, and models no MoE architecture has are named."""
+    mix = hf.model_fields(fx.MIXTRAL_CONFIG, "m")
+    assert {k: v for k, v in mix.items() if k.startswith("moe.")} == {
+        "moe.n_experts": 4, "moe.top_k": 2, "moe.d_expert_mlp": 24, "moe.every": 1, "moe.norm_topk_prob": True,
+        "moe.n_shared_experts": 0, "moe.aux_loss_weight": 0.02}
+    q = hf.model_fields(fx.QWEN3_MOE_CONFIG, "q")
+    assert (q["moe.every"], q["moe.d_expert_mlp"], q["d_mlp"], q["moe.norm_topk_prob"], q["qk_norm"]) == (2, 16, 48, False, True)
+    assert hf.model_fields({**fx.QWEN3_MOE_CONFIG, "mlp_only_layers": [0, 2]}, "q") == q  # dense already
+    with pytest.raises(ConfigError, match=r"^q: mlp_only_layers=\[1\]: meshpilot supports no layer that decoder_sparse_step=2"):
+        hf.model_fields({**fx.QWEN3_MOE_CONFIG, "mlp_only_layers": [1]}, "q")
+    with pytest.raises(ConfigError, match=r"^m: sliding_window=4096: meshpilot supports null"):
+        hf.model_fields({**fx.MIXTRAL_CONFIG, "sliding_window": 4096}, "m")
+    base = ["model.style=llama", "model.moe.n_experts=4"]
+    for overrides, message in ((["model.moe.n_shared_experts=1"], "model.moe.n_shared_experts=1: neither Mixtral"),
+                               (["model.moe.every=2"], "model.moe.every=2: MixtralForCausalLM has every=1"),
+                               (["model.qkv_bias=true"], "model.qkv_bias=true with model.moe: no Hugging Face")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            hf.hf_config(load_config(None, [*base, *overrides]).model)
+    assert hf.arch_of(load_config(None, [*base, "model.qk_norm=true", "model.moe.every=2"]).model) == "Qwen3MoeForCausalLM"
 
 
 def test_sharded_index_in_and_out(tmp_path):
@@ -264,3 +311,24 @@ def test_cli_import_train_export(tmp_path, case):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)  # the run's tokenizer is the one import copied
     assert out["prompt_ids"] == [3, 7] and len(out["ids"]) == 4 and out["text"] == " ".join(f"w{i}" for i in out["ids"])
+
+
+@pytest.mark.slow
+def test_cli_moe_import_export_on_the_expert_axis(tmp_path):
+    """scripts/hf.py import of a Qwen3-MoE checkpoint onto expert=2 with stacked layer groups, then export of
+    step 0: the same tensors bit for bit and the same config."""
+    hf_dir, cfg, tensors, _ = fixture(tmp_path, "qwen3-moe")
+    run, out = tmp_path / "run", tmp_path / "out"
+    r = run_script("hf.py", "import", "--hf-dir", str(hf_dir), "--run-dir", str(run), "data.source=synthetic",
+                   "logging.progress=false", "train.seq_len=16", "checkpoint.async=false", "mesh.expert=2",
+                   "model.scan_layers=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("hf.py", "export", "--run-dir", str(run), "--step", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    with safe_open(out / "model.safetensors", framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name in tensors:
+            assert np.array_equal(f.get_tensor(name), tensors[name]), name
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["architectures"] == ["Qwen3MoeForCausalLM"] and exported["decoder_sparse_step"] == 2
+    assert hf.model_fields(exported, "out") == hf.model_fields(cfg, "in")

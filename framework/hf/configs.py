@@ -46,8 +46,14 @@ FIELDS = {
     "LlamaForCausalLM": _DECODER_FIELDS | {"attention_bias", "mlp_bias"},
     "Qwen2ForCausalLM": _DECODER_FIELDS | _WINDOW_FIELDS,
     "Qwen3ForCausalLM": _DECODER_FIELDS | _WINDOW_FIELDS | {"attention_bias"},
+    "MixtralForCausalLM": _DECODER_FIELDS | {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                                             "router_jitter_noise", "output_router_logits", "sliding_window"},
+    "Qwen3MoeForCausalLM": _DECODER_FIELDS | _WINDOW_FIELDS | {
+        "attention_bias", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+        "mlp_only_layers", "norm_topk_prob", "router_aux_loss_coef", "output_router_logits"},
 }
-QWEN3_HEAD_DIM = 128  # Qwen3Config's default head_dim when config.json has none
+QWEN3_HEAD_DIM = 128  # Qwen3Config's and Qwen3MoeConfig's default head_dim when config.json has none
+QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -100,13 +106,14 @@ def _gpt2_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
             _unsupported(where, key, hf[key], str(supported).lower())
     d = hf["n_embd"]
     return dict(style="gpt", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                n_kv_heads=hf["n_head"], head_dim=d // hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
-                tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                gelu=GELU[act])
+                n_kv_heads=hf["n_head"], head_dim=d // hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d,
+                max_seq_len=hf["n_positions"], tie_embeddings=hf.get("tie_word_embeddings", True),
+                norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), gelu=GELU[act], **{"moe.n_experts": 0})
 
 
 def _llama_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
-    """Llama, Qwen2 and Qwen3: one decoder, with q/k/v biases (Qwen2) or q/k norms and their own head_dim (Qwen3)."""
+    """Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE: one decoder, with q/k/v biases (Qwen2) or q/k norms and their
+    own head_dim (Qwen3, Qwen3-MoE), and routed experts (Mixtral, Qwen3-MoE; ``_moe_fields``)."""
     if hf.get("hidden_act", "silu") != "silu":
         _unsupported(where, "hidden_act", hf["hidden_act"], "'silu'")
     for key in ("attention_bias", "mlp_bias"):
@@ -119,13 +126,38 @@ def _llama_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
         _unsupported(where, "rope_scaling", rope, "the default RoPE (no scaling)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     d, n = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or (QWEN3_HEAD_DIM if arch == "Qwen3ForCausalLM" else d // n)
-    return dict(style="llama", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
-                n_kv_heads=hf.get("num_key_value_heads") or n, head_dim=head_dim, qkv_bias=arch == "Qwen2ForCausalLM",
-                qk_norm=arch == "Qwen3ForCausalLM", d_mlp=hf["intermediate_size"],
-                max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default; Llama-2 sets 1e-5
-                rope_theta=float(theta))
+    head_dim = hf.get("head_dim") or (QWEN3_HEAD_DIM if arch in QK_NORM else d // n)
+    fields = dict(style="llama", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
+                  n_kv_heads=hf.get("num_key_value_heads") or n, head_dim=head_dim, qkv_bias=arch == "Qwen2ForCausalLM",
+                  qk_norm=arch in QK_NORM, d_mlp=hf["intermediate_size"],
+                  max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
+                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default; Llama-2 sets 1e-5
+                  rope_theta=float(theta))
+    return {**fields, **_moe_fields(hf, arch, where)}
+
+
+def _moe_fields(hf: dict, arch: str, where: str) -> dict[str, Any]:
+    """``model.moe.*`` (dotted keys): Mixtral's experts in every layer, renormalised top-k; Qwen3-MoE's every
+    decoder_sparse_step-th layer (models/moe.py's moe.every: layer i when (i + 1) % every == 0)."""
+    if arch == "MixtralForCausalLM":
+        for key, value, expected in (("sliding_window", None, "null (full attention)"),
+                                     ("router_jitter_noise", 0.0, "0.0 (no noise on the router's input)")):
+            if hf.get(key, value) != value:
+                _unsupported(where, key, hf[key], expected)
+        return {"moe.n_experts": hf["num_local_experts"], "moe.top_k": hf["num_experts_per_tok"],
+                "moe.d_expert_mlp": hf["intermediate_size"], "moe.every": 1, "moe.norm_topk_prob": True,
+                "moe.n_shared_experts": 0, "moe.aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.02))}
+    if arch == "Qwen3MoeForCausalLM":
+        step = hf.get("decoder_sparse_step", 1)
+        dense = hf.get("mlp_only_layers") or []
+        if set(dense) & {i for i in range(hf["num_hidden_layers"]) if (i + 1) % step == 0}:
+            _unsupported(where, "mlp_only_layers", dense, f"no layer that decoder_sparse_step={step} makes sparse "
+                         "(meshpilot's model.moe.every: layer i is MoE when (i + 1) % every == 0)")
+        return {"moe.n_experts": hf["num_experts"], "moe.top_k": hf["num_experts_per_tok"],
+                "moe.d_expert_mlp": hf["moe_intermediate_size"], "moe.every": step,
+                "moe.norm_topk_prob": bool(hf.get("norm_topk_prob", False)), "moe.n_shared_experts": 0,
+                "moe.aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.001))}
+    return {"moe.n_experts": 0}
 
 
 def effective(m: ModelConfig) -> dict[str, Any]:
@@ -134,16 +166,20 @@ def effective(m: ModelConfig) -> dict[str, Any]:
                 n_kv_heads=m.n_kv_heads or m.n_heads, head_dim=m.resolved_head_dim, qkv_bias=m.qkv_bias,
                 qk_norm=m.qk_norm, d_mlp=m.d_mlp, max_seq_len=m.max_seq_len,
                 tie_embeddings=m.tie_embeddings if m.tie_embeddings is not None else m.style == "gpt",
-                norm_eps=m.norm_eps, rope_theta=m.rope_theta, gelu=m.gelu)
+                norm_eps=m.norm_eps, rope_theta=m.rope_theta, gelu=m.gelu,
+                **{f"moe.{k}": getattr(m.moe, k) for k in ("n_experts", "top_k", "every", "norm_topk_prob",
+                                                            "n_shared_experts", "aux_loss_weight")},
+                **{"moe.d_expert_mlp": m.moe.d_expert_mlp or m.d_mlp})
 
 
 def mismatches(m: ModelConfig, fields: dict[str, Any]) -> list[str]:
     """``model.key=ours (config.json: theirs)`` for every value that differs.
 
-    A llama model's max_seq_len shapes no param (RoPE), so fine-tuning may use another.
+    A llama model's max_seq_len shapes no param (RoPE), so fine-tuning may use another; the routing
+    loss weight (router_aux_loss_coef) is a training choice too.
     """
     ours = effective(m)
-    skip = {"max_seq_len"} if fields["style"] == "llama" else set()
+    skip = {"max_seq_len", "moe.aux_loss_weight"} if fields["style"] == "llama" else set()
     return [f"model.{k}={ours[k]!r} (config.json: {v!r})" for k, v in fields.items()
             if k not in skip and ours[k] != v]
 
@@ -175,7 +211,15 @@ def hf_config(m: ModelConfig, token_ids: dict | None = None) -> dict:
         return dict(model_type="llama", **decoder, attention_bias=False, mlp_bias=False)
     if arch == "Qwen2ForCausalLM":  # q/k/v biases are Qwen2's own; it reads head_dim when given
         return dict(model_type="qwen2", **decoder, use_sliding_window=False)
-    return dict(model_type="qwen3", **decoder, attention_bias=False, use_sliding_window=False)
+    if arch == "Qwen3ForCausalLM":
+        return dict(model_type="qwen3", **decoder, attention_bias=False, use_sliding_window=False)
+    moe = dict(num_experts_per_tok=m.moe.top_k, router_aux_loss_coef=m.moe.aux_loss_weight)
+    if arch == "MixtralForCausalLM":  # its intermediate_size is the experts' width
+        return dict(model_type="mixtral", **{**decoder, "intermediate_size": e["moe.d_expert_mlp"]},
+                    num_local_experts=m.moe.n_experts, sliding_window=None, **moe)
+    return dict(model_type="qwen3_moe", **decoder, attention_bias=False, use_sliding_window=False,
+                num_experts=m.moe.n_experts, moe_intermediate_size=e["moe.d_expert_mlp"],
+                decoder_sparse_step=m.moe.every, mlp_only_layers=[], norm_topk_prob=m.moe.norm_topk_prob, **moe)
 
 
 def run_config(hf_dir: str | Path, config_path: str | Path | None = None, overrides=()) -> Config:

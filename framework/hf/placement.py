@@ -44,7 +44,7 @@ class Placement:
 
     rule: Rule
     # Hugging Face names (object array), one per index of the param's leading stack dims: a layer dim when
-    # layer-stacked (scan_layers), then an expert dim when the rule has {j}; 0-d for a param of one tensor
+    # layer-stacked (scan_layers), then an expert dim when the rule has {e}; 0-d for a param of one tensor
     names: np.ndarray
     layer_shape: tuple[int, ...]  # the meshpilot shape of one Hugging Face tensor (stack dims removed)
     groups: tuple[tuple[int, ...], ...]  # meshpilot dims whose product is each (transposed, unsplit) Hugging Face dim
@@ -77,11 +77,11 @@ def plan(m: ModelConfig, shapes: dict[str, Any], axes: dict[str, tuple]) -> dict
     def add(path, rule, layers):
         """``layers``: the layer index of an unstacked param, the stacked layers' indices, or None (no layer)."""
         lead = int(isinstance(layers, range))
-        experts = range(shapes[path].shape[lead]) if "{j}" in rule.hf else None
+        experts = range(shapes[path].shape[lead]) if "{e}" in rule.hf else None
 
         def at(i):
             hf = rule.hf if i is None else rule.hf.replace("{i}", str(i))
-            return hf if experts is None else [hf.replace("{j}", str(j)) for j in experts]
+            return hf if experts is None else [hf.replace("{e}", str(e)) for e in experts]
 
         names = np.array([at(i) for i in layers] if lead else at(layers), dtype=object)
         shape, ax = tuple(shapes[path].shape)[names.ndim:], tuple(axes[path])[names.ndim:]
@@ -91,10 +91,12 @@ def plan(m: ModelConfig, shapes: dict[str, Any], axes: dict[str, tuple]) -> dict
         if "{i}" not in rule.path:
             if rule.path in shapes:
                 add(rule.path, rule, None)
-        elif m.scan_layers:
-            path = rule.path.replace("{i}/", "")
-            if path in shapes:
-                add(path, rule, range(m.n_layers))
+        elif m.scan_layers:  # stacked layers; an MoE model with moe.every > 1 stacks groups (models/moe.py)
+            every = m.moe.every if m.moe.n_experts and m.moe.every > 1 else 1
+            for j in range(every):
+                path = rule.path.replace("{i}/", f"layers/{j}/" if every > 1 else "")
+                if path in shapes:
+                    add(path, rule, range(j, m.n_layers, every))
         else:
             for i in range(m.n_layers):
                 if rule.path.format(i=i) in shapes:

@@ -93,18 +93,53 @@ QWEN3 = (
     *LLAMA[5:],
 )
 
+# The routed experts of an MoE layer (models/moe.py): the router [D, E] is the transposed gate (E, D);
+# expert e's w1/gate_proj, w3/up_proj, w2/down_proj (out, in) are w_gate[e], w_up[e], w_down[e] transposed.
+# {e} is the expert: E Hugging Face tensors make one meshpilot param, stacked on its leading expert dim.
+def _experts(moe: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    return (
+        Rule(f"model.layers.{{i}}.{moe}.gate.weight", "blocks/{i}/mlp/router", transpose=True),
+        Rule(f"model.layers.{{i}}.{moe}.experts.{{e}}.{gate}.weight", "blocks/{i}/mlp/w_gate", transpose=True),
+        Rule(f"model.layers.{{i}}.{moe}.experts.{{e}}.{up}.weight", "blocks/{i}/mlp/w_up", transpose=True),
+        Rule(f"model.layers.{{i}}.{moe}.experts.{{e}}.{down}.weight", "blocks/{i}/mlp/w_down", transpose=True),
+    )
+
+
+# Mixtral (MixtralForCausalLM): Llama's attention; every layer's MLP is block_sparse_moe, its experts
+# w2(silu(w1(x)) * w3(x)). Routing: softmax over all experts, top-k, renormalised (always).
+MIXTRAL = (*LLAMA[:7], *_experts("block_sparse_moe", "w1", "w3", "w2"), *LLAMA[10:])
+
+# Qwen3-MoE (Qwen3MoeForCausalLM): Qwen3's attention (q/k norms, head_dim); layer i's mlp is sparse
+# (mlp.gate, mlp.experts.{e}.gate_proj/up_proj/down_proj) when (i + 1) % decoder_sparse_step == 0, else
+# dense like Llama's. Only the rows whose meshpilot param exists apply to a layer.
+QWEN3_MOE = (*QWEN3[:-2], *_experts("mlp", "gate_proj", "up_proj", "down_proj"), *QWEN3[-2:])
+
 ARCHITECTURES = {"GPT2LMHeadModel": ("gpt", GPT2), "LlamaForCausalLM": ("llama", LLAMA),
-                 "Qwen2ForCausalLM": ("llama", QWEN2), "Qwen3ForCausalLM": ("llama", QWEN3)}
+                 "Qwen2ForCausalLM": ("llama", QWEN2), "Qwen3ForCausalLM": ("llama", QWEN3),
+                 "MixtralForCausalLM": ("llama", MIXTRAL), "Qwen3MoeForCausalLM": ("llama", QWEN3_MOE)}
 
 
 def arch_of(m: ModelConfig) -> str:
     """The Hugging Face architecture a meshpilot model config is (import checks it, export writes it)."""
+    e = m.moe
     if m.style == "gpt":
+        if e.n_experts:
+            raise ConfigError("model.moe.n_experts with model.style=gpt: no Hugging Face GPT-2 has experts")
         return "GPT2LMHeadModel"
-    if m.qkv_bias and m.qk_norm:
-        raise ConfigError("model.qkv_bias=true with model.qk_norm=true: no Hugging Face architecture meshpilot "
-                          "reads or writes has both (Qwen2 has the biases, Qwen3 the norms)")
-    return "Qwen2ForCausalLM" if m.qkv_bias else "Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"
+    if m.qkv_bias and (m.qk_norm or e.n_experts):
+        raise ConfigError(f"model.qkv_bias=true with {'model.qk_norm=true' if m.qk_norm else 'model.moe'}: no Hugging "
+                          "Face architecture meshpilot reads or writes has both (Qwen2 has the biases)")
+    if not e.n_experts:
+        return "Qwen2ForCausalLM" if m.qkv_bias else "Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"
+    if e.n_shared_experts:
+        raise ConfigError(f"model.moe.n_shared_experts={e.n_shared_experts}: neither Mixtral nor Qwen3-MoE has shared experts")
+    if m.qk_norm:
+        return "Qwen3MoeForCausalLM"
+    for key, value, mixtral in (("every", e.every, 1), ("norm_topk_prob", e.norm_topk_prob, True)):
+        if value != mixtral:
+            raise ConfigError(f"model.moe.{key}={value!r}: MixtralForCausalLM has {key}={mixtral!r} "
+                              "(with model.qk_norm=true the model is a Qwen3MoeForCausalLM, which has both)")
+    return "MixtralForCausalLM"
 
 
 def table_of(m: ModelConfig) -> tuple[Rule, ...]:
