@@ -99,6 +99,14 @@ def choose(seq_len: int, n_heads: int, n_kv_heads: int, head_dim: int, context: 
     return "allgather", f"ring hop intensity {intensity:.0f} flop/byte < {RING_INTENSITY:.0f}: one gather is cheaper"
 
 
+def mode_for(cfg, seq_len: int, context: int, itemsize: int) -> tuple[str, str]:
+    """(the attention ``cfg`` (a ModelConfig) runs under ``context`` devices, why): its ``context_attention``, or the
+    cost model's choice for ``auto``."""
+    if cfg.context_attention != "auto":
+        return cfg.context_attention, f"model.context_attention={cfg.context_attention}"
+    return choose(seq_len, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads, context, itemsize)
+
+
 def attention(q, k, v, *, segment_ids=None, mode: str = "auto", implementation=None):
     """Causal attention of q (B, T, N, H) over k, v (B, T, K, H), K dividing N; tokens of different ``segment_ids``
     (B, T) never see each other. Under a context axis: ``mode`` ring or allgather (auto: ``choose``)."""

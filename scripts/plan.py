@@ -8,6 +8,7 @@ AbstractMesh of any size, so what it prints is what training will do.
 from __future__ import annotations
 
 import argparse
+import math
 
 import _cli
 
@@ -51,6 +52,7 @@ def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
               "flops_per_step": flops.total, "flops_formula": flops.FORMULA, "params": params}
     report["memory"] = memory_section(cfg, n_devices, abstract, estimate)
     report["pipeline"] = pipeline_section(cfg, axis_sizes, abstract, report["memory"]["placement"]["params"])
+    report["context"] = context_section(cfg, axis_sizes)
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
     if abstract.broadcast_plan is None:  # auto fell back to XLA's propagation: say why
@@ -115,6 +117,21 @@ def memory_section(cfg, n_devices: int, abstract, estimate: bool = False) -> dic
     return plan.to_dict()
 
 
+def context_section(cfg, axis_sizes: dict) -> dict | None:
+    """Context parallelism: the sequence split, tokens per device and the attention (with the cost model's reason)."""
+    import jax.numpy as jnp
+
+    from framework import sharding
+    from models import context
+
+    size = math.prod(axis_sizes.get(a, 1) for a in sharding.rules_table(cfg.sharding.activation_rules).get("length", ()))
+    if size == 1:
+        return None
+    seq = cfg.train.seq_len
+    mode, reason = context.mode_for(cfg.model, seq, size, jnp.dtype(cfg.train.dtype).itemsize)
+    return {"size": size, "seq_len": seq, "tokens_per_device": seq // size, "attention": mode, "reason": reason}
+
+
 def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict | None:
     """Per pipeline stage: layers, bytes per device (params in ``param_memory``), bubble (None without a ``stage`` axis)."""
     from framework import memory, sharding
@@ -141,6 +158,10 @@ def print_text(report: dict) -> None:
         from framework.pipeline import format_plan as format_pipeline
 
         print("\n".join(format_pipeline(report["pipeline"])))
+    c = report.get("context")
+    if c is not None:
+        print(f"context: each sequence of {c['seq_len']:,} tokens split over {c['size']} devices ({c['tokens_per_device']:,} "
+              f"each, zig-zag: chunks d and {2 * c['size'] - 1}-d); attention {c['attention']} ({c['reason']})")
     print_broadcast(report)
 
 

@@ -161,3 +161,53 @@ def test_seq_len_the_zigzag_split_does_not_divide_exits_2():
                                 "(context parallelism's zig-zag split: two chunks per device)")
     with pytest.raises(ConfigError, match="train.seq_len=36"):
         load_config(TINY, ["mesh.context=4", "train.seq_len=36", "model.max_seq_len=36"])
+
+
+# ------------------------------------------------------------------ planning: memory, try-run layouts, scripts/plan.py
+
+
+def planned_activations(size: int, seq: int = T) -> int:
+    """The planner's estimate (no devices) of the activations one device keeps, one sequence split over ``size``."""
+    from framework import memory
+    from framework.mesh import MeshManager, describe
+    from framework.state import abstract_state
+    from framework.train.objective import loss_for_config
+
+    cfg = tiny_config(*LLAMA, f"train.seq_len={seq}", f"model.max_seq_len={seq}", "train.global_batch=1", "mesh.fsdp=1",
+                      f"mesh.context={size}", "model.context_attention=ring")
+    sizes = describe(MeshManager(cfg.mesh).abstract(size))
+    needs = memory.estimate_needs(cfg, abstract_state(cfg, sizes), sizes, sharding.batch_axes(cfg.sharding.activation_rules,
+                                                                                              sizes), 1, loss_for_config(cfg, sizes))
+    return needs.activations["save"]["device"]
+
+
+def test_planner_counts_activations_per_device_under_the_context_split():
+    """The loss is traced as it runs (the ring keeps local blocks, not a (T, T) score matrix per head) and each
+    residual with a sequence dimension counts 1/context of it: the estimate falls at least as fast as 1/context
+    (the old planner traced dense attention and counted whole sequences: the same figure at every context size)."""
+    one, two, four = (planned_activations(c, 96) for c in (1, 2, 4))
+    assert 0 < four < two < one
+    assert two <= one / 2 and four <= one / 4
+
+
+def test_tryrun_proposes_a_context_split_when_rows_are_fewer_than_devices():
+    from framework.mesh import MeshManager
+    from framework.tryrun.layouts import Gates, with_layout
+
+    cfg = tiny_config(*LLAMA, "train.global_batch=2", "mesh.fsdp=2")
+    gates = Gates(cfg, {"data": 1, "fsdp": 2, "tensor": 1}, [])
+    found = [c for c in gates.candidates(8, 2) if c.kind == "context"]
+    # split 4: 2 replicas of one row each -> fsdp 1 x context 4; split 8: 1 replica of 2 rows -> fsdp 2 x context 4
+    assert [(c.mesh, c.grad_accum) for c in found] == [
+        ({"data": 2, "fsdp": 1, "context": 4, "tensor": 1}, 1), ({"data": 1, "fsdp": 2, "context": 4, "tensor": 1}, 1)]
+    assert MeshManager(with_layout(cfg, found[0]).mesh).axis_sizes(8) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
+    many_rows = Gates(tiny_config(*LLAMA, "train.global_batch=16", "mesh.fsdp=2"), {"data": 1, "fsdp": 2, "tensor": 1}, [])
+    assert not [c for c in many_rows.candidates(8, 2) if c.kind == "context"]  # fsdp splits 16 rows: no need
+
+
+def test_plan_prints_the_context_split():
+    r = run_script("plan.py", "--config", TINY, "--devices", "8", "--estimate", "mesh.context=4", "mesh.fsdp=2",
+                   f"train.seq_len={T}", f"model.max_seq_len={T}", "model.context_attention=ring")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"context: each sequence of {T} tokens split over 4 devices ({T // 4} each, zig-zag: chunks d and 7-d); "
+            "attention ring (model.context_attention=ring)") in r.stdout

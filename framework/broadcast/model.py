@@ -50,6 +50,8 @@ def unplannable(cfg, axis_sizes: dict[str, int]) -> str | None:
         return None
     if axis_sizes.get("stage", 1) > 1:
         return f"broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not run inside pipeline stages"
+    if axis_sizes.get("context", 1) > 1:
+        return f"broadcast.mode={cfg.broadcast.mode}: per-layer broadcast modes do not split the sequence (mesh.context)"
     if micro % devices:
         return (f"broadcast.mode={cfg.broadcast.mode}: micro-batch {micro} (train.global_batch / train.grad_accum) "
                 f"does not split over the {devices} devices of mesh axes {'*'.join(axes)}")

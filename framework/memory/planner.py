@@ -7,6 +7,7 @@ step's ``memory_analysis()``. Each figure says which it is.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.extend
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, AxisType
 
 from framework import pipeline, sharding
 from framework.config import Config, ConfigError, MemoryConfig
@@ -33,12 +35,14 @@ def shard_bytes(tree) -> dict[str, int]:
     return {kind: max((b for (_, k), b in per_device.items() if k == kind), default=0) for kind in KINDS}
 
 
-def residual_bytes(fn: Callable, *args, micro_batch: int, batch_shards: int, n_devices: int) -> dict[str, int]:
+def residual_bytes(fn: Callable, *args, micro_batch: int, batch_shards: int, n_devices: int, seq_len: int = 0,
+                   seq_shards: int = 1) -> dict[str, int]:
     """Estimated bytes per device of what ``fn``'s backward pass keeps from its forward pass, per memory kind.
 
     Traces ``jax.vjp(fn, *args)`` abstractly and sums the residuals that are not the
     inputs themselves. A residual with a dimension of ``micro_batch`` rows is taken to be
-    split over ``batch_shards`` devices, any other over all ``n_devices``: an estimate
+    split over ``batch_shards`` devices (and, with a dimension of ``seq_len`` tokens too, over the
+    ``seq_shards`` devices of the context axis), any other over all ``n_devices``: an estimate
     (tensor-parallel splits of activations are not counted).
     """
     closed, out_shape = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a), return_shape=True)(*args)
@@ -53,6 +57,8 @@ def residual_bytes(fn: Callable, *args, micro_batch: int, batch_shards: int, n_d
         aval = var.aval
         nbytes = math.prod(aval.shape) * aval.dtype.itemsize
         shards = batch_shards if micro_batch in aval.shape else n_devices
+        if micro_batch in aval.shape and seq_len in aval.shape:
+            shards *= seq_shards
         kind = HOST if str(getattr(aval, "memory_space", "")).endswith("Host") else DEVICE
         out[kind] += -(-nbytes // shards)
     return out
@@ -209,15 +215,33 @@ def estimate_needs(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_a
     tokens = jax.ShapeDtypeStruct((micro, t.seq_len + 1), jnp.int32)
     activations = {}
     params = abstract.shapes.params
-    for mode in ACTIVATION_MODES:
-        loss = loss_for(layer_policy(cfg, mode, loss_for(None), params))
-        activations[mode] = residual_bytes(loss, params, tokens, micro_batch=micro, batch_shards=dp,
-                                           n_devices=math.prod(axis_sizes.values()))
+    seq_shards, traced_as = context_split(cfg, axis_sizes)
+    with traced_as:
+        for mode in ACTIVATION_MODES:
+            loss = loss_for(layer_policy(cfg, mode, loss_for(None), params))
+            activations[mode] = residual_bytes(loss, params, tokens, micro_batch=micro, batch_shards=dp,
+                                               n_devices=math.prod(axis_sizes.values()), seq_len=t.seq_len,
+                                               seq_shards=seq_shards)
     return dataclasses.replace(
         state_needs(cfg, abstract, axis_sizes, batch_axes, grad_accum),
         activations=activations,
         activation_source=f"estimate: residuals of the traced loss for one micro-batch of {micro}",
     )
+
+
+def context_split(cfg: Config, axis_sizes: Mapping[str, int]):
+    """(devices the activation rules split the sequence over, the context to trace the loss in).
+
+    Under context parallelism the loss is traced on an abstract mesh with the run's activation rules, so the
+    model's attention is the ring or all-gather it runs (their residuals are the local blocks, not a full
+    sequence's scores) and each activation with a sequence dimension counts 1/context of its tokens.
+    """
+    rules = sharding.rules_table(cfg.sharding.activation_rules)
+    shards = math.prod(axis_sizes[a] for a in rules.get("length", ()) if a in axis_sizes)
+    if shards == 1:
+        return 1, contextlib.nullcontext()
+    mesh = AbstractMesh(tuple(axis_sizes.values()), tuple(axis_sizes), axis_types=(AxisType.Auto,) * len(axis_sizes))
+    return shards, sharding.activation_sharding(mesh, rules)
 
 
 def with_compiled_activations(needs: MemoryNeeds, placement: Placement, memory_analysis, platform: str) -> MemoryNeeds:
@@ -286,8 +310,11 @@ def pipeline_plan(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_ax
     model = nnx.merge(abstract.graphdef, params)
     fn, layer = model.one_layer()
     x = jax.ShapeDtypeStruct((rows, t.seq_len, cfg.model.d_model), jnp.dtype(t.dtype))
-    kept = sum(residual_bytes(fn, layer, x, micro_batch=rows, batch_shards=dp, n_devices=math.prod(axis_sizes.values())).values())
-    kept += -(-math.prod(x.shape) * x.dtype.itemsize // dp)  # the layer's input, carried by the scan
+    seq_shards, traced_as = context_split(cfg, axis_sizes)
+    with traced_as:
+        kept = sum(residual_bytes(fn, layer, x, micro_batch=rows, batch_shards=dp, n_devices=math.prod(axis_sizes.values()),
+                                  seq_len=t.seq_len, seq_shards=seq_shards).values())
+    kept += -(-math.prod(x.shape) * x.dtype.itemsize // (dp * seq_shards))  # the layer's input, carried by the scan
     source = (f"estimate: one layer's traced residuals + its input for a micro-batch of {rows} rows over "
               f"{dp} data-parallel devices, x {cfg.model.n_layers // p.stages} layers x {p.microbatches} in flight")
     return pipeline.plan(cfg.model.n_layers, p, micro, layer_bytes, other_bytes, kept, source, param_memory)

@@ -14,7 +14,7 @@ import math
 
 from framework import sharding
 from framework.config import Config, ConfigError
-from framework.mesh import STAGE
+from framework.mesh import CONTEXT, STAGE
 
 
 @dataclasses.dataclass
@@ -107,6 +107,24 @@ def plan_pipeline_layout(cfg: Config, n_devices: int, replicas: int, split: int,
     return Layout("pipeline", n_devices, {STAGE: stages, **found.mesh}, accum)
 
 
+def plan_context_layout(cfg: Config, n_devices: int, replicas: int, split: int) -> Layout | str:
+    """``replicas`` copies of the model over ``split`` devices each, kind ``context``: the replica's rows split over
+    fsdp as far as they go, its sequence over ``context`` (the rest of the split; the zig-zag split needs
+    train.seq_len divisible by 2 * context), or why none fits."""
+    data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
+    t = cfg.train
+    rows = t.global_batch // replicas
+    fsdp = math.gcd(rows, split)
+    context = split // fsdp
+    if t.seq_len % (2 * context):
+        return f"train.seq_len={t.seq_len} is not divisible by 2 * context = {2 * context}"
+    mesh = {data_axis: replicas, fsdp_axis: fsdp, CONTEXT: context, tensor_axis: 1}
+    accum = grad_accum_for(t.global_batch, replicas * fsdp, t.grad_accum)
+    if accum is None:
+        return f"train.global_batch={t.global_batch} does not split over data-parallel size {replicas * fsdp}"
+    return Layout("context", n_devices, mesh, accum)
+
+
 def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
     """``plan_layout``, None when nothing fits."""
     found = plan_layout(cfg, kind, n_devices, replicas, split, prefer_tensor)
@@ -116,10 +134,11 @@ def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int
 def with_layout(cfg: Config, layout: Layout) -> Config:
     """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
     data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
-    stage, expert = layout.mesh.get(STAGE, 1), layout.mesh.get("expert", 1)
+    stage, expert, context = layout.mesh.get(STAGE, 1), layout.mesh.get("expert", 1), layout.mesh.get(CONTEXT, 1)
     return dataclasses.replace(
         cfg,
-        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, expert=expert, dcn_data=1),
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, expert=expert,
+                                 context=context, dcn_data=1),
         train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
                                   micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
     )
@@ -145,7 +164,25 @@ class Gates:
             if n_devices % split == 0:
                 out.append(self.layout("vertical", n_devices, n_devices // split, split))
         out += self.pipeline_candidates(n_devices, min_devices)
+        out += self.context_candidates(n_devices, min_devices)
         return [c for c in out if c is not None]
+
+    def context_candidates(self, n_devices: int, min_devices: int) -> list[Layout | None]:
+        """Vertical by context parallelism (transformers): for each split of the model over more devices whose replica
+        has fewer rows per step than devices, so that no data or fsdp split gives each device less than a whole
+        sequence's activations, the sequence split over the devices the rows leave (``plan_context_layout``)."""
+        if self.cfg.model.name != "transformer":
+            return []
+        out = []
+        for split in range(min_devices + 1, n_devices + 1):
+            if n_devices % split or self.cfg.train.global_batch // (n_devices // split) >= split:
+                continue
+            found = plan_context_layout(self.cfg, n_devices, n_devices // split, split)
+            if isinstance(found, str):
+                self.drop("context", n_devices, split, found)
+                found = None
+            out.append(found)
+        return out
 
     def pipeline_candidates(self, n_devices: int, min_devices: int) -> list[Layout | None]:
         """Vertical by pipeline: for each split of the model over more devices, its stacked layers (``model.scan_layers``)
