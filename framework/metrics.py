@@ -36,7 +36,9 @@ def drop_records_after(run_dir: str | Path | None, step: int) -> int:
         newest = max(newest, logged)
         if logged <= step:
             kept.append(line + "\n")
-    atomic_write(path, "".join(kept))  # a kill here leaves the file as it was, not cut short
+    text = "".join(kept)
+    if text != path.read_text():
+        atomic_write(path, text)  # a kill here leaves the file as it was, not cut short
     return newest
 
 

@@ -80,9 +80,12 @@ class MeshLayout:
         source = make_source(cfg.data, cfg.train, cfg.model.vocab_size, model=cfg.model, split=split)
         return BatchLoader(source, cfg.train.global_batch, cfg.train.grad_accum, self.batch_sharding)
 
-    def regroup(self, batch: jax.Array, grad_accum: int) -> jax.Array:
-        """A batch cut into another number of micro-batches (the micro-batch changed after it was built)."""
-        return batch if batch.shape[0] == grad_accum else self._regroup(batch, grad_accum)
+    def regroup(self, batch, grad_accum: int):
+        """A batch (an array or a pytree of them) cut into another number of micro-batches (the micro-batch changed
+        after it was built)."""
+        if jax.tree.leaves(batch)[0].shape[0] == grad_accum:
+            return batch
+        return jax.tree.map(lambda b: self._regroup(b, grad_accum), batch)
 
     # ------------------------------------------------------------------ a placement on this mesh
 

@@ -41,7 +41,18 @@ class RunResume:
                 )
             return self.init_state()
         self.check_resume_config(ck.latest_good_step())
-        nvme = self.nvme
+        return self._restore_latest()
+
+    def restart_state(self):
+        """The state a run restarts from within its process (after a step ran out of memory with its state handed
+        over): the latest checkpoint, else the first state; the logged steps after it are dropped (to be logged again)."""
+        if self.checkpointer is not None and self.checkpointer.latest_good_step() is not None:
+            return self._restore_latest()
+        self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, 0))
+        return self.init_state()
+
+    def _restore_latest(self):
+        ck, nvme = self.checkpointer, self.nvme
         with self.goodput.span("checkpoint_restore"):
             target = abstract_target(self.abstract.shapes, self.state_shardings)
             if nvme is not None:  # the optimizer state (and master parameters) come to host memory, then go to files

@@ -34,7 +34,7 @@ from framework.train.callbacks import Callback
 from framework.train.evaluation import Evaluation
 from framework.train.layout import MeshLayout
 from framework.train.loop import timed_steps
-from framework.train.microbatch import MicroBatchControl, with_grad_accum
+from framework.train.microbatch import MicroBatchControl, StepOutOfMemory, out_of_memory, with_grad_accum
 from framework.train.objective import loss_and_metrics
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
@@ -314,9 +314,10 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
     def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         """One train step, following the device's memory (framework/train/microbatch.py).
 
-        With free memory under ``memory.headroom_bytes``, or when the step fails with
-        RESOURCE_EXHAUSTED, it is recompiled with a smaller micro-batch (more accumulation, the
-        same global batch) and run from the same state; the batch is regrouped to match.
+        With free memory under ``memory.headroom_bytes``, or when the step fails at dispatch with
+        RESOURCE_EXHAUSTED and its donated state is intact, it is recompiled with a smaller micro-batch (more
+        accumulation, the same global batch, the micro-batch all processes agree on) and run from the same state;
+        the batch is regrouped to match. (A failure after the state was handed over: ``_fit`` restarts.)
         """
         self._follow_memory(state)
         while True:
@@ -327,8 +328,9 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
                 layout.steps.ran.add(accum)
                 return outputs if layout.nvme is None else layout.nvme.apply(*outputs)
             except jax.errors.JaxRuntimeError as e:  # the donated state is intact if the step never started
-                if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \
-                        or not self._shrink_micro_batch(state, "the step ran out of device memory (RESOURCE_EXHAUSTED)"):
+                if not out_of_memory(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) or not \
+                        self._shrink_after_oom(int(jax.device_get(state.step)),
+                                               "the step ran out of device memory (RESOURCE_EXHAUSTED at dispatch)"):
                     raise
 
     # ------------------------------------------------------------------ hooks
@@ -354,7 +356,17 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             return self._fit(total)
 
     def _fit(self, total: int) -> list[dict]:
-        """One segment: from the state's step to ``total``, or to a stop (a preemption, a try-run trigger)."""
+        """One segment: from the state's step to ``total``, or to a stop (a preemption, a try-run trigger). A step
+        that runs out of memory after its state was handed over restarts it smaller (microbatch.py)."""
+        while True:
+            try:
+                return self._segment(total)
+            except StepOutOfMemory as e:
+                if not self._shrink_after_oom(e.step, f"{e}; the run restarts from its latest checkpoint (or its first state)"):
+                    raise
+                self.state = self.restart_state()
+
+    def _segment(self, total: int) -> list[dict]:
         if self.state is None:
             self.state = self.restore_or_init()
         start = int(jax.device_get(self.state.step))
@@ -377,7 +389,6 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             raise preemption.Preempted(run.preempted_at, preemption.received(),
                                        self.checkpointer.directory if self.checkpointer is not None else None)
         return run.records
-
 
 def enable_compilation_cache(path: str) -> None:
     """Persist compiled executables under ``path``: a restarted or repeated run skips compilation.
