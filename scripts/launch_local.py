@@ -196,7 +196,8 @@ class Job:
 
     def report_failure(self, failed: int) -> int:
         """One line: the process that failed, its reason (its last ``error:`` line), the processes that died of its
-        exit and those the launcher terminated; the exit code to pass on."""
+        exit and those the launcher terminated, and any other process's reason where it differs; the exit code to
+        pass on."""
         code = self.procs[failed].returncode
         errors = self.outputs[failed].errors
         others = [i for i in range(len(self.procs)) if i != failed]
@@ -206,6 +207,9 @@ class Job:
         line += f": {errors[-1]}" if errors else ""
         line += f"; {', '.join(peers)} exited because p{failed} failed" if peers else ""
         line += f"; terminated the other {rest}" if rest else ""
+        said = {i: self.outputs[i].errors[-1] for i in others if self.outputs[i].errors}
+        for i, reason in said.items():  # another reason than the failing process's is not lost
+            line += f"; p{i}: {reason}" if not errors or reason != errors[-1] else ""
         print(line, file=sys.stderr, flush=True)
         return code if code > 0 else 128 - code
 
