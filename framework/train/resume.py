@@ -62,8 +62,8 @@ class RunResume:
             if nvme is not None:
                 state = nvme.restored(state)
         # steps after the checkpoint are trained again: logged no more, and counted as replayed
-        self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, step))
         print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
+        self.goodput.resumed(step, drop_records_after(self.run_dir, step))
         return state
 
     def check_resume_config(self, step: int) -> None:
