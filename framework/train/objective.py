@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -11,13 +12,33 @@ from framework import memory
 from framework.state import abstract_state
 
 
+def target_weights(batch):
+    """1.0 where input ``i`` of a batch (any leading dims, fields of framework/data/batch.py) is trained on: its
+    target ``i + 1`` is in the same document (segment ids) and marked (loss mask); None when every target is."""
+    weights = None
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"]
+        weights = segments[..., 1:] == segments[..., :-1]
+    if "loss_mask" in batch:
+        marked = batch["loss_mask"][..., 1:] > 0
+        weights = marked if weights is None else weights & marked
+    return None if weights is None else weights.astype(jnp.float32)
+
+
 def next_token_loss(model, batch):
-    """Mean next-token cross-entropy of a (B, T+1) token batch; a model with its own objective (the CNN
-    classifier's ``loss``) uses that."""
+    """Mean next-token cross-entropy over the targets of a micro-batch: a dict of (B, T+1) fields
+    (framework/data/batch.py); only the targets ``target_weights`` keeps count. A model with its own objective
+    (the CNN classifier's ``loss``) uses that, on the tokens."""
+    tokens = batch["tokens"]
     if hasattr(model, "loss"):
-        return model.loss(batch)
-    logits = model(batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return model.loss(tokens)
+    extra = {k: batch[k][:, :-1] for k in ("segment_ids", "positions") if k in batch}
+    logits = model(tokens[:, :-1], **extra)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    weights = target_weights(batch)
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 def loss_for_config(cfg, axis_sizes) -> Callable:
