@@ -135,6 +135,9 @@ class DataConfig:
     seed: int = 0
     prefetch: int = 2
     eval_fraction: float = 0.05  # text: the corpus tail held out for evaluation; training never reads it
+    # tokens: ``eos`` gives batches segment ids and positions from the EOS after every document (attention stays
+    # inside a document, positions restart, the target after an EOS is not trained); ``auto``: eos for tokens
+    packing: Literal["auto", "none", "eos"] = "auto"
 
 
 @dataclass

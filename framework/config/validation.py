@@ -31,6 +31,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction}: expected a fraction in [0, 1)")
     validate_attention(m)
+    validate_packing(cfg)
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         raise ConfigError(f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
@@ -205,3 +206,14 @@ def validate_elastic(e: ElasticConfig) -> None:
     steps = [entry[0] for entry in e.device_schedule]
     if steps != sorted(set(steps)):
         raise ConfigError(f"elastic.device_schedule: steps {steps} must be strictly increasing")
+
+
+def validate_packing(cfg: Config) -> None:
+    """``data.packing: eos`` needs documents (a token store); segment ids do not travel through pipeline stages."""
+    d = cfg.data
+    if d.packing == "eos" and d.source != "tokens":
+        raise ConfigError(f"data.packing=eos: data.source={d.source} has no documents (only data.source=tokens); "
+                          "use data.packing=none")
+    if d.source == "tokens" and d.packing != "none" and cfg.mesh.stage > 1:
+        raise ConfigError(f"data.packing={d.packing}: packed documents are not supported with mesh.stage="
+                          f"{cfg.mesh.stage} (pipeline stages carry no segment ids); set data.packing=none")

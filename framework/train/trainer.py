@@ -35,7 +35,7 @@ from framework.train.evaluation import Evaluation
 from framework.train.layout import MeshLayout
 from framework.train.loop import timed_steps
 from framework.train.microbatch import MicroBatchControl, StepOutOfMemory, out_of_memory, with_grad_accum
-from framework.train.objective import loss_and_metrics
+from framework.train.objective import loss_and_metrics, target_weights
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
 from framework.train.session import RunSession
@@ -223,9 +223,9 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         graphdef = _MODEL_GRAPHDEF.get()
         return nnx.merge(self.graphdef if graphdef is None else graphdef, params)
 
-    def loss_fn(self, params, batch: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
-        """(loss, metrics) of one micro-batch (B, T+1) of tokens: mean next-token cross-entropy; an MoE model adds
-        its routing losses and ``moe/*`` metrics (models/moe.py).
+    def loss_fn(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """(loss, metrics) of one micro-batch (a dict of (B, T+1) fields, framework/data/batch.py): mean next-token
+        cross-entropy over its targets; an MoE model adds its routing losses and ``moe/*`` metrics (models/moe.py).
 
         The metrics dict's scalars are averaged over the step's micro-batches and logged with the step."""
         return loss_and_metrics(self.model(params), batch)
@@ -246,9 +246,10 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
 
         return loss
 
-    def train_step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """Accumulate gradients (and ``loss_fn``'s metrics) over the micro-batches on axis 0, then one optimizer update."""
-        layout, accum = self.layout, batch.shape[0]
+        layout, accum = self.layout, jax.tree.leaves(batch)[0].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
         add, mean = functools.partial(jax.tree.map, jnp.add), functools.partial(jax.tree.map, lambda g: g / accum)
         on_host = layout.placement.grads == memory.HOST
@@ -261,18 +262,20 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             return (add(grads_sum, layout.to_grads_tier(grads)), loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux)), None
 
         if accum == 1:
-            (loss, aux), grads = grad_fn(state.params, batch[0], state.rng)
+            (loss, aux), grads = grad_fn(state.params, first, state.rng)
             grads = layout.to_grads_tier(grads)
         else:
             zeros = jax.tree.map(jnp.zeros_like, layout.on_device(state.params))
             zeros = jax.device_put(zeros, layout.grad_shardings) if on_host else zeros
             aux_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                     jax.eval_shape(self.loss_fn, state.params, batch[0], state.rng)[1])
+                                     jax.eval_shape(self.loss_fn, state.params, first, state.rng)[1])
             (grads, loss, aux), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32), aux_zeros), batch)
             grads, loss, aux = mean(grads), loss / accum, jax.tree.map(lambda a: a / accum, aux)
 
         grad_norm = memory.on_host(global_norm)(grads) if on_host else optax.tree.norm(grads)
         metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(state.step)}
+        if target_weights(batch) is not None:  # packed or masked: the targets trained on (else every one, segment.py)
+            metrics["trained_tokens"] = target_weights(batch).sum()
         if layout.nvme is not None:  # memory tiers: the update streams the state from disk after this program (memory/nvme.py)
             clip = layout.nvme.clip
             clipped = grads if clip is None else clip.update(grads, optax.EmptyState())[0]
@@ -299,7 +302,7 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             grads = jax.device_put(grads, layout.device_state_shardings.params)
         return update(layout.on_device(params), grads, opt_state)
 
-    def _traced_step(self, state, batch):
+    def _traced_step(self, state, batch: dict):
         # memory tiers: pinned_host state is used where it lives (the model streams params per layer, the
         # update runs on the host), and what the step returns goes back to the state's kinds
         layout, held = self.layout, state.params
@@ -311,7 +314,7 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             state = dataclasses.replace(state, params=held)
         return layout.to_state_kinds(state), *outputs
 
-    def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One train step, following the device's memory (framework/train/microbatch.py).
 
         With free memory under ``memory.headroom_bytes``, or when the step fails at dispatch with
