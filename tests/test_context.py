@@ -129,7 +129,7 @@ def test_trainer_loss_and_gradients_equal_one_device(name):
     extra = ["model.scan_layers=true", "model.n_layers=2"] if "stage" in name else []
     ref = trainer("mesh.fsdp=1", *extra, n=1)
     params = jax.device_get(ref.init_state().params)
-    batch = np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)
+    batch = {"tokens": np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)}
     want_loss, want_grads = loss_and_grads(ref, params, batch)
     loss, grads = loss_and_grads(trainer(*MESHES[name]), params, batch)
     assert abs(loss - want_loss) < 1e-5
