@@ -7,7 +7,8 @@ A meshpilot param ``M`` is obtained from the Hugging Face tensor ``H`` by
     2. transpose: Hugging Face stores the kernel (out, in); meshpilot contracts (in, out);
     3. reshape:   to meshpilot's named dims, e.g. (d, n*hd) -> (d, n, hd).
 
-Export applies the inverse (reshape, transpose, concatenate the pieces). ``{i}`` is the layer.
+Export applies the inverse (reshape, transpose, concatenate the pieces). ``{i}`` is the layer,
+``{e}`` the expert (one Hugging Face tensor per expert, stacked on the meshpilot param's expert dim).
 """
 from __future__ import annotations
 
