@@ -204,3 +204,22 @@ def spread_over_processes(devices: Sequence[jax.Device], n: int) -> list[jax.Dev
         raise ConfigError(f"{n} devices need {per} from each of {len(processes)} processes; some have fewer")
     chosen = {d for ds in taken.values() for d in ds}
     return [d for d in devices if d in chosen]
+
+
+def share_over_processes(devices: Sequence[jax.Device], n: int) -> list[jax.Device]:
+    """``n`` of ``devices`` with every process owning some: as many from each as ``n`` allows, the first processes
+    one more when ``n`` does not divide (4 of 3 processes x 2 devices: 2, 1, 1). For a layout that leaves devices
+    idle: each process drives its own devices, and builds the rows they hold (its share of the batch, uneven too)."""
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) == 1 or n % len(processes) == 0:
+        return spread_over_processes(devices, n)
+    if n < len(processes):
+        raise ConfigError(f"{n} devices cannot give each of {len(processes)} processes one: every process "
+                          "drives part of the mesh")
+    per, extra = divmod(n, len(processes))
+    own = {pid: [d for d in devices if d.process_index == pid] for pid in processes}
+    taken = {pid: own[pid][:per + (i < extra)] for i, pid in enumerate(processes)}
+    if any(len(taken[pid]) < per + (i < extra) for i, pid in enumerate(processes)):
+        raise ConfigError(f"{n} devices need {per} or {per + 1} from each of {len(processes)} processes; some have fewer")
+    chosen = {d for ds in taken.values() for d in ds}
+    return [d for d in devices if d in chosen]

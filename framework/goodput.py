@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ class GoodputClock:
         self.origin = time.time() if origin is None else origin
         self.seconds = dict.fromkeys(PARTS, 0.0)
         self.replay_until = 0  # steps up to this one were trained by an earlier run that crashed after them
+        self.replayed_steps = 0  # how many of this run's steps were such steps
         self._started = False
         self._in_span = False
 
@@ -65,7 +67,17 @@ class GoodputClock:
 
     def step(self, step: int, seconds: float) -> None:
         """One training step (1-based number) that took ``seconds``."""
-        self.add("replayed_steps" if step <= self.replay_until else "productive_steps", seconds)
+        replayed = step <= self.replay_until
+        self.replayed_steps += replayed
+        self.add("replayed_steps" if replayed else "productive_steps", seconds)
+
+    def resumed(self, step: int, newest_logged: int) -> None:
+        """Resumed from the checkpoint at ``step`` where an earlier run had logged up to ``newest_logged``: the steps
+        between are trained again, counted as replayed (and said so in one line)."""
+        self.replay_until = max(self.replay_until, newest_logged)
+        if newest_logged > step:
+            print(f"checkpoint: steps {step + 1}..{newest_logged} were trained before the restart: training them "
+                  "again (goodput: replayed)", file=sys.stderr, flush=True)
 
     def loop_started(self) -> None:
         """The first training loop begins: what came before and no part took is start-up."""
@@ -82,7 +94,8 @@ class GoodputClock:
         wall = time.time() - self.origin
         parts = {f"{p}_s": s for p, s in self.seconds.items()}
         return {"wall_s": wall, **parts, "unaccounted_s": wall - sum(self.seconds.values()),
-                "goodput": self.seconds["productive_steps"] / wall if wall > 0 else 0.0}
+                "goodput": self.seconds["productive_steps"] / wall if wall > 0 else 0.0,
+                "replayed_steps": self.replayed_steps}
 
 
 def write(run_dir: str | Path | None, report: dict) -> dict:
@@ -97,6 +110,7 @@ def write(run_dir: str | Path | None, report: dict) -> dict:
     keys = [k for k in report if k.endswith("_s")]
     total = {k: sum(r.get(k, 0.0) for r in runs) for k in keys}
     total["goodput"] = total["productive_steps_s"] / total["wall_s"] if total["wall_s"] > 0 else 0.0
+    total["replayed_steps"] = sum(r.get("replayed_steps", 0) for r in runs)
     if path is not None and jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps({"runs": runs, "total": total}, indent=1))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from framework.fileio import atomic_write
+
 METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step (framework/trackers/jsonl.py writes it)
 
 
@@ -34,7 +36,9 @@ def drop_records_after(run_dir: str | Path | None, step: int) -> int:
         newest = max(newest, logged)
         if logged <= step:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    text = "".join(kept)
+    if text != path.read_text():
+        atomic_write(path, text)  # a kill here leaves the file as it was, not cut short
     return newest
 
 
@@ -121,8 +125,20 @@ class ModelFlops:
         return self.dense + self.attention
 
 
+def active_param_count(cfg, param_count: int) -> int:
+    """Parameters each token runs through: of a mixture-of-experts layer (``model.moe``) only its ``top_k`` routed
+    experts count (the router and shared experts always do); a dense model's are all of ``param_count``."""
+    m, e = cfg.model, cfg.model.moe
+    if not e.n_experts:
+        return param_count
+    moe_layers = sum((i + 1) % e.every == 0 for i in range(m.n_layers))
+    per_expert = 3 * m.d_model * (e.d_expert_mlp or m.d_mlp)  # SwiGLU: gate, up, down
+    return param_count - moe_layers * (e.n_experts - e.top_k) * per_expert
+
+
 def model_flops(cfg, param_count: int) -> ModelFlops:
-    """FLOPs per step of the config's transformer with ``param_count`` parameters in all."""
+    """FLOPs per step of the config's transformer with ``param_count`` parameters in all (MoE: the active ones)."""
+    param_count = active_param_count(cfg, param_count)
     m, t = cfg.model, cfg.train
     tied = m.tie_embeddings if m.tie_embeddings is not None else m.style == "gpt"
     lookups = 0 if tied else m.vocab_size * m.d_model

@@ -67,6 +67,10 @@ def check_stages(cfg: Config, stages: int) -> None:
                           f"(the stages cut the stacked layers), got model.name={m.name} model.scan_layers={m.scan_layers}")
     if m.n_layers % stages:
         raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by mesh.stage={stages}")
+    groups = m.n_layers // m.moe.every
+    if m.moe.n_experts and m.moe.every > 1 and groups % stages:  # models/moe.py: the stack is of groups of `every` layers
+        raise ConfigError(f"mesh.stage={stages} splits the MoE pattern unevenly: model.n_layers={m.n_layers} / "
+                          f"model.moe.every={m.moe.every} = {groups} layer groups, not divisible by {stages} stages")
 
 
 def for_mesh(cfg: Config, axis_sizes: Mapping[str, int]) -> Pipeline | None:
@@ -107,31 +111,48 @@ def gpipe(stage_fn: Callable, stage_params, x: jax.Array, p: Pipeline, logical_a
     The stage's own layer loop stays a loop (its weights are scanned-over inputs, not constants).
     """
     # the config makes M divide every step's batch; a trace of fewer rows (the planner's one-row
-    # trace for checkpoint names) runs with as many micro-batches as divide it
-    S, M = p.stages, math.gcd(p.microbatches, x.shape[0])
-    rows = x.shape[0] // M
-    xs = jnp.swapaxes(x.reshape(rows, M, *x.shape[1:]), 0, 1)  # (M, rows, ...)
-    buffer_axes = ("stage", *logical_axes)
-    first = (jnp.arange(S) == 0).reshape(S, *(1,) * x.ndim)
+    # trace for checkpoint names) runs with as many micro-batches as divide it. ``x`` may be a pytree of
+    # batch-first arrays (an MoE model's (x, routing sums)), ``logical_axes`` then one tuple per leaf.
+    tree = jax.tree
+    rows_total = tree.leaves(x)[0].shape[0]
+    S, M = p.stages, math.gcd(p.microbatches, rows_total)
+    rows = rows_total // M
+    xs = tree.map(lambda a: jnp.swapaxes(a.reshape(rows, M, *a.shape[1:]), 0, 1), x)  # (M, rows, ...)
+    axes = logical_axes if isinstance(x, tuple) else (logical_axes,)
+    buffer_axes = tuple(("stage", *a) for a in axes)
+
+    def pin(t):
+        return constrain_tree(t, buffer_axes if isinstance(x, tuple) else buffer_axes[0])
+
     run_stages = jax.vmap(stage_fn, spmd_axis_name=STAGE)  # each stage on its own devices
 
     def tick(carry, t):
         prev, outs = carry
-        shifted = jnp.roll(prev, 1, axis=0)  # stage s takes what stage s-1 gave last tick (collective-permute)
-        fed = jnp.where(first, jax.lax.dynamic_index_in_dim(xs, jnp.minimum(t, M - 1), 0), shifted)
-        out = constrain(run_stages(stage_params, constrain(fed, buffer_axes)), buffer_axes)
+
+        def feed(xs, prev):
+            first = (jnp.arange(S) == 0).reshape(S, *(1,) * (xs.ndim - 1))
+            shifted = jnp.roll(prev, 1, axis=0)  # stage s takes what stage s-1 gave last tick (collective-permute)
+            return jnp.where(first, jax.lax.dynamic_index_in_dim(xs, jnp.minimum(t, M - 1), 0), shifted)
+
+        out = pin(run_stages(stage_params, pin(tree.map(feed, xs, prev))))
         # the last stage finishes micro-batch t - (S-1); earlier ticks write slot 0, which tick S-1 overwrites
-        outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(t - (S - 1), 0), 0)
+        outs = tree.map(lambda o, a: jax.lax.dynamic_update_index_in_dim(o, a[S - 1], jnp.maximum(t - (S - 1), 0), 0), outs, out)
         return (out, outs), None
 
-    carry = (constrain(jnp.zeros((S, *xs.shape[1:]), x.dtype), buffer_axes), jnp.zeros_like(xs))
+    carry = (pin(tree.map(lambda a: jnp.zeros((S, *a.shape[1:]), a.dtype), xs)), tree.map(jnp.zeros_like, xs))
     if unroll_ticks:
         for t in range(M + S - 1):
             carry, _ = tick(carry, jnp.int32(t))
     else:
         carry, _ = jax.lax.scan(tick, carry, jnp.arange(M + S - 1))
-    outs = carry[1]
-    return jnp.swapaxes(outs, 0, 1).reshape(x.shape)
+    return tree.map(lambda o, a: jnp.swapaxes(o, 0, 1).reshape(a.shape), carry[1], x)
+
+
+def constrain_tree(tree, logical_axes):
+    """``constrain`` on each array of ``tree`` (an array, or a tuple of arrays with one logical-axes tuple each)."""
+    if not isinstance(tree, tuple):
+        return constrain(tree, logical_axes)
+    return tuple(constrain(a, axes) for a, axes in zip(tree, logical_axes))
 
 
 # ------------------------------------------------------------------ the planner's view per stage

@@ -1,9 +1,11 @@
 """The run directory: one run at a time (a lock file), and what a resumed run may change.
 
 A run dir is written by one run only: ``train.py`` takes ``RUN_DIR/run.lock`` (host, pid,
-start time) before it writes anything and removes it on exit. A second run on the same dir
-stops at once naming the holder; a lock left by a dead process on this host (a kill -9, a
-crash) is taken over with a one-line notice. In a multi-process run process 0, the only one
+start time) before it writes anything and removes it on exit. The lock is created with its
+content in one step (``fileio.create_new``: a kill never leaves it empty). A second run on the
+same dir stops at once naming the holder; a lock left by a dead process on this host (a kill -9,
+a crash), or one that cannot be read and is older than ``UNREADABLE_LOCK_S`` (left empty by an
+earlier meshpilot killed while writing it, or damaged), is taken over with a one-line notice. In a multi-process run process 0, the only one
 that writes the run dir, holds the lock and the others follow its verdict.
 
 On resume the config saved with the checkpoint is compared with the new one: changes that
@@ -22,8 +24,10 @@ from pathlib import Path
 from typing import Iterator
 
 from framework.config import ConfigError
+from framework.fileio import atomic_write, create_new
 
 LOCK = "run.lock"
+UNREADABLE_LOCK_S = 10.0  # an unreadable lock this old has no writer still filling it
 
 
 class RunDirBusy(ConfigError):
@@ -46,7 +50,8 @@ def _alive(pid: int) -> bool:
 
 def _holder(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -65,13 +70,11 @@ class RunDirLock:
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         for _ in range(3):  # a stale lock is removed and creation retried
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                create_new(self.path, json.dumps(me))
+                self._remove_dead_temps()
+                return
             except FileExistsError:
                 self._take_over_if_stale(me["host"])
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return
         raise RunDirBusy(f"run dir {self.run_dir}: could not take {self.path} (another run keeps taking it)")
 
     def _take_over_if_stale(self, host: str) -> None:
@@ -79,14 +82,32 @@ class RunDirLock:
         if holder is None:  # released meanwhile
             return
         if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-            print(f"notice: run dir {self.run_dir}: taking over the lock of pid {holder['pid']} "
-                  f"(started {holder.get('started', '?')}), which is no longer running", file=sys.stderr, flush=True)
-            self.path.unlink(missing_ok=True)
+            self._take_over(f"the lock of pid {holder['pid']} (started {holder.get('started', '?')}), which is no "
+                            "longer running")
+            return
+        if "pid" not in holder and self._age() > UNREADABLE_LOCK_S:
+            self._take_over(f"an unreadable lock file, {self._age():.0f} s old (its writer died writing it)")
             return
         who = (f"pid {holder['pid']} on host {holder.get('host', '?')} since {holder.get('started', '?')}"
                if "pid" in holder else "an unknown run (lock file unreadable)")
         raise RunDirBusy(f"run dir {self.run_dir} is in use by {who} (lock file {self.path}); "
                          "wait for it to end, choose another --run-dir, or delete the lock file if that run is gone")
+
+    def _age(self, path: Path | None = None) -> float:
+        try:
+            return time.time() - (path or self.path).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _remove_dead_temps(self) -> None:
+        """The temp files of lock takers killed before they linked them (``create_new`` takes milliseconds)."""
+        for tmp in self.run_dir.glob(f"{LOCK}.*.tmp"):
+            if self._age(tmp) > UNREADABLE_LOCK_S:
+                tmp.unlink(missing_ok=True)
+
+    def _take_over(self, what: str) -> None:
+        print(f"notice: run dir {self.run_dir}: taking over {what}", file=sys.stderr, flush=True)
+        self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -126,9 +147,10 @@ _written_here: set[Path] = set()  # files this process has written: their rewrit
 
 
 def keep_previous(path: Path, new_text: str) -> Path | None:
-    """Before ``path`` is rewritten with ``new_text``: move an earlier run's different version to ``path.N``.
+    """Before ``path`` is rewritten with ``new_text``: copy an earlier run's different version to ``path.N``.
 
-    N = 1, 2, ... A file this process wrote itself (the try-run controller rewrites config.yaml
+    N = 1, 2, ... ``path`` itself stays until the caller replaces it (``atomic_write``): a kill in between leaves
+    it, not a run dir without one. A file this process wrote itself (the try-run controller rewrites config.yaml
     with each new mesh) is simply replaced.
     """
     written_here, path = path.resolve() in _written_here, path.resolve()
@@ -138,8 +160,11 @@ def keep_previous(path: Path, new_text: str) -> Path | None:
     n = 1
     while path.with_name(f"{path.name}.{n}").exists():
         n += 1
+    latest = path.with_name(f"{path.name}.{n - 1}")
+    if n > 1 and latest.read_bytes() == path.read_bytes():  # kept already by a run killed before it replaced path
+        return latest
     kept = path.with_name(f"{path.name}.{n}")
-    path.rename(kept)
+    atomic_write(kept, path.read_bytes())
     return kept
 
 
@@ -149,6 +174,7 @@ def keep_previous(path: Path, new_text: str) -> Path | None:
 STATE_KEYS = (
     "model.name", "model.style", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
     "model.n_kv_heads", "model.d_mlp", "model.max_seq_len", "model.tie_embeddings", "model.scan_layers",
+    "model.head_dim", "model.qkv_bias", "model.qk_norm",
     "model.image_size", "model.image_channels", "model.conv_channels", "model.dense_features", "model.num_classes",
     "optimizer.name", "train.param_dtype",
 )

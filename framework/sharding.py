@@ -148,7 +148,7 @@ def activation_sharding(mesh, rules: Rules):
 
 
 def activation_context():
-    """(mesh, rules) while a step is traced under ``activation_sharding``; None outside it."""
+    """(mesh, rules) while a step is traced under ``activation_sharding``, else None (layers that shard_map themselves)."""
     return _ACTIVATION_CONTEXT.get()
 
 

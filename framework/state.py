@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec
 from framework import broadcast, pipeline, sharding
 from framework.memory import nvme_rules
 from framework.config import Config
+from framework.config.validation import check_expert_axis
 from framework.optimizer import build_optimizer
 from models import build_model
 
@@ -87,6 +88,7 @@ def check_run(cfg: Config) -> None:
 
 def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> AbstractState:
     check_run(cfg)
+    check_expert_axis(cfg, axis_sizes)
     p = pipeline.for_mesh(cfg, axis_sizes)
     if p is not None:
         model_kw = {"pipeline": p, **model_kw}

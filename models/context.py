@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from framework import sharding
+from models.attention import block_mask, causal_attention
 
 MODES = ("ring", "allgather", "auto")
 RING_INTENSITY = 1000.0  # flops per byte moved above which a ring hop's compute hides its permute (accelerator: matmul rate / link bandwidth)
@@ -112,10 +113,7 @@ def attention(q, k, v, *, segment_ids=None, mode: str = "auto", implementation=N
     (B, T) never see each other. Under a context axis: ``mode`` ring or allgather (auto: ``choose``)."""
     ctx = context_axis()
     if ctx is None:
-        if segment_ids is None:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-        mask = _mask(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), segment_ids, segment_ids)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+        return causal_attention(q, k, v, segment_ids, implementation=implementation)
     mesh, axis, size = ctx
     if mode == "auto":
         mode = choose(q.shape[1], q.shape[2], k.shape[2], q.shape[3], size, q.dtype.itemsize)[0]
@@ -148,11 +146,8 @@ def _local_positions(device, local: int, size: int):
 
 
 def _mask(q_pos, k_pos, q_seg, k_seg):
-    """(B or 1, Tq, Tk) visibility: causal over true positions, within a segment."""
-    visible = (q_pos[:, None] >= k_pos[None, :])[None]
-    if q_seg is not None:
-        visible = visible & (q_seg[:, :, None] == k_seg[:, None, :])
-    return visible
+    """(B or 1, Tq, Tk) visibility: causal over true positions, within a segment (models/attention.py's mask)."""
+    return block_mask(q_pos, k_pos, q_seg, k_seg)[:, 0]
 
 
 def _allgather(q, k, v, seg, *, axis, size):

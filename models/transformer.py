@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from framework.config import ModelConfig
 from framework.sharding import constrain
-from models import context, ops
+from models import attention, context, moe, ops
 
 BLC = ("batch", "length", "embed")  # residual stream layout
 
@@ -53,11 +53,11 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """LayerNorm (GPT-2) or RMSNorm (Llama), in float32 for stability."""
+    """LayerNorm (GPT-2) or RMSNorm (Llama), in float32 for stability; over the last axis, named ``axis``."""
 
-    def __init__(self, d: int, kind: str, eps: float, param_dtype, rngs):
+    def __init__(self, d: int, kind: str, eps: float, param_dtype, rngs, axis: str = "embed"):
         self.kind, self.eps = kind, eps
-        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))(rngs.params(), (d,), param_dtype))
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), (axis,))(rngs.params(), (d,), param_dtype))
         self.bias = (
             nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))(rngs.params(), (d,), param_dtype))
             if kind == "layer"
@@ -77,28 +77,37 @@ class Norm(nnx.Module):
 
 
 def rope(x, positions, theta: float):
-    """Rotary position embedding on (B, T, N, H)."""
+    """Rotary position embedding on (B, T, N, H) at ``positions``: (T,) for every row, or (B, T) (packed documents)."""
     h = x.shape[-1]
     freqs = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # (T, H/2)
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    if positions.ndim == 2:
+        angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, H/2)
+        sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    else:
+        angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # (T, H/2)
+        sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
-        d, n, hd = cfg.d_model, cfg.n_heads, cfg.d_model // cfg.n_heads
+        d, n, hd = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
         kv = cfg.n_kv_heads or n
         self.cfg, self.dtype = cfg, dtype
         bias = cfg.style == "gpt"
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: q, k, v biased, the output not
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = Dense("btd,dnh->btnh", (d, n, hd), ("embed", "heads", "head_dim"),
-                           bias_axes=("heads", "head_dim") if bias else None, **kw)
+                           bias_axes=("heads", "head_dim") if qkv_bias else None, **kw)
         self.key = Dense("btd,dnh->btnh", (d, kv, hd), ("embed", "kv_heads", "head_dim"),
-                         bias_axes=("kv_heads", "head_dim") if bias else None, **kw)
+                         bias_axes=("kv_heads", "head_dim") if qkv_bias else None, **kw)
         self.value = Dense("btd,dnh->btnh", (d, kv, hd), ("embed", "kv_heads", "head_dim"),
-                           bias_axes=("kv_heads", "head_dim") if bias else None, **kw)
+                           bias_axes=("kv_heads", "head_dim") if qkv_bias else None, **kw)
+        # Qwen3: each head's q and k RMS-normalised (one scale over head_dim, shared by the heads) before RoPE
+        self.q_norm, self.k_norm = ((Norm(hd, "rms", cfg.norm_eps, param_dtype, rngs, axis="head_dim"),
+                                     Norm(hd, "rms", cfg.norm_eps, param_dtype, rngs, axis="head_dim"))
+                                    if cfg.qk_norm else (None, None))
         self.out = Dense("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
                          bias_axes=("embed",) if bias else None, std=0.02 / (2 * cfg.n_layers) ** 0.5, **kw)
 
@@ -108,6 +117,8 @@ class Attention(nnx.Module):
         q = checkpoint_name(constrain(self.query(x), ("batch", "length", "heads", "head_dim")), "query_proj")
         k = checkpoint_name(constrain(self.key(x), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
         v = checkpoint_name(constrain(self.value(x), ("batch", "length", "kv_heads", "head_dim")), "value_proj")
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.style == "llama":
             positions = context.positions(x.shape[1]) if positions is None else positions
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
@@ -120,17 +131,16 @@ class Attention(nnx.Module):
         ctx = checkpoint_name(constrain(ctx, ("batch", "length", "heads", "head_dim")), "context")
         return checkpoint_name(self.out(ctx), "out_proj")
 
-    def decode(self, x, cache_k, cache_v, start):
-        """Attention of ``x`` (tokens ``start``.. ``start+T-1``) over the KV cache, after writing x's keys and values into it."""
-        positions = start + jnp.arange(x.shape[1])
-        q, k, v = self._qkv(x, positions)
+    def decode(self, x, cache_k, cache_v, start, positions=None, segment_ids=None, cache_segment_ids=None):
+        """Attention of ``x`` (tokens ``start``.. ``start+T-1`` of the row) over the KV cache, after writing x's keys
+        and values into it; with segment ids (x's and the cache's, this call's written in) only within a segment."""
+        index = start + jnp.arange(x.shape[1])
+        q, k, v = self._qkv(x, index if positions is None else positions)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
         cache_k = constrain(cache_k, ("batch", "length", "kv_heads", "head_dim"))
         cache_v = constrain(cache_v, ("batch", "length", "kv_heads", "head_dim"))
-        visible = jnp.arange(cache_k.shape[1])[None, :] <= positions[:, None]  # (T, S): causal over the cache
-        ctx = jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=visible[None, None],
-                                           implementation="xla")
+        ctx = attention.cached_attention(q, cache_k, cache_v, index, segment_ids, cache_segment_ids)
         return self.out(constrain(ctx, ("batch", "length", "heads", "head_dim"))), cache_k, cache_v
 
 
@@ -159,33 +169,53 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs, is_moe: bool = False):
         norm = "layer" if cfg.style == "gpt" else "rms"
         self.ln_attn = Norm(cfg.d_model, norm, cfg.norm_eps, param_dtype, rngs)
         self.attn = Attention(cfg, dtype, param_dtype, rngs)
         self.ln_mlp = Norm(cfg.d_model, norm, cfg.norm_eps, param_dtype, rngs)
-        self.mlp = MLP(cfg, dtype, param_dtype, rngs)
+        if is_moe:  # models/moe.py: routed experts (and shared ones, a dense MLP)
+            shared = MLP(moe.shared_config(cfg), dtype, param_dtype, rngs) if cfg.moe.n_shared_experts else None
+            self.mlp = moe.MoE(cfg, dtype, param_dtype, rngs, shared)
+        else:
+            self.mlp = MLP(cfg, dtype, param_dtype, rngs)
 
     def __call__(self, x, segment_ids=None, positions=None):
+        x, stats = moe.split(x)  # an MoE model's carry also holds the routing sums
         x = checkpoint_name(constrain(x, BLC), "decoder_layer_input")
         x = x + self.attn(self.ln_attn(x), segment_ids, positions)
-        x = x + self.mlp(self.ln_mlp(x))
-        return constrain(x, BLC)
+        h, stats = moe.mlp_call(self.mlp, self.ln_mlp(x), stats)
+        return moe.join(constrain(x + h, BLC), stats)
 
-    def decode(self, x, cache_k, cache_v, start):
-        h, cache_k, cache_v = self.attn.decode(self.ln_attn(constrain(x, BLC)), cache_k, cache_v, start)
+    def decode(self, x, cache_k, cache_v, start, *segments):
+        h, cache_k, cache_v = self.attn.decode(self.ln_attn(constrain(x, BLC)), cache_k, cache_v, start, *segments)
         x = x + h
         x = x + self.mlp(self.ln_mlp(x))
         return constrain(x, BLC), cache_k, cache_v
 
 
+class LayerGroup(nnx.Module):
+    """``every`` consecutive layers, the last an MoE one: the scanned unit of an MoE model with moe.every > 1."""
+
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs):
+        every = cfg.moe.every
+        self.layers = nnx.List([Block(cfg, dtype, param_dtype, rngs, is_moe=j == every - 1) for j in range(every)])
+
+    def __call__(self, x, segment_ids=None, positions=None):
+        for block in self.layers:
+            x = block(x, segment_ids, positions)
+        return x
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer at every position so far: (layers, batch, length, kv_heads, head_dim) each."""
+    """Keys and values of every layer at every position so far: (layers, batch, length, kv_heads, head_dim) each;
+    with packed rows, each position's segment id (batch, length)."""
 
     k: jax.Array
     v: jax.Array
+    segment_ids: jax.Array | None = None
 
 
 class Stages(Protocol):
@@ -201,7 +231,8 @@ def _to_device(module: nnx.Module) -> nnx.Module:
 
 
 class Transformer(nnx.Module):
-    """tokens (B, T) int32 -> logits (B, T, vocab) float32.
+    """tokens (B, T) int32 -> logits (B, T, vocab) float32; with ``model.moe`` (logits, {"loss": routing loss,
+    "metrics": moe/...}) (models/moe.py).
 
     ``stream_params``: parameters live in pinned_host and each layer's weights are brought to
     the device where the layer runs. The fetch sits inside the remat boundary: with checkpointed
@@ -225,14 +256,20 @@ class Transformer(nnx.Module):
             else None
         )
         if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.n_layers)
+            grouped = cfg.moe.n_experts > 0 and cfg.moe.every > 1  # models/moe.py: groups of `every` layers
+            self.n_stacked = cfg.n_layers // cfg.moe.every if grouped else cfg.n_layers
+
+            @nnx.split_rngs(splits=self.n_stacked)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(r):
-                return Block(cfg, dtype, param_dtype, r)
+                if grouped:
+                    return LayerGroup(cfg, dtype, param_dtype, r)
+                return Block(cfg, dtype, param_dtype, r, is_moe=cfg.moe.n_experts > 0)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, dtype, param_dtype, rngs, is_moe=moe.is_moe_layer(cfg, i))
+                                    for i in range(cfg.n_layers)])
         self.ln_f = Norm(cfg.d_model, "layer" if cfg.style == "gpt" else "rms", cfg.norm_eps, param_dtype, rngs)
         self.unembed = None if self.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype)
         ops.name_layers(self, Dense)
@@ -241,34 +278,40 @@ class Transformer(nnx.Module):
         return jax.device_put(x, jax.memory.Space.Device) if self.stream_params else x
 
     def _block_fn(self):
-        call = (lambda block, x, *seq: _to_device(block)(x, *seq)) if self.stream_params else (lambda block, x, *seq: block(x, *seq))
+        """``call(block, x, segment_ids, positions)``: one layer, as configured (streamed, rematerialised)."""
+        call = (lambda block, *a: _to_device(block)(*a)) if self.stream_params else (lambda block, *a: block(*a))
         if self.cfg.remat or self.remat_policy is not None:
             call = nnx.remat(call, policy=self.remat_policy, prevent_cse=not self.cfg.scan_layers)
         return call
 
     def __call__(self, tokens, *, segment_ids=None, positions=None):
-        """Under a context axis the tokens come in the mesh's (zig-zag) order: models/context.py ``to_layout``."""
+        """Logits of ``tokens`` (B, T); packed rows give ``segment_ids`` (B, T: attention stays within a segment) and
+        ``positions`` (B, T: each token's position in its document, for RoPE or the position embedding). Under a
+        context axis the tokens come in the mesh's (zig-zag) order: models/context.py ``to_layout``."""
         x = ops.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
         if self.pos_embed is not None:
             where = context.positions(tokens.shape[1]) if positions is None else positions
             x = x + jnp.take(self._fetch(self.pos_embed[...]), where, axis=0).astype(self.dtype)
-        x = constrain(x, BLC)
+        x = moe.start(self.cfg, constrain(x, BLC))  # an MoE model carries its routing sums beside x
         call = self._block_fn()
         if self.cfg.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-            def run(block, h):
+            @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry)
+            def run(block, h, segment_ids, positions):
                 return call(block, h, segment_ids, positions)
 
             if self.pipeline is not None:
-                x = self._pipelined(run, x)
+                if segment_ids is not None or positions is not None:
+                    raise ValueError("Transformer: pipeline stages take no segment ids or positions (data.packing=none)")
+                x = self._pipelined(lambda blocks, h: run(blocks, h, None, None), x)
             else:
-                with ops.repeated(self.cfg.n_layers):  # the plan charges the body's layers n_layers times
-                    x = run(self.blocks, x)
+                with ops.repeated(self.n_stacked):  # the plan charges the body's layers once per stacked layer
+                    x = run(self.blocks, x, segment_ids, positions)
         else:
             for block in self.blocks:
                 x = call(block, x, segment_ids, positions)
-        x = (_to_device(self.ln_f) if self.stream_params else self.ln_f)(x)
-        return self._logits(x)
+        x, stats = moe.split(x)
+        logits = self._logits((_to_device(self.ln_f) if self.stream_params else self.ln_f)(x))
+        return logits if stats is None else (logits, moe.finish(self.cfg, stats, tokens.shape[1]))
 
     def one_layer(self):
         """(fn(layer params, x) -> x, shapes of one layer's params): a single stacked layer as the model runs it,
@@ -276,14 +319,15 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
         call = self._block_fn()
         layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
-        return (lambda layer, x: call(nnx.merge(graphdef, layer), x)), layer
+        return (lambda layer, x: call(nnx.merge(graphdef, layer), x, None, None)), layer
 
     def _pipelined(self, run, x):
         """The stacked layers as pipeline stages: each stage scans its own contiguous layers."""
         graphdef, stacked = nnx.split(self.blocks)
         stage_fn = lambda stage_blocks, h: run(nnx.merge(graphdef, stage_blocks), h)
-        x = self.pipeline.run(stage_fn, stacked, x, BLC, unroll_ticks=self.stream_params)
-        return constrain(x, BLC)
+        axes = (BLC, ("batch", None)) if isinstance(x, tuple) else BLC  # an MoE model's carry: (x, routing sums)
+        x = self.pipeline.run(stage_fn, stacked, x, axes, unroll_ticks=self.stream_params)
+        return moe.join(constrain(moe.split(x)[0], BLC), moe.split(x)[1])
 
     def _logits(self, x):
         """The output head, a broadcast layer named ``head``: its map mode splits the vocabulary and broadcasts ``x``."""
@@ -295,27 +339,38 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ generation (framework/generate.py)
 
-    def init_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache for ``length`` positions: keys and values of every layer, in the compute dtype."""
+    def init_cache(self, batch: int, length: int, segments: bool = False) -> KVCache:
+        """An empty KV cache for ``length`` positions: keys and values of every layer, in the compute dtype; with
+        ``segments``, room for each position's segment id (packed rows: ``decode(..., segment_ids=...)``)."""
         c = self.cfg
-        shape = (c.n_layers, batch, length, c.n_kv_heads or c.n_heads, c.d_model // c.n_heads)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        shape = (c.n_layers, batch, length, c.n_kv_heads or c.n_heads, c.resolved_head_dim)
+        seg = jnp.zeros((batch, length), jnp.int32) if segments else None
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), seg)
 
-    def decode(self, tokens, cache: KVCache, start) -> tuple[jax.Array, KVCache]:
-        """Logits of ``tokens`` (B, T) at positions ``start``.. given the cache of earlier positions; the cache, extended.
+    def decode(self, tokens, cache: KVCache, start, *, segment_ids=None, positions=None) -> tuple[jax.Array, KVCache]:
+        """Logits of ``tokens`` (B, T) at row positions ``start``.. given the cache of earlier positions; the cache, extended.
 
         Prefill is one call with the prompt (start 0); each later call adds one token. The training
         path (``__call__``) is untouched. Layers must be distinct modules (``model.scan_layers=false``;
-        framework/generate.py unstacks scanned params).
+        framework/generate.py unstacks scanned params). Packed rows (a cache made with ``segments``) pass each
+        token's ``segment_ids`` and in-document ``positions`` (B, T), as training does.
         """
         if self.cfg.scan_layers or self.stream_params:
             raise ValueError("Transformer.decode needs model.scan_layers=false and device-resident params")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
-            x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, tokens.shape[1]).astype(self.dtype)
+            x = x + (jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, tokens.shape[1]) if positions is None
+                     else jnp.take(self.pos_embed[...], positions, axis=0)).astype(self.dtype)
+        seg = cache.segment_ids
+        if (segment_ids is None) != (seg is None):
+            raise ValueError("Transformer.decode: segment_ids need a cache made with init_cache(..., segments=True)")
+        segments = ()
+        if seg is not None:
+            seg = jax.lax.dynamic_update_slice(seg, segment_ids.astype(seg.dtype), (0, start))
+            segments = (segment_ids, seg)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.decode(x, cache.k[i], cache.v[i], start)
+            x, k, v = block.decode(x, cache.k[i], cache.v[i], start, positions, *segments)
             ks.append(k)
             vs.append(v)
-        return self._logits(self.ln_f(x)), KVCache(jnp.stack(ks), jnp.stack(vs))
+        return self._logits(self.ln_f(x)), KVCache(jnp.stack(ks), jnp.stack(vs), seg)

@@ -24,7 +24,8 @@ with a note either way. ``key=value`` overrides apply to every bench run.
 ``--dry-run`` runs the same sequence on the CPU with tiny model sizes on one emulated device, a
 two-test sample of the pytest subset (CI runs the whole subset anyway), a 300 s default budget and a
 1 s minimum slice: a check that the script itself works (CI runs it).
-Exit status: 0 when every part ran, 1 when one failed or timed out, 2 for bad input or no CUDA jax.
+Exit status: 0 when every part ran (and, on a GPU, every goal passed), 1 when one failed or timed out or a goal
+failed (each named on stderr), 2 for bad input or no CUDA jax.
 """
 from __future__ import annotations
 
@@ -431,9 +432,18 @@ def check(args) -> tuple[dict, int]:
         report["elapsed_s"] = round(time.monotonic() - budget.start, 1)
     with open(out / "gpu_check.json", "w") as f:
         json.dump(report, f, indent=1)
-    if problem:
-        return report, 2
-    return report, 0 if all(p["status"] == "ok" for p in report["parts"].values()) else 1
+    return report, exit_code(report, bool(problem))
+
+
+def exit_code(report: dict, no_cuda: bool) -> int:
+    """2 without a usable CUDA jax; 1 when a part did not run through or (on a GPU) a goal failed; else 0. A dry
+    run's goals are CPU figures, not a verdict: they decide nothing."""
+    if no_cuda:
+        return 2
+    failed = [g["goal"] for g in report.get("goals", []) if g["status"] == "fail" and not report["dry_run"]]
+    for goal in failed:
+        print(f"gpu_check: goal failed: {goal}", file=sys.stderr, flush=True)
+    return 0 if all(p["status"] == "ok" for p in report["parts"].values()) and not failed else 1
 
 
 # ------------------------------------------------------------------ the short table

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Hugging Face checkpoints in and out (GPT2LMHeadModel, LlamaForCausalLM; safetensors, no torch).
+"""Hugging Face checkpoints in and out (safetensors, no torch): GPT2LMHeadModel, LlamaForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM (framework/hf/).
 
   python scripts/hf.py import --hf-dir DIR --run-dir RUN [--config C] [key=value ...]
       a run dir holding the model as its step-0 checkpoint and config.yaml; fine-tune it with

@@ -5,23 +5,44 @@
 
 Each process gets ``--coordinator 127.0.0.1:PORT --num-processes P --process-id I`` right
 after the script path; its output is forwarded line by line as ``[pI] ...``. If one process
-fails, the others are terminated and the launcher exits non-zero naming the process.
+fails, the others are terminated and the launcher exits non-zero naming the process in one line, with
+the reason it gave (its ``error: ...`` line, held back and reported once, not each process's copy) and
+the processes that died of its exit (JAX's coordination service aborts those; their dump is not
+forwarded).
+
+With ``--elastic`` a process may hand waiting over to the launcher: it writes what it needs (JSON with
+``need_devices`` and ``reason``) to the file that ``MESHPILOT_LAUNCHER_REQUEST`` names and exits with
+code 75 (``NEED_CAPACITY_EXIT_CODE``); the launcher waits up to ``--wait-timeout`` for the capacity file
+to give enough process slots and restarts the job on them (exit 2 when the wait runs out or more
+would be needed than ``--max-processes`` allows).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from framework import handover  # (imports neither jax nor numpy)
 
 TERMINATE_GRACE_S = 5  # JAX's preemption notifier catches SIGTERM in joined processes, so SIGKILL follows
 PREEMPT_GRACE_S = 300  # the launcher itself signalled: time for the processes to save a checkpoint
 POLL_S = 0.1
+# The line with which JAX's coordination service aborts a process whose peer is gone (its dump follows), and the
+# lines the runtime logs on the way there (a lost peer's socket): neither is forwarded.
+PEER_FAILURE_MARKER = "JAX distributed service detected fatal errors"
+PEER_LOST_MARKERS = ("coordination_service", "coordination service", "preemption_sync_manager.cc",
+                     "GRPC error information", "Error received from peer")
+ERROR_PREFIX = "error: "
 
 
 def parse_args(argv=None):
@@ -71,8 +92,24 @@ def process_env(devices: int) -> dict[str, str]:
     return env
 
 
-def forward(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:
+class Output:
+    """What the launcher keeps of one process's output: its ``error: ...`` lines (held back: the launcher reports
+    the failing process's reason once, in its own line) and whether JAX's coordination service aborted it because
+    a peer was gone (that dump, to the end of the output, is not forwarded)."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+        self.peer_failed = False
+
+
+def forward(proc: subprocess.Popen, prefix: str, lock: threading.Lock, out: Output) -> None:
     for line in proc.stdout:
+        out.peer_failed = out.peer_failed or PEER_FAILURE_MARKER in line
+        if out.peer_failed or any(marker in line for marker in PEER_LOST_MARKERS):
+            continue
+        if line.startswith(ERROR_PREFIX):
+            out.errors.append(line[len(ERROR_PREFIX):].strip())
+            continue
         with lock:
             sys.stdout.write(f"{prefix} {line}" if line.endswith("\n") else f"{prefix} {line}\n")
             sys.stdout.flush()
@@ -122,12 +159,15 @@ def first_failure(procs: list[subprocess.Popen]) -> int | None:
 class Job:
     """P processes of one command joined at a fresh coordinator port; output forwarded as ``[pI] ...``."""
 
-    def __init__(self, processes: int, devices: int, command: list[str]):
+    def __init__(self, processes: int, devices: int, command: list[str], request: str | None = None):
         self.address = f"127.0.0.1:{free_port()}"
         script, rest = command[0], command[1:]
         env = process_env(devices)
+        if request is not None:  # the elastic hand-over: where a process asks the launcher for capacity
+            env[handover.LAUNCHER_REQUEST_ENV] = request
         lock = threading.Lock()
         self.procs, self.forwarders = [], []
+        self.outputs = [Output() for _ in range(processes)]
         for i in range(processes):
             argv = [sys.executable, "-u", script, "--coordinator", self.address, "--num-processes", str(processes),
                     "--process-id", str(i), *rest]
@@ -135,7 +175,7 @@ class Job:
             p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  errors="replace", bufsize=1, start_new_session=True)
             self.procs.append(p)
-            t = threading.Thread(target=forward, args=(p, f"[p{i}]", lock), daemon=True)
+            t = threading.Thread(target=forward, args=(p, f"[p{i}]", lock, self.outputs[i]), daemon=True)
             t.start()
             self.forwarders.append(t)
         print(f"launch_local: coordinator {self.address}; " + ", ".join(f"p{i} pid {p.pid}" for i, p in enumerate(self.procs)),
@@ -155,9 +195,22 @@ class Job:
         return code if code >= 0 else 128 - code
 
     def report_failure(self, failed: int) -> int:
+        """One line: the process that failed, its reason (its last ``error:`` line), the processes that died of its
+        exit and those the launcher terminated, and any other process's reason where it differs; the exit code to
+        pass on."""
         code = self.procs[failed].returncode
-        print(f"error: process p{failed} (pid {self.procs[failed].pid}) {describe_exit(code)}; "
-              f"terminated the other {len(self.procs) - 1}", file=sys.stderr, flush=True)
+        errors = self.outputs[failed].errors
+        others = [i for i in range(len(self.procs)) if i != failed]
+        peers = [f"p{i}" for i in others if self.outputs[i].peer_failed]
+        rest = len(others) - len(peers)
+        line = f"error: process p{failed} (pid {self.procs[failed].pid}) {describe_exit(code)}"
+        line += f": {errors[-1]}" if errors else ""
+        line += f"; {', '.join(peers)} exited because p{failed} failed" if peers else ""
+        line += f"; terminated the other {rest}" if rest else ""
+        said = {i: self.outputs[i].errors[-1] for i in others if self.outputs[i].errors}
+        for i, reason in said.items():  # another reason than the failing process's is not lost
+            line += f"; p{i}: {reason}" if not errors or reason != errors[-1] else ""
+        print(line, file=sys.stderr, flush=True)
         return code if code > 0 else 128 - code
 
 
@@ -209,7 +262,7 @@ class Capacity:
             return False
         self._stamp = stamp
         try:
-            slots = min(int(open(self.path).read().strip()), self.most)
+            slots = min(int(Path(self.path).read_text().strip()), self.most)
         except ValueError:
             print(f"launch_local: warning: {self.path}: expected one integer (process slots); ignored",
                   file=sys.stderr, flush=True)
@@ -224,35 +277,47 @@ def launch_elastic(args) -> int:
     A process that dies (killed, crashed) takes its slot with it: the others are stopped and the job
     restarts on the processes left, from the last good checkpoint (train.py resumes it onto the new
     device count). A capacity change stops the job gracefully (SIGTERM: every process saves at one
-    agreed step) and restarts it on the new count. A job that ends with exit code 0 is done; exit
-    code 2 (bad input) is never retried.
+    agreed step) and restarts it on the new count. A job that asks for more devices (exit code 75 and
+    its request: see the module's doc) is restarted once the capacity file gives enough slots. A job
+    that ends with exit code 0 is done; exit code 2 (bad input) is never retried.
     """
+    with tempfile.TemporaryDirectory(prefix="launch_local.") as tmp:
+        return run_elastic(args, Path(tmp) / "request.json")
+
+
+def run_elastic(args, request: Path) -> int:
+    """``launch_elastic``'s loop; ``request`` is where a job's processes ask for capacity."""
     capacity = Capacity(args.capacity_file, args.processes, args.max_processes or args.processes)
     current: list[Job | None] = [None]
     on_signals(lambda: current[0])
+    need, why = args.min_processes, "--min-processes"  # the processes a job needs, and who said so
     restarts = 0
     while True:
-        if capacity.slots < args.min_processes and not wait_for_slots(capacity, args):
-            print(f"error: launch_local: {args.min_processes} processes needed (--min-processes), only "
-                  f"{capacity.slots} available after waiting {args.wait_timeout} s (--wait-timeout)",
-                  file=sys.stderr, flush=True)
+        if capacity.slots < need and not wait_for_slots(capacity, args, need):
+            print(f"error: launch_local: {need} processes needed ({why}), only {capacity.slots} available after "
+                  f"waiting {args.wait_timeout:g} s (--wait-timeout)", file=sys.stderr, flush=True)
             return 2
-        job = current[0] = Job(capacity.slots, args.devices_per_process, args.command)
-        failed, resized = None, False
-        while failed is None and job.running():
-            time.sleep(POLL_S)
-            failed = first_failure(job.procs)
-            if failed is None and capacity.changed():
-                resized = True
-                print(f"launch_local: capacity now {capacity.slots} processes ({args.capacity_file}): stopping "
-                      f"at a checkpoint to restart on {capacity.slots}", file=sys.stderr, flush=True)
-                job.stop(PREEMPT_GRACE_S)
-        if failed is None and not resized:
-            failed = first_failure(job.procs)
-        job.stop()
+        request.unlink(missing_ok=True)
+        job = current[0] = Job(capacity.slots, args.devices_per_process, args.command, str(request))
+        failed, resized = run_job(job, capacity, args)
         if failed is None and not resized:
             return 0
-        if failed is not None:
+        asked = handover.read_request(request) if any(
+            p.returncode == handover.NEED_CAPACITY_EXIT_CODE for p in job.procs) else None
+        if asked is not None:  # the job handed waiting for capacity over to the launcher
+            need = math.ceil(asked["need_devices"] / args.devices_per_process)
+            why = f"{asked['reason']}; {args.devices_per_process} devices per process"
+            if need > capacity.most:
+                print(f"error: launch_local: {need} processes needed ({why}), at most {capacity.most} allowed "
+                      "(--max-processes)", file=sys.stderr, flush=True)
+                return 2
+            if restarts >= args.max_restarts:
+                print(f"error: launch_local: the job still asks for more devices after {restarts} restarts "
+                      "(--max-restarts)", file=sys.stderr, flush=True)
+                return 2
+            print(f"launch_local: the job needs {asked['need_devices']} devices ({asked['reason']}): "
+                  f"restarting it on {need} processes once there are slots", file=sys.stderr, flush=True)
+        elif failed is not None:
             code = job.report_failure(failed)
             if code == 2 or restarts >= args.max_restarts:
                 return code
@@ -262,14 +327,32 @@ def launch_elastic(args) -> int:
         restarts += 1
 
 
-def wait_for_slots(capacity: Capacity, args) -> bool:
-    """Wait (up to --wait-timeout) for the capacity file to give at least --min-processes slots."""
-    print(f"launch_local: waiting up to {args.wait_timeout} s for {args.min_processes} process slots "
+def run_job(job: Job, capacity: Capacity, args) -> tuple[int | None, bool]:
+    """Wait for ``job`` to end; stop it gracefully when the capacity changes. The process that failed (None:
+    none), and whether the job was stopped to resize."""
+    failed, resized = None, False
+    while failed is None and job.running():
+        time.sleep(POLL_S)
+        failed = first_failure(job.procs)
+        if failed is None and capacity.changed():
+            resized = True
+            print(f"launch_local: capacity now {capacity.slots} processes ({args.capacity_file}): stopping "
+                  f"at a checkpoint to restart on {capacity.slots}", file=sys.stderr, flush=True)
+            job.stop(PREEMPT_GRACE_S)
+    if failed is None and not resized:
+        failed = first_failure(job.procs)
+    job.stop()
+    return failed, resized
+
+
+def wait_for_slots(capacity: Capacity, args, need: int) -> bool:
+    """Wait (up to --wait-timeout) for the capacity file to give at least ``need`` slots."""
+    print(f"launch_local: waiting up to {args.wait_timeout:g} s for {need} process slots "
           f"({capacity.slots} available; {args.capacity_file or 'no --capacity-file'})", file=sys.stderr, flush=True)
     deadline = time.monotonic() + args.wait_timeout
     while time.monotonic() < deadline:
         capacity.changed()
-        if capacity.slots >= args.min_processes:
+        if capacity.slots >= need:
             return True
         time.sleep(POLL_S)
     return False

@@ -44,7 +44,12 @@ def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
             "dtype": str(x.dtype),
             "spec": [None if a is None else a if isinstance(a, str) else list(a) for a in flat_specs[path]],
         })
-    report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count, "params": params}
+    from framework.metrics import active_param_count, model_flops
+
+    flops = model_flops(cfg, abstract.param_count)
+    report = {"devices": n_devices, "mesh": axis_sizes, "param_count": abstract.param_count,
+              "active_param_count": active_param_count(cfg, abstract.param_count),
+              "flops_per_step": flops.total, "flops_formula": flops.FORMULA, "params": params}
     report["memory"] = memory_section(cfg, n_devices, abstract, estimate)
     report["pipeline"] = pipeline_section(cfg, axis_sizes, abstract, report["memory"]["placement"]["params"])
     report["context"] = context_section(cfg, axis_sizes)
@@ -137,7 +142,10 @@ def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict
 
 
 def print_text(report: dict) -> None:
-    print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters")
+    active = report["active_param_count"]
+    per_token = "" if active == report["param_count"] else f" in all, {active:,} active per token (MoE top_k experts)"
+    print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters{per_token}; "
+          f"model FLOPs/step {report['flops_per_step']:.4g}")
     width = max(len(p["name"]) for p in report["params"])
     print(f"{'name':<{width}}  {'shape':<22} {'dtype':<9} spec")
     for p in report["params"]:

@@ -38,7 +38,7 @@ def main() -> None:
         source = TokenSource(DataConfig(source="tokens", path=args.store, seed=args.seed), args.seq_len, 1 << 16)
         loader = BatchLoader(source, args.global_batch, args.grad_accum, sharding)
         prefetch = Prefetcher(loader, args.start, depth=2)
-        batches = [multihost_utils.process_allgather(prefetch.next()[1], tiled=True) for _ in range(args.positions)]
+        batches = [multihost_utils.process_allgather(prefetch.next()[1]["tokens"], tiled=True) for _ in range(args.positions)]
         prefetch.close()
         print(f"process {jax.process_index()} built rows {loader.micro_rows.start}:{loader.micro_rows.stop} "
               f"of {loader.global_shape[1]}", flush=True)

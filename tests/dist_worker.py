@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("--fail-code", type=int, default=3)
     p.add_argument("--raise-process", type=int, default=None, help="this process raises after the collective")
     p.add_argument("--then-sleep", type=float, default=0.0, help="seconds to stay alive after the collective")
+    p.add_argument("--user-error", default=None, help="every process prints 'error: TEXT' after the collective; "
+                   "process 0 then exits with code 2 (as scripts/_cli.py's user errors do), the others stay")
     args = p.parse_args()
     try:
         joined = distributed.initialize(distributed.args_from_namespace(args))
@@ -58,6 +60,10 @@ def collectives(args, joined: bool) -> None:
         sys.exit(args.fail_code)
     if pid == args.raise_process:
         raise RuntimeError("deliberate failure")
+    if args.user_error is not None:
+        print(f"error: {args.user_error}", file=sys.stderr, flush=True)
+        if pid == 0:
+            os._exit(2)
     time.sleep(args.then_sleep)
     distributed.shutdown()
     print("shutdown ok", flush=True)

@@ -106,14 +106,20 @@ def test_predicted_bytes_equal_measured_per_layer():
 def test_int8_cuts_kernel_gather_bytes():
     mesh = mesh_2x4()
     p, x = init(PARAMS), jnp.zeros((16, 8, 8, 2))
-    gathered = {}
+    gathered, types = {}, {}
     for compress in ("none", "int8"):
         plan = make(BroadcastConfig(mode="kernel", compress=compress), mesh, p, x)
         report = compiled_bytes(plan, mesh, p, x)
         gathered[compress] = report.select(kinds=["all-gather"])
+        types[compress] = {}  # element type of the compiled all-gathers -> their bytes
+        for op in report.ops:
+            if op.kind == "all-gather":
+                types[compress][op.dtype] = types[compress].get(op.dtype, 0) + op.bytes
         assert report.select(kinds=["reduce-scatter"]) == 35252  # gradients still travel in float32
-    assert gathered["none"] == 35252
+    assert gathered["none"] == 35252 and types["none"] == {"f32": 35252}
     assert gathered["none"] / gathered["int8"] >= 3.5, gathered
+    # the kernels really travel as s8 in the compiled program; float32 only for their per-channel scales
+    assert set(types["int8"]) == {"s8", "f32"} and types["int8"]["s8"] >= 3 * types["int8"]["f32"], types
 
 
 def test_int8_forward_close_to_float():

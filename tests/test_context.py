@@ -153,7 +153,7 @@ MESHES = {
 def test_trainer_loss_and_gradients_equal_one_device(name):
     ref = trainer("mesh.fsdp=1", *SCANNED, n=1)
     params = jax.device_get(ref.init_state().params)
-    batch = np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)
+    batch = {"tokens": np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)}
     want_loss, want_grads = loss_and_grads(ref, params, batch)
     loss, grads = loss_and_grads(trainer(*SCANNED, *MESHES[name]), params, batch)
     assert abs(loss - want_loss) < 1e-5

@@ -100,7 +100,7 @@ def test_global_batches_do_not_depend_on_devices_accumulation_or_resume(store):
     for n, shape, accum in ((8, (8, 1, 1), 1), (4, (2, 2, 1), 1), (8, (2, 2, 2), 2), (4, (4, 1, 1), 4)):
         loader = loader_on(src, n, shape, accum)
         for p in range(6):
-            got = np.asarray(loader.batch(p))
+            got = np.asarray(loader.batch(p)["tokens"])
             assert got.shape == (accum, 16 // accum, SEQ + 1)
             np.testing.assert_array_equal(got.reshape(16, SEQ + 1), want[p], err_msg=f"{n} devices accum {accum} pos {p}")
     prefetch = Prefetcher(loader_on(src, 8, (8, 1, 1)), start=3, depth=2)  # resuming at data position 3
@@ -108,7 +108,7 @@ def test_global_batches_do_not_depend_on_devices_accumulation_or_resume(store):
         for p in (3, 4, 5):
             pos, batch = prefetch.next()
             assert pos == p
-            np.testing.assert_array_equal(np.asarray(batch)[0], want[p])
+            np.testing.assert_array_equal(np.asarray(batch["tokens"])[0], want[p])
     finally:
         prefetch.close()
 

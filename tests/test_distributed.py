@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from framework.config import ConfigError
-from framework.distributed import DistributedArgs, plan_join, spread_over_processes
+from framework.distributed import DistributedArgs, plan_join, share_over_processes, spread_over_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "scripts" / "launch_local.py")]
@@ -49,6 +49,16 @@ def test_device_subsets_take_as_many_from_each_process():
     with pytest.raises(ConfigError, match="^5 devices cannot be shared evenly by 2 processes: expected a multiple of 2$"):
         spread_over_processes(devices, 5)
     assert [d.id for d in spread_over_processes(devices[:4], 3)] == [0, 1, 2]  # one process: the first n
+
+
+def test_device_subsets_that_leave_devices_idle_give_every_process_a_share():
+    Device = collections.namedtuple("Device", "id process_index")  # 3 processes x 2 devices
+    devices = [Device(i, i // 2) for i in range(6)]
+    assert [d.id for d in share_over_processes(devices, 4)] == [0, 1, 2, 4]  # 2, 1, 1
+    assert [d.id for d in share_over_processes(devices, 5)] == [0, 1, 2, 3, 4]
+    assert [d.id for d in share_over_processes(devices, 3)] == [0, 2, 4]  # even: as spread_over_processes
+    with pytest.raises(ConfigError, match="^2 devices cannot give each of 3 processes one"):
+        share_over_processes(devices, 2)
 
 
 

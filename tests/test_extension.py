@@ -18,9 +18,10 @@ class ZLossTrainer(Trainer):
     z_weight = 1e-4
 
     def loss_fn(self, params, batch, rng):
-        logits = self.model(params)(batch[:, :-1])
+        tokens = batch["tokens"]  # the batch's fields: framework/data/batch.py
+        logits = self.model(params)(tokens[:, :-1])
         log_z = jax.nn.logsumexp(logits, axis=-1)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         z_loss = self.z_weight * jnp.mean(log_z ** 2)
         return ce + z_loss, {"z_loss": z_loss, "log_z": jnp.mean(log_z)}  # the metrics are logged with each step
 
@@ -39,7 +40,7 @@ def test_z_loss_subclass_trains_and_logs_its_metrics(tmp_path):
     tr = ZLossTrainer(tiny_config(*overrides, steps=3), run_dir=tmp_path)
     tr.callbacks.append(log := StepLog())
     state = tr.init_state()  # the same initial params as the run's own (seeded)
-    batch = tr.loader.batch(0)  # step 1's batch: (grad_accum, micro-batch, seq + 1)
+    batch = tr.loader.batch(0)["tokens"]  # step 1's tokens: (grad_accum, micro-batch, seq + 1)
     logits = jax.jit(lambda p, b: tr.model(p)(b[:, :, :-1].reshape(-1, b.shape[-1] - 1)))(state.params, batch)
     log_z = np.asarray(jax.nn.logsumexp(logits, axis=-1))
     targets = np.asarray(batch[:, :, 1:]).reshape(log_z.shape)
@@ -59,8 +60,8 @@ class TanhHead(Trainer):
     """An extra loss term whose backward pass keeps one more (batch, length, vocab) float32 tensor: tanh's output."""
 
     def loss_fn(self, params, batch, rng):
-        logits = self.model(params)(batch[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        logits = self.model(params)(batch["tokens"][:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:]).mean()
         return ce + 1e-3 * jnp.mean(jnp.tanh(logits)), {}
 
 

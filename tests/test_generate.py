@@ -13,7 +13,8 @@ from tests import hf_fixtures as fx
 from tests.helpers import run_script
 
 CASES = {"gpt2": (fx.GPT2_CONFIG, fx.gpt2_tensors, fx.gpt2_forward),
-         "llama-gqa": (fx.LLAMA_CONFIG, fx.llama_tensors, fx.llama_forward)}
+         "llama-gqa": (fx.LLAMA_CONFIG, fx.llama_tensors, fx.llama_forward),
+         "qwen3": (fx.QWEN3_CONFIG, fx.llama_tensors, fx.llama_forward)}  # q/k norms, head_dim 16 in the cache
 PROMPT = np.array([[3, 7, 11, 5], [60, 2, 9, 9]], np.int32)
 
 

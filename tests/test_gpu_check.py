@@ -1,11 +1,50 @@
 """scripts/gpu_check.py: the GPU proof command runs end to end on CPU (--dry-run), never hangs, and says what it needs."""
+import importlib
 import json
+import sys
 
 import pytest
 
 from tests.helpers import ROOT, run_script
 
 VARIANTS = ["all on device", "opt_state on host", "opt_state + activations offloaded"]
+
+
+def gpu_check():
+    """scripts/gpu_check.py as a module (its directory first on the path, as when it runs)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module("gpu_check")
+    finally:
+        sys.path.pop(0)
+
+
+def test_goals_judged_from_known_figures_and_a_failed_goal_exits_1(capsys):
+    """Known step times and bytes: the goal statuses follow from the limits, and on a GPU a failed goal is exit 1
+    naming it (a dry run's goals decide nothing)."""
+    g = gpu_check()
+    base = {"variant": "all on device", "status": "ok", "step_vs_all_device": 1.0, "compiled_device_bytes": 1000,
+            "peak_bytes_in_use": None, "opt_state_bytes_per_device": 400}
+    slow_host = {**base, "variant": "opt_state on host", "step_vs_all_device": g.GOAL_HOST_RATIO + 0.1,
+                 "compiled_device_bytes": 600}
+    goals = {x["goal"]: x for x in g.goals([], [base, slow_host], dry_run=False)}
+    assert goals["step time, opt_state on host / all on device"]["status"] == "fail"
+    assert goals["device bytes, opt_state on host (memory_analysis)"]["status"] == "pass"  # 600 <= 630
+    assert goals["device bytes, opt_state on host (memory_stats peak)"]["status"] == "n/a"
+    assert goals["MFU of llama_1b_gpu in bf16"]["status"] == "n/a"
+    fast_host = {**slow_host, "step_vs_all_device": g.GOAL_HOST_RATIO, "compiled_device_bytes": 640}
+    statuses = [x["status"] for x in g.goals([], [base, fast_host], dry_run=False)]
+    assert statuses == ["n/a", "pass", "fail", "n/a"]  # 640 > (1000 - 400) * 1.05
+
+    parts = {name: {"status": "ok"} for name in ("env", "tests", "bench", "memory")}
+    report = {"dry_run": False, "parts": parts, "goals": list(goals.values())}
+    capsys.readouterr()
+    assert g.exit_code(report, no_cuda=False) == 1
+    assert capsys.readouterr().err == "gpu_check: goal failed: step time, opt_state on host / all on device\n"
+    assert g.exit_code({**report, "dry_run": True}, no_cuda=False) == 0
+    assert g.exit_code({**report, "goals": [x for x in goals.values() if x["status"] != "fail"]}, no_cuda=False) == 0
+    assert g.exit_code({**report, "parts": {**parts, "bench": {"status": "timeout"}}, "goals": []}, no_cuda=False) == 1
+    assert g.exit_code(report, no_cuda=True) == 2
 
 
 def _report(out):
@@ -54,7 +93,8 @@ def test_dry_run_reports_every_part_with_figures(tmp_path):
     goals = {g["goal"]: g for g in rep["goals"]}
     assert goals["MFU of llama_1b_gpu in bf16"]["status"] == "n/a"
     ratio = goals["step time, opt_state on host / all on device"]
-    assert ratio["measured"] == pytest.approx(host["step_vs_all_device"]) and ratio["status"] in ("pass", "fail")
+    assert ratio["measured"] == pytest.approx(host["step_vs_all_device"])
+    assert ratio["status"] == ("pass" if ratio["measured"] <= gpu_check().GOAL_HOST_RATIO else "fail")
     assert goals["device bytes, opt_state on host (memory_analysis)"]["status"] == "pass"
     assert goals["device bytes, opt_state on host (memory_stats peak)"]["status"] == "n/a"
     assert "GOAL PASS device bytes, opt_state on host (memory_analysis)" in r.stdout

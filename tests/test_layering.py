@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("framework.config",),  # schema, loading, validation: imports no framework module
     ("framework.fileio",),  # positional reads/writes, the one atomic write
     ("framework.mesh", "framework.sharding", "framework.data", "framework.hf", "framework.collectives",
-     "framework.optimizer", "framework.distributed", "framework.preemption", "framework.goodput",
+     "framework.optimizer", "framework.distributed", "framework.handover", "framework.preemption", "framework.goodput",
      "framework.metrics", "framework.rundir", "framework.trackers"),
     ("models",),  # jax/flax, framework.config, framework.sharding only
     ("framework.memory", "framework.broadcast", "framework.pipeline"),

@@ -85,7 +85,7 @@ def test_model_offload_policy_reaches_the_hlo(scan):
     loss_for = loss_for_config(cfg, axis_sizes)
     tags = memory.model_tags(cfg, loss_for(None), base.shapes.params)
     assert tags == ["decoder_layer_input", "query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_hidden", "mlp_out"]
-    tokens = jax.ShapeDtypeStruct((16, cfg.train.seq_len + 1), jnp.int32)
+    tokens = {"tokens": jax.ShapeDtypeStruct((16, cfg.train.seq_len + 1), jnp.int32)}  # a batch: its fields
     grad = jax.grad(loss_for(memory.layer_policy(cfg, "offload", loss_for(None), base.shapes.params)))
     check = memory.verify_offload(grad, base.shapes.params, tokens)
     # 7 of the 8 tags per layer are residuals (one is only added to the residual stream, which backward never needs):

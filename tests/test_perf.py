@@ -81,7 +81,8 @@ def test_bench_json_reports_sane_fields_and_matches_reference():
     assert 0.95 < rep["xla_flops_per_step"] / rep["flops_per_step"] < 1.10
     assert rep["compile_s"] > 0 and rep["first_step_s"] > 0
     assert 0.0 <= rep["host"]["gap_free_fraction"] <= 1.0
-    assert rep["host"]["host_dispatch_s"] >= 0 and rep["host"]["host_data_s"] >= 0
+    # dispatching a step (async) takes a part of the step it starts, never more
+    assert 0 < rep["host"]["host_dispatch_s"] < s["median"] and rep["host"]["host_data_s"] >= 0
     assert rep["fit"]["steps"] == 4 and rep["fit"]["step_s_median"] > 0
     ref = rep["reference"]
     assert ref["hlo_identical"] is True  # the framework compiles to the hand-written program

@@ -44,7 +44,7 @@ def loss_and_grads(tr, params, batch):
 
     def f(p, b):
         with sharding.activation_sharding(tr.mesh, tr.activation_rules):
-            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
+            return jax.value_and_grad(lambda q: tr.loss_fn(q, {"tokens": b}, rng)[0])(p)
 
     batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
     fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))

@@ -42,7 +42,7 @@ class RecordingTrainer(Trainer):
 
     def step(self, state, batch):
         self.batches = getattr(self, "batches", [])
-        self.batches.append(hash(np.asarray(batch).tobytes()))
+        self.batches.append(hash(np.asarray(batch["tokens"]).tobytes()))
         return super().step(state, batch)
 
 

@@ -79,14 +79,18 @@ def test_candidates_adapt_accumulation_and_skip_what_the_batch_cannot_split(tmp_
     assert got == {("horizontal", (8, 1, 1), 2), ("vertical", (4, 1, 2), 4), ("vertical", (2, 2, 2), 4),
                    ("vertical", (1, 4, 2), 4)}
     # global batch 16 over 6: a batch split of 3 or 6 never divides 16, and a tensor size of 3 or 6 does not
-    # divide the 4 heads, so no layout runs on 6; each one left out is noted with why
-    assert ctl.candidates(6, 1) == [] and {d["split"] for d in ctl.dropped} == {1, 2, 3, 6}
+    # divide the 4 heads, so no layout runs on 6 (nor on 5); each one left out is noted with why, and the
+    # candidates are those over 4, the most devices a layout fits (2 left idle)
+    fewer = ctl.candidates(6, 1)
+    assert fewer and {c.n_devices for c in fewer} == {4}
+    assert {d["split"] for d in ctl.dropped if d["n_devices"] == 6} == {1, 2, 3, 6}
+    assert {d["n_devices"] for d in ctl.dropped} == {5, 6}
 
 
 def test_every_dropped_candidate_is_noted_with_its_reason(tmp_path):
     ctl = TryRunController(Trainer(small("elastic.enabled=true"), run_dir=tmp_path))  # batch 16, 4 heads, d_mlp 128
-    assert ctl.candidates(6, 1) == []
-    reasons = {(d["kind"], d["split"]): d["reason"] for d in ctl.dropped}
+    assert {c.n_devices for c in ctl.candidates(6, 1)} == {4}  # none over 6 (or 5): over 4, 2 idle
+    reasons = {(d["kind"], d["split"]): d["reason"] for d in ctl.dropped if d["n_devices"] == 6}
     # the horizontal candidate (6 replicas) cannot split the batch: noted, not silently gone
     assert reasons[("horizontal", 1)] == "train.global_batch=16 does not split over data-parallel size 6 (tensor=1)"
     assert "tensor=3 does not divide model.n_heads=4, model.n_kv_heads=4, model.d_mlp=128" in reasons[("vertical", 3)]
@@ -125,16 +129,23 @@ def test_min_devices_auto_from_the_device_budget(tmp_path):
     trainer = Trainer(base, run_dir=tmp_path)
     params = trainer.abstract.param_count * 4  # float32
     whole = 4 * params + 8  # params, grads, two AdamW moments, two int32 counts (AdamW, schedule): on one device
-    for budget, expected in ((whole, 1), (whole - 1, 2), (1, 9)):  # 9: does not fit on the 8 there are
+    for budget, expected in ((whole, 1), (whole - 1, 2)):
         cfg = small("elastic.enabled=true", f"memory.device_budget_bytes={budget}")
         assert TryRunController(Trainer(cfg, run_dir=tmp_path)).min_devices(8) == expected, budget
-    cfg = small("elastic.enabled=true", "memory.device_budget_bytes=1", "elastic.device_schedule=[[0,4]]",
+    never = small("elastic.enabled=true", "memory.device_budget_bytes=1")  # the unsplit counters alone exceed it
+    with pytest.raises(ConfigError, match=r"^elastic: the model state does not fit memory.device_budget_bytes=1 on any "
+                                          r"count up to 4096 devices$"):
+        TryRunController(Trainer(never, run_dir=tmp_path)).min_devices(8)
+    cfg = small("elastic.enabled=true", f"memory.device_budget_bytes={whole // 5}", "elastic.device_schedule=[[0,4]]",
                 "elastic.wait_timeout_s=0.5")
     tight = Trainer(cfg, run_dir=tmp_path, devices=jax.devices()[:4])
     tight.state = tight.init_state()
+    need = TryRunController(tight).min_devices(4)  # past the 4 there are: what to wait (or ask the launcher) for
+    assert need >= 5 and need == TryRunController(tight).min_devices(8)
     # after a shrink: the state is saved, the controller waits for more devices, then names the shortfall
-    with pytest.raises(ConfigError, match=r"^elastic: one model replica needs 5 devices \(elastic.min_devices=auto\), "
-                                          r"only 4 available: 1 short after waiting 0.5 s \(elastic.wait_timeout_s\)$"):
+    with pytest.raises(ConfigError, match=rf"^elastic: one model replica needs {need} devices \(elastic.min_devices=auto: "
+                                          rf"the fewest over which its state fits memory.device_budget_bytes\), only 4 "
+                                          rf"available: {need - 4} short after waiting 0.5 s \(elastic.wait_timeout_s\)$"):
         TryRunController(tight).decide(tight, 0, "test")
     assert Checkpointer(tmp_path / "checkpoints").latest_good_step() == 0
 
@@ -280,12 +291,14 @@ def test_resume_on_fewer_devices_runs_the_controller_at_startup(tmp_path):
                    "elastic.min_devices=2")
     assert r.returncode == 0, r.stderr[-3000:]
     (decision,) = read_log(tmp_path)
-    assert (decision["trigger"], decision["step"], decision["available_devices"]) == ("startup", saved_at, 6)
+    # the config's mesh does not fit 6 devices: a decision among the layouts that do (trigger misfit)
+    assert (decision["trigger"], decision["step"], decision["available_devices"]) == ("misfit", saved_at, 6)
     resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in resumed] == list(range(saved_at + 1, steps + 1))
-    # no layout runs on all 6 (batch 16 over 6 or 3; tensor 3 or 6 over 4 heads): the run starts on 4 of
-    # them, and the decision logs why each layout over 6 was left out
-    assert decision["candidates"] == [] and {d["split"] for d in decision["dropped"]} == {2, 3, 6}
+    # no layout runs on all 6 (batch 16 over 6 or 3; tensor 3 or 6 over 4 heads): the candidates are those over 4
+    # of them, and the decision logs why each layout over 6 was left out
+    assert {c["n_devices"] for c in decision["candidates"]} <= {4} and decision["idle_devices"] == 2
+    assert {d["split"] for d in decision["dropped"] if d["n_devices"] == 6} == {2, 3, 6}
     assert all(n_devices(rec["mesh"]) == 4 == decision["chosen"]["n_devices"] for rec in resumed)
     np.testing.assert_allclose([rec["loss"] for rec in resumed], [rec["loss"] for rec in rest], rtol=1e-4, atol=1e-4)
     assert len(first) == saved_at and f"done: step {steps}" in r.stdout

@@ -11,6 +11,7 @@ assembled (``framework.state.check_run``). Errors are one line; scripts exit 2 o
 from framework.config.loading import config_to_dict, load_config, parse_override
 from framework.config.schema import (DTYPES, HOST_OPTIMIZERS, TOKEN_METADATA, TRACKERS, VOCAB_MULTIPLE, BroadcastConfig,
                                      CheckpointConfig, Config, ConfigError, DataConfig, ElasticConfig, LoggingConfig,
-                                     MemoryConfig, MeshConfig, ModelConfig, OptimizerConfig, ShardingConfig, TrainConfig)
+                                     MemoryConfig, MeshConfig, ModelConfig, MoEConfig,
+                                      OptimizerConfig, ShardingConfig, TrainConfig)
 from framework.config.validation import warnings
 

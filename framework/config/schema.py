@@ -21,6 +21,29 @@ TRACKERS = ("jsonl", "tensorboard", "wandb")  # logging.trackers: where metrics 
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (models/moe.py): ``n_experts`` 0 keeps every layer a dense MLP.
+
+    Layer i (0-based) is an MoE layer when (i + 1) % ``every`` == 0 (Qwen3-MoE's ``decoder_sparse_step``);
+    with ``model.scan_layers`` the stack is of groups of ``every`` layers. ``router: softmax_topk``: softmax over
+    all experts, the top ``top_k`` kept, renormalised to sum 1 when ``norm_topk_prob`` (Mixtral, Qwen3-MoE).
+    ``capacity_factor`` 0: dropless (grouped matmuls); > 0: each sequence gives an expert at most
+    ceil(capacity_factor * seq_len * top_k / n_experts) tokens, the rest are dropped (counted, logged).
+    """
+
+    n_experts: int = 0  # 0: no MoE layer
+    top_k: int = 2
+    d_expert_mlp: int = 0  # each expert's hidden width; 0: model.d_mlp
+    n_shared_experts: int = 0  # a dense MLP of n_shared_experts * d_expert_mlp every token goes through, beside the routed experts
+    every: int = 1
+    router: Literal["softmax_topk"] = "softmax_topk"
+    norm_topk_prob: bool = True
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss (1.0 at a perfect balance), per sequence
+    router_z_loss_weight: float = 0.0  # ST-MoE z-loss: mean logsumexp(router logits)^2
+    capacity_factor: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     name: str = "transformer"
     style: Literal["gpt", "llama"] = "gpt"
@@ -29,6 +52,9 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 8
     n_kv_heads: int = 0  # 0: same as n_heads (no grouped-query attention)
+    head_dim: int = 0  # width of one attention head; 0: d_model // n_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # llama style: biases on the q, k, v projections, none on the output (Qwen2)
+    qk_norm: bool = False  # llama style: RMSNorm over each head's q and k before RoPE (Qwen3)
     d_mlp: int = 512
     max_seq_len: int = 128
     tie_embeddings: Optional[bool] = None  # None: tied for gpt, untied for llama
@@ -39,13 +65,19 @@ class ModelConfig:
     attention: Literal["xla", "cudnn", "auto"] = "xla"
     context_attention: Literal["ring", "allgather", "auto"] = "auto"  # mesh.context > 1: models/context.py (auto: its cost model)
     gelu: Literal["tanh", "exact"] = "tanh"  # gpt style: tanh approximation (GPT-2, HF gelu_new) or exact erf (HF gelu)
-    init_from: str = ""  # a Hugging Face model dir (framework/hf.py): fresh runs start from its params
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    init_from: str = ""  # a Hugging Face model dir (framework/hf/): fresh runs start from its params
     # CNN classifier (models/cnn.py, name: cnn): square images, 3x3 convs, one 2x2 max-pool, dense layers
     image_size: int = 8
     image_channels: int = 1
     conv_channels: list[int] = field(default_factory=lambda: [16, 32])
     dense_features: list[int] = field(default_factory=lambda: [256])
     num_classes: int = 10
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """One attention head's width: ``head_dim``, or ``d_model // n_heads`` when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass
@@ -103,6 +135,9 @@ class DataConfig:
     seed: int = 0
     prefetch: int = 2
     eval_fraction: float = 0.05  # text: the corpus tail held out for evaluation; training never reads it
+    # tokens: ``eos`` gives batches segment ids and positions from the EOS after every document (attention stays
+    # inside a document, positions restart, the target after an EOS is not trained); ``auto``: eos for tokens
+    packing: Literal["auto", "none", "eos"] = "auto"
 
 
 @dataclass
@@ -153,12 +188,13 @@ class ShardingConfig:
             ["vocab", "tensor"],
             ["head_dim", None],
             ["length", None],
+            ["expert", "expert"],  # a mixture-of-experts layer's experts (models/moe.py)
             ["layers", "stage"],  # stacked layers: contiguous pieces per pipeline stage (no axis when mesh.stage=1)
         ]
     )
     activation_rules: list[list[Any]] = field(
         default_factory=lambda: [
-            ["batch", ["data", "fsdp"]],
+            ["batch", ["data", "fsdp", "expert"]],  # expert: tokens start split over it and travel to their experts
             ["length", "context"],  # context parallelism: the sequence split (no axis when mesh.context=1)
             ["embed", None],
             ["mlp", "tensor"],

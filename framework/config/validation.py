@@ -6,7 +6,7 @@ rules, stage divisibility) live with that concern and are called by ``framework.
 from __future__ import annotations
 
 from framework.config.schema import (DTYPES, HOST_OPTIMIZERS, TRACKERS, Config, ConfigError, ElasticConfig, LoggingConfig,
-                                     OptimizerConfig)
+                                     ModelConfig, OptimizerConfig)
 
 
 def validate(cfg: Config) -> None:
@@ -30,8 +30,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.prefetch={cfg.data.prefetch}: expected an integer >= 0 (0: no prefetch)")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction}: expected a fraction in [0, 1)")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    validate_attention(m)
+    validate_packing(cfg)
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         raise ConfigError(f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
@@ -50,6 +50,7 @@ def validate(cfg: Config) -> None:
         if t.grad_accum not in (1, t.global_batch // t.micro_batch):
             raise ConfigError(f"train.micro_batch={t.micro_batch} and train.grad_accum={t.grad_accum} disagree; set one of them")
     validate_memory(cfg)
+    validate_moe(cfg)
     names = cfg.mesh.axis_names
     if len(names) != 3 or len(set(names)) != 3:
         raise ConfigError(f"mesh.axis_names={names}: expected three distinct names")
@@ -61,6 +62,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: expected a number >= 0 (0: off)")
     validate_elastic(cfg.elastic)
     validate_logging(cfg.logging, t.steps)
+
+
+def validate_attention(m: ModelConfig) -> None:
+    """The head width, and the llama-style attention options (gpt style already has every bias and no q/k norm)."""
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim={m.head_dim}: expected a positive integer or 0 (d_model // n_heads)")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} "
+                          "(or set model.head_dim)")
+    if m.style == "llama" and m.resolved_head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.resolved_head_dim}: RoPE rotates pairs; expected an even head width")
+    for key in ("qkv_bias", "qk_norm"):
+        if getattr(m, key) and m.style != "llama":
+            raise ConfigError(f"model.{key}=true needs model.style=llama (got model.style={m.style})")
 
 
 def validate_logging(log: LoggingConfig, steps: int) -> None:
@@ -90,6 +105,41 @@ def validate_memory(cfg: Config) -> None:
         raise ConfigError(f"memory.regrow_after_steps={mem.regrow_after_steps}: expected a non-negative integer")
     if mem.nvme_chunk_bytes < 4:
         raise ConfigError(f"memory.nvme_chunk_bytes={mem.nvme_chunk_bytes}: expected bytes >= 4 (one float32)")
+
+
+def validate_moe(cfg: Config) -> None:
+    """``model.moe``: the expert count, top-k and layer pattern, and an expert axis that splits the experts evenly."""
+    m, e, expert = cfg.model, cfg.model.moe, cfg.mesh.expert
+    if e.n_experts < 0:
+        raise ConfigError(f"model.moe.n_experts={e.n_experts}: expected an integer >= 0 (0: dense MLPs only)")
+    if e.n_experts == 0:
+        if expert not in (1, -1):
+            raise ConfigError(f"mesh.expert={expert} needs a mixture-of-experts model (model.moe.n_experts > 0)")
+        return
+    if not 1 <= e.top_k <= e.n_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k}: expected 1 <= top_k <= model.moe.n_experts={e.n_experts}")
+    if not 1 <= e.every <= m.n_layers:
+        raise ConfigError(f"model.moe.every={e.every} leaves no MoE layer in model.n_layers={m.n_layers} "
+                          "(layer i is MoE when (i + 1) % every == 0)")
+    if m.scan_layers and m.n_layers % e.every:
+        raise ConfigError(f"model.moe.every={e.every} does not divide model.n_layers={m.n_layers} "
+                          "(model.scan_layers stacks groups of `every` layers)")
+    for key in ("d_expert_mlp", "n_shared_experts", "capacity_factor", "aux_loss_weight", "router_z_loss_weight"):
+        if getattr(e, key) < 0:
+            raise ConfigError(f"model.moe.{key}={getattr(e, key)}: expected a value >= 0")
+    if m.name != "transformer":
+        raise ConfigError(f"model.moe.n_experts={e.n_experts} needs model.name=transformer, got {m.name}")
+    if expert == 0 or expert < -1 or (expert > 1 and e.n_experts % expert):
+        raise ConfigError(f"mesh.expert={expert} does not divide model.moe.n_experts={e.n_experts}")
+
+
+def check_expert_axis(cfg: Config, axis_sizes) -> None:
+    """The ``expert`` axis of a built mesh (``mesh.expert=-1`` is filled from the device count) divides the experts."""
+    size = axis_sizes.get("expert", 1)
+    if size > 1 and cfg.model.moe.n_experts % size:
+        raise ConfigError(f"mesh.expert={cfg.mesh.expert} (filled to {size}) does not divide model.moe.n_experts="
+                          f"{cfg.model.moe.n_experts}" if cfg.mesh.expert == -1 else
+                          f"mesh.expert={size} does not divide model.moe.n_experts={cfg.model.moe.n_experts}")
 
 
 def validate_pipeline(cfg: Config) -> None:
@@ -156,3 +206,14 @@ def validate_elastic(e: ElasticConfig) -> None:
     steps = [entry[0] for entry in e.device_schedule]
     if steps != sorted(set(steps)):
         raise ConfigError(f"elastic.device_schedule: steps {steps} must be strictly increasing")
+
+
+def validate_packing(cfg: Config) -> None:
+    """``data.packing: eos`` needs documents (a token store); segment ids do not travel through pipeline stages."""
+    d = cfg.data
+    if d.packing == "eos" and d.source != "tokens":
+        raise ConfigError(f"data.packing=eos: data.source={d.source} has no documents (only data.source=tokens); "
+                          "use data.packing=none")
+    if d.source == "tokens" and d.packing != "none" and cfg.mesh.stage > 1:
+        raise ConfigError(f"data.packing={d.packing}: packed documents are not supported with mesh.stage="
+                          f"{cfg.mesh.stage} (pipeline stages carry no segment ids); set data.packing=none")

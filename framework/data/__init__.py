@@ -5,7 +5,9 @@
   tokens.py     the grain pipeline of a token store's training windows (``data.source: tokens``)
   tokenizer.py  Hugging Face ``tokenizers``: load a tokenizer.json, or train a byte-level BPE
   prepare.py    documents -> tokens -> shards + metadata.json (scripts/prepare_data.py)
-  loader.py     BatchLoader (a process's rows -> global jax.Array) and Prefetcher (grain)
+  loader.py     BatchLoader (a process's rows -> global jax.Arrays) and Prefetcher (grain)
+  batch.py      what a batch holds (tokens, segment_ids, positions, loss_mask), ``data.packing``, ``batch_fields``
+  sft.py        prompt/completion and chat-message jsonl -> tokens and a loss mask (prepare_data.py --sft)
 
 Names are imported on first use (PEP 562), so scripts/prepare_data.py loads neither jax nor grain.
 """
@@ -16,7 +18,8 @@ import importlib
 _EXPORTS = {
     "BatchLoader": "loader", "Prefetcher": "loader",
     "make_source": "sources", "SPLITS": "sources", "TextSource": "sources", "SyntheticSource": "sources",
-    "ImageSource": "sources", "TokenSource": "tokens", "TokenStore": "store",
+    "ImageSource": "sources", "TokenSource": "tokens", "TokenStore": "store", "batch_fields": "batch",
+    "packing_of": "batch",
 }
 __all__ = sorted(_EXPORTS)
 

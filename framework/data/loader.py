@@ -1,6 +1,7 @@
 """From a source's rows to global batches: each process builds the rows its devices hold.
 
-Batches have shape (grad_accum, micro_batch, seq_len + 1): micro-batches are the leading
+A batch is a dict of fields (framework/data/batch.py: tokens, and segment ids, positions, a loss mask
+where the source has them), each (grad_accum, micro_batch, seq_len + 1): micro-batches are the leading
 axis so each one is spread over all data-parallel devices. Row r of micro-batch a is
 global row a*M + r of the batch's position, whatever the mesh or the number of processes,
 so a global batch stays a pure function of (seed, position).
@@ -18,8 +19,9 @@ from jax.sharding import NamedSharding
 class BatchLoader:
     """Builds this process's rows of batch ``position`` and assembles the global jax.Array.
 
-    ``sharding`` is the NamedSharding of the (accum, micro, seq+1) batch; the rows a process
+    ``sharding`` is the NamedSharding of each (accum, micro, seq+1) field; the rows a process
     builds are those its addressable devices hold, so the same code runs on one host or many.
+    ``fields``: the batch's keys (the source's ``batch_fields``).
     """
 
     def __init__(self, source, global_batch: int, grad_accum: int, sharding: NamedSharding):
@@ -29,19 +31,20 @@ class BatchLoader:
         lo = min(idx[1].start or 0 for idx in index_map.values())
         hi = max(idx[1].stop or self.global_shape[1] for idx in index_map.values())
         self.micro_rows = slice(lo, hi)
+        self.fields = tuple(source.batch_fields)
 
-    def host_batch(self, position: int) -> np.ndarray:
-        """This process's part: (accum, local micro rows, seq+1); row r of micro-batch a is global row a*M + r."""
+    def host_batch(self, position: int) -> dict[str, np.ndarray]:
+        """This process's part: (accum, local micro rows, seq+1) per field; row r of micro-batch a is global row a*M + r."""
         accum, micro, _ = self.global_shape
         local = np.arange(self.micro_rows.start, self.micro_rows.stop)
         row_ids = (np.arange(accum)[:, None] * micro + local[None, :]).reshape(-1)
-        rows = self.source.rows(position, row_ids, accum * micro)
-        return rows.reshape(accum, len(local), -1)
+        rows = self.source.field_rows(position, row_ids, accum * micro)
+        return {k: rows[k].reshape(accum, len(local), -1) for k in self.fields}
 
-    def to_global(self, host: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(self.sharding, host, self.global_shape)
+    def to_global(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharding, x, self.global_shape), host)
 
-    def batch(self, position: int) -> jax.Array:
+    def batch(self, position: int) -> dict[str, jax.Array]:
         return self.to_global(self.host_batch(position))
 
 
@@ -59,7 +62,7 @@ class Prefetcher:
         options = grain.ReadOptions(num_threads=depth, prefetch_buffer_size=depth)
         self._batches = iter(positions.to_iter_dataset(options))
 
-    def next(self) -> tuple[int, jax.Array]:
+    def next(self) -> tuple[int, dict[str, jax.Array]]:
         host = next(self._batches)
         pos, self.next_pos = self.next_pos, self.next_pos + 1
         return pos, self.loader.to_global(host)

@@ -1,7 +1,8 @@
 """Data sources: the rows of batch ``position``, as a pure function of (seed, position).
 
 Every source has ``seq_len`` and ``rows(position, row_ids, global_rows)``: the rows
-``row_ids`` (of ``global_rows``) of that batch, int32 (rows, seq_len + 1). Resuming at
+``row_ids`` (of ``global_rows``) of that batch, int32 (rows, seq_len + 1); and ``field_rows``, the
+same rows as the batch's fields (``batch_fields``: framework/data/batch.py), here tokens only. Resuming at
 position ``p`` replays no batch and skips none, and every process builds its own rows
 without talking to the others (framework/data/loader.py assembles them).
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from framework.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from framework.data.batch import TOKENS
 from framework.data.tokens import TokenSource
 
 MAX_CORPUS_BYTES = 16 << 20
@@ -60,7 +62,16 @@ def _rng(seed: int, position: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, position] if split == "train" else [seed, position, EVAL_STREAM])
 
 
-class TextSource:
+class TokensOnly:
+    """A source whose batches hold tokens only: no documents, no loss mask."""
+
+    batch_fields = (TOKENS,)
+
+    def field_rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> dict[str, np.ndarray]:
+        return {TOKENS: self.rows(position, row_ids, global_rows)}
+
+
+class TextSource(TokensOnly):
     """Byte-level tokens (vocab 256) from local text; windows drawn at seeded random offsets.
 
     The corpus is split once: train windows lie in its first ``1 - data.eval_fraction``,
@@ -87,7 +98,7 @@ class TextSource:
         return self.corpus[idx].astype(np.int32)
 
 
-class SyntheticSource:
+class SyntheticSource(TokensOnly):
     """Learnable synthetic tokens: arithmetic sequences with a random start and stride per row."""
 
     def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int, split: str = "train"):
@@ -101,7 +112,7 @@ class SyntheticSource:
         return ((start[:, None] + stride[:, None] * t) % self.vocab).astype(np.int32)
 
 
-class ImageSource:
+class ImageSource(TokensOnly):
     """Synthetic 10-class images for the CNN: a fixed random blob pattern per class plus pixel noise.
 
     No image set ships with the installed packages (scikit-learn's digits would need a new

@@ -10,6 +10,9 @@ process builds any row, and resume, remeshing or another process count reads the
 ``TokenWindows`` is a grain random-access source (``grain.MapDataset.source(windows)`` works);
 the loader reads it directly, one batched call per batch, because grain's per-read metrics in
 ``SourceMapDataset`` cost more than the read itself (about 1.5x the loader's CPU time, measured).
+
+``field_rows`` adds the fields of framework/data/batch.py: segment ids and positions from the EOS tokens
+(``data.packing: eos``, the default for a store), and a fine-tuning store's loss mask, read beside the tokens.
 """
 from __future__ import annotations
 
@@ -17,6 +20,14 @@ import grain
 import numpy as np
 
 from framework.config import ConfigError, DataConfig
+from framework.data.batch import (
+    LOSS_MASK,
+    POSITIONS,
+    SEGMENT_IDS,
+    TOKENS,
+    eos_segments,
+    packing_of,
+)
 from framework.data.store import TokenStore
 
 
@@ -33,11 +44,12 @@ class TokenWindows:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.read([index])[0]
 
-    def read(self, indices) -> np.ndarray:
-        """Windows ``indices`` as one (len(indices), seq_len + 1) int32 array; each row read straight from its shard."""
-        out = np.empty((len(indices), self.seq_len + 1), self.store.dtype)
+    def read(self, indices, mask: bool = False) -> np.ndarray:
+        """Windows ``indices`` as one (len(indices), seq_len + 1) int32 array; each row read straight from its shard
+        (``mask``: the windows of the store's loss mask)."""
+        out = np.empty((len(indices), self.seq_len + 1), np.uint8 if mask else self.store.dtype)
         for row, i in zip(out, indices):
-            self.store.read(int(i) * self.seq_len, self.seq_len + 1, out=row)
+            self.store.read(int(i) * self.seq_len, self.seq_len + 1, out=row, mask=mask)
         return out.astype(np.int32)
 
     def __repr__(self) -> str:
@@ -63,8 +75,24 @@ class TokenSource:
                               f"train.seq_len+1={seq_len + 1}" + (" (prepare it with a larger --eval-fraction, or set "
                                                                   "train.eval_every=0)" if split == "eval" else ""))
         self.order = grain.MapDataset.range(len(self.windows)).shuffle(seed=cfg.seed).repeat()  # element -> window
+        self.packed = packing_of(cfg) == "eos"
+        self.batch_fields = ((TOKENS,) + ((SEGMENT_IDS, POSITIONS) if self.packed else ())
+                             + ((LOSS_MASK,) if self.store.has_mask else ()))
 
-    def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
+    def _windows(self, position: int, row_ids: np.ndarray, global_rows: int) -> list[int]:
         elements = position * global_rows + np.asarray(row_ids, dtype=np.int64)
         # grain's batched access (_getitems, what its own batching calls): one call for this process's rows
-        return self.windows.read(self.order._getitems(elements.tolist()))
+        return self.order._getitems(elements.tolist())
+
+    def rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> np.ndarray:
+        return self.windows.read(self._windows(position, row_ids, global_rows))
+
+    def field_rows(self, position: int, row_ids: np.ndarray, global_rows: int) -> dict[str, np.ndarray]:
+        """The rows as the batch's fields (framework/data/batch.py)."""
+        windows = self._windows(position, row_ids, global_rows)
+        out = {TOKENS: self.windows.read(windows)}
+        if self.packed:
+            out[SEGMENT_IDS], out[POSITIONS] = eos_segments(out[TOKENS], self.store.eos_id)
+        if self.store.has_mask:
+            out[LOSS_MASK] = self.windows.read(windows, mask=True)
+        return out

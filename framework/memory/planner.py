@@ -20,6 +20,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from framework import pipeline, sharding
 from framework.config import Config, ConfigError, MemoryConfig
+from framework.data.batch import batch_fields
 from framework.memory.policy import (ACTIVATION_MODES, CATEGORIES, DEVICE, HOST, KINDS, NVME, Placement,
                                      PlacementPolicy, has_auto, layer_policy)
 
@@ -193,7 +194,7 @@ def state_needs(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_axes
         params=params,
         grads=params * (2 if grad_accum > 1 else 1),  # the gradient, plus the accumulator across micro-batches
         opt_state=sharding.bytes_per_device(abstract.shapes.opt_state, abstract.specs.opt_state, axis_sizes),
-        batch=grad_accum * -(-micro // dp) * (t.seq_len + 1) * 4,
+        batch=grad_accum * -(-micro // dp) * (t.seq_len + 1) * 4 * len(batch_fields(cfg.data)),
         activations={},
         activation_source="",
         params_compute=sharding.bytes_per_device(compute, abstract.specs.params, axis_sizes),
@@ -212,14 +213,15 @@ def estimate_needs(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_a
     t = cfg.train
     micro = t.global_batch // grad_accum
     dp = math.prod(axis_sizes[a] for a in batch_axes)
-    tokens = jax.ShapeDtypeStruct((micro, t.seq_len + 1), jnp.int32)
+    field = jax.ShapeDtypeStruct((micro, t.seq_len + 1), jnp.int32)
+    batch = {k: field for k in batch_fields(cfg.data)}  # the fields the run's batches hold (segment ids: masks)
     activations = {}
     params = abstract.shapes.params
     seq_shards, traced_as = context_split(cfg, axis_sizes)
     with traced_as:
         for mode in ACTIVATION_MODES:
             loss = loss_for(layer_policy(cfg, mode, loss_for(None), params))
-            activations[mode] = residual_bytes(loss, params, tokens, micro_batch=micro, batch_shards=dp,
+            activations[mode] = residual_bytes(loss, params, batch, micro_batch=micro, batch_shards=dp,
                                                n_devices=math.prod(axis_sizes.values()), seq_len=t.seq_len,
                                                seq_shards=seq_shards)
     return dataclasses.replace(

@@ -19,6 +19,7 @@ import jax.extend
 import jax.numpy as jnp
 
 from framework.config import HOST_OPTIMIZERS, Config, ConfigError, MemoryConfig
+from framework.data.batch import batch_fields
 
 CATEGORIES = ("params", "grads", "opt_state", "activations", "batch")
 
@@ -174,8 +175,8 @@ def activation_policy(mode: str, per_name: Mapping[str, str], tagged: Sequence[s
 
 def model_tags(cfg: Config, loss: Callable, params, micro_batch: int = 1) -> list[str]:
     """The ``checkpoint_name`` tags ``loss(params, batch)`` applies (the run's own objective: ``Trainer.loss_for``)."""
-    tokens = jax.ShapeDtypeStruct((micro_batch, cfg.train.seq_len + 1), jnp.int32)
-    return tagged_names(loss, params, tokens)
+    field = jax.ShapeDtypeStruct((micro_batch, cfg.train.seq_len + 1), jnp.int32)
+    return tagged_names(loss, params, {k: field for k in batch_fields(cfg.data)})
 
 
 def model_options(remat_policy: Callable | None, stream_params: bool) -> dict:

@@ -13,8 +13,9 @@ from framework.state import TrainState
 class Evaluation:
     """``evaluate``, ``eval_step`` and ``on_eval_end`` of the Trainer."""
 
-    def eval_step(self, params, batch: jax.Array) -> dict:
-        """Metrics of one (accum, micro, seq+1) held-out batch, no gradient: the mean ``loss_fn`` of its micro-batches.
+    def eval_step(self, params, batch: dict) -> dict:
+        """Metrics of one held-out batch (fields of (accum, micro, seq+1)), no gradient: the mean ``loss_fn`` of its
+        micro-batches.
 
         The rng is fixed so that an evaluation is a pure function of params and batch.
         """

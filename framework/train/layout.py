@@ -42,8 +42,8 @@ class MeshLayout:
         if cfg.train.micro_batch != "auto":  # (auto: the micro-batch is chosen among those that split)
             self.check_batch(cfg)
         self.base_abstract = abstract_state(cfg, self.axis_sizes)  # the model as configured (no remat, no streaming)
-        self._regroup = jax.jit(lambda b, accum: b.reshape(accum, -1, b.shape[-1]), static_argnums=1,
-                                out_shardings=self.batch_sharding)
+        self._regroup = jax.jit(lambda b, accum: jax.tree.map(lambda x: x.reshape(accum, -1, x.shape[-1]), b),
+                                static_argnums=1, out_shardings=self.batch_sharding)
         # per-device bytes ``auto`` placement and ``train.micro_batch=auto`` may use
         self.memory_budget = memory.resolve_budget(cfg.memory, self.devices, cfg.train.micro_batch, monitor)
         self.placement: memory.Placement | None = None
@@ -80,9 +80,9 @@ class MeshLayout:
         source = make_source(cfg.data, cfg.train, cfg.model.vocab_size, model=cfg.model, split=split)
         return BatchLoader(source, cfg.train.global_batch, cfg.train.grad_accum, self.batch_sharding)
 
-    def regroup(self, batch: jax.Array, grad_accum: int) -> jax.Array:
-        """A batch cut into another number of micro-batches (the micro-batch changed after it was built)."""
-        return batch if batch.shape[0] == grad_accum else self._regroup(batch, grad_accum)
+    def regroup(self, batch: dict, grad_accum: int) -> dict:
+        """A batch (every field) cut into another number of micro-batches (the micro-batch changed after it was built)."""
+        return batch if jax.tree.leaves(batch)[0].shape[0] == grad_accum else self._regroup(batch, grad_accum)
 
     # ------------------------------------------------------------------ a placement on this mesh
 
@@ -138,9 +138,11 @@ class MeshLayout:
                                 about, host)
 
     def abstract_inputs(self, global_batch: int, seq_len: int, grad_accum: int) -> tuple:
-        """The step's arguments as ShapeDtypeStructs on their shardings: the state, a batch of ``grad_accum`` micro-batches."""
-        batch = jax.ShapeDtypeStruct((grad_accum, global_batch // grad_accum, seq_len + 1), jnp.int32,
+        """The step's arguments as ShapeDtypeStructs on their shardings: the state, a batch of ``grad_accum`` micro-batches
+        with the training loader's fields."""
+        field = jax.ShapeDtypeStruct((grad_accum, global_batch // grad_accum, seq_len + 1), jnp.int32,
                                      sharding=self.batch_sharding)
+        batch = {k: field for k in self.loader.fields}
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract.shapes,
                              self.state_shardings)
         return state, batch

@@ -4,7 +4,8 @@ their steps with, so that their samples/s compare fairly.
 Batches come from the prefetcher; each step is dispatched before the previous one's metrics are fetched,
 so dispatch never waits on the host. A step's seconds are the interval between two arrivals of metrics,
 the first one's from when its batch is ready (the prefetcher's start-up is no step's: a loop's first step
-is timed as any other, so a one-step try-run compares with live steps).
+is timed as any other, so a one-step try-run compares with live steps). A step that runs out of device memory
+where it cannot be retried in place (its metrics fail to arrive) ends the loop with ``StepOutOfMemory``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable, Iterator
 import jax
 
 from framework.data import Prefetcher
+from framework.train.microbatch import StepOutOfMemory, out_of_memory
 
 
 @dataclasses.dataclass
@@ -43,7 +45,12 @@ def timed_steps(trainer, start: int, stop: int, stop_before: Callable[[int], boo
 
     def arrived(paused: bool) -> StepDone:
         nonlocal last_done
-        values = jax.device_get(pending[1])
+        try:
+            values = jax.device_get(pending[1])
+        except jax.errors.JaxRuntimeError as e:  # the step failed after dispatch: its donated state is gone
+            if out_of_memory(e):
+                raise StepOutOfMemory(pending[0], "device_get") from e
+            raise
         now = time.perf_counter()
         done, last_done = StepDone(pending[0], values, now - last_done, paused), now
         return done
@@ -58,7 +65,12 @@ def timed_steps(trainer, start: int, stop: int, stop_before: Callable[[int], boo
                 before_step(step)
             if step > start:
                 batch = prefetch.next()[1]
-            trainer.state, metrics = trainer.step(trainer.state, batch)
+            try:
+                trainer.state, metrics = trainer.step(trainer.state, batch)
+            except jax.errors.JaxRuntimeError as e:  # not retried in place (the state was handed over)
+                if out_of_memory(e):
+                    raise StepOutOfMemory(step, "dispatch") from e
+                raise
             if pending is not None:
                 yield arrived(paused=False)
             pending = (step, metrics)

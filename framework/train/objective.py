@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -12,14 +13,45 @@ from framework.state import abstract_state
 from models import context
 
 
+def target_weights(batch):
+    """1.0 where input ``i`` of a batch (any leading dims, fields of framework/data/batch.py) is trained on: its
+    target ``i + 1`` is in the same document (segment ids) and marked (loss mask); None when every target is."""
+    weights = None
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"]
+        weights = segments[..., 1:] == segments[..., :-1]
+    if "loss_mask" in batch:
+        marked = batch["loss_mask"][..., 1:] > 0
+        weights = marked if weights is None else weights & marked
+    return None if weights is None else weights.astype(jnp.float32)
+
+
 def next_token_loss(model, batch):
-    """Mean next-token cross-entropy of a (B, T+1) token batch; a model with its own objective (the CNN
-    classifier's ``loss``) uses that."""
+    """Mean next-token cross-entropy over the targets of a micro-batch: a dict of (B, T+1) fields
+    (framework/data/batch.py); only the targets ``target_weights`` keeps count (plus an MoE model's routing
+    losses). A model with its own objective (the CNN classifier's ``loss``) uses that, on the tokens."""
+    return loss_and_metrics(model, batch)[0]
+
+
+def loss_and_metrics(model, batch):
+    """(``next_token_loss``, metrics): an MoE model's routing losses join the loss, its ``moe/*`` metrics the dict."""
+    tokens = batch["tokens"]
     if hasattr(model, "loss"):
-        return model.loss(batch)
-    inputs, targets = context.to_layout((batch[:, :-1], batch[:, 1:]))  # the mesh's token order (zig-zag under mesh.context)
-    logits = model(inputs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return model.loss(tokens), {}
+    fields = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+              **{k: batch[k][:, :-1] for k in ("segment_ids", "positions") if k in batch}}
+    weights = target_weights(batch)
+    if weights is not None:
+        fields["weights"] = weights
+    fields = context.to_layout(fields)  # the mesh's token order (zig-zag under mesh.context)
+    out = model(fields["inputs"], **{k: fields[k] for k in ("segment_ids", "positions") if k in fields})
+    logits, routing = out if isinstance(out, tuple) else (out, {"loss": 0.0, "metrics": {}})
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, fields["targets"])
+    if weights is None:
+        loss = losses.mean()
+    else:
+        loss = (losses * fields["weights"]).sum() / jnp.maximum(fields["weights"].sum(), 1.0)
+    return loss + routing["loss"], routing["metrics"]
 
 
 def loss_for_config(cfg, axis_sizes) -> Callable:

@@ -10,6 +10,7 @@ import yaml
 from framework import rundir
 from framework.checkpoint import CheckpointError, abstract_target, warn
 from framework.config import ConfigError, config_to_dict
+from framework.fileio import atomic_write
 from framework.metrics import drop_records_after
 
 
@@ -40,7 +41,18 @@ class RunResume:
                 )
             return self.init_state()
         self.check_resume_config(ck.latest_good_step())
-        nvme = self.nvme
+        return self._restore_latest()
+
+    def restart_state(self):
+        """The state a run restarts from within its process (after a step ran out of memory with its state handed
+        over): the latest checkpoint, else the first state; the logged steps after it are dropped (to be logged again)."""
+        if self.checkpointer is not None and self.checkpointer.latest_good_step() is not None:
+            return self._restore_latest()
+        self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, 0))
+        return self.init_state()
+
+    def _restore_latest(self):
+        ck, nvme = self.checkpointer, self.nvme
         with self.goodput.span("checkpoint_restore"):
             target = abstract_target(self.abstract.shapes, self.state_shardings)
             if nvme is not None:  # the optimizer state (and master parameters) come to host memory, then go to files
@@ -50,8 +62,8 @@ class RunResume:
             if nvme is not None:
                 state = nvme.restored(state)
         # steps after the checkpoint are trained again: logged no more, and counted as replayed
-        self.goodput.replay_until = max(self.goodput.replay_until, drop_records_after(self.run_dir, step))
         print(f"checkpoint: resumed from step {step} in {ck.directory}", file=sys.stderr, flush=True)
+        self.goodput.resumed(step, drop_records_after(self.run_dir, step))
         return state
 
     def check_resume_config(self, step: int) -> None:
@@ -76,4 +88,4 @@ class RunResume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
             rundir.keep_previous(self.run_dir / "config.yaml", text)
-            (self.run_dir / "config.yaml").write_text(text)
+            atomic_write(self.run_dir / "config.yaml", text)

@@ -92,6 +92,7 @@ class Segment:
             "mesh": tr.axis_sizes,
         }
         record.update({key: float(value) for key, value in values.items() if key not in record})  # loss_fn's own metrics
+        record.setdefault("trained_tokens", float(t.global_batch * t.seq_len))  # the targets the loss counted
         if not self.records:  # the first step's time is its latency (transfers, first run); data and compile are apart
             record["compile_s"] = tr.compile_seconds
         if logged:

@@ -34,8 +34,8 @@ from framework.train.callbacks import Callback
 from framework.train.evaluation import Evaluation
 from framework.train.layout import MeshLayout
 from framework.train.loop import timed_steps
-from framework.train.microbatch import MicroBatchControl, with_grad_accum
-from framework.train.objective import next_token_loss
+from framework.train.microbatch import MicroBatchControl, StepOutOfMemory, out_of_memory, with_grad_accum
+from framework.train.objective import loss_and_metrics, target_weights
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
 from framework.train.session import RunSession
@@ -195,7 +195,7 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         """Fresh state, created directly in its shardings (no full copy on one device).
 
         With ``model.init_from`` the params are a Hugging Face checkpoint's, each read straight
-        into its device sharding (framework/hf.py); the optimizer state starts fresh. With the master
+        into its device sharding (framework/hf/); the optimizer state starts fresh. With the master
         copy on nvme the float32 params are made in host memory, written to its file, and the device
         gets them in the compute dtype.
         """
@@ -223,11 +223,12 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         graphdef = _MODEL_GRAPHDEF.get()
         return nnx.merge(self.graphdef if graphdef is None else graphdef, params)
 
-    def loss_fn(self, params, batch: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
-        """(loss, metrics) of one micro-batch (B, T+1) of tokens: mean next-token cross-entropy, no extra metrics.
+    def loss_fn(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """(loss, metrics) of one micro-batch (a dict of (B, T+1) fields, framework/data/batch.py): mean next-token
+        cross-entropy over its targets; an MoE model adds its routing losses and ``moe/*`` metrics (models/moe.py).
 
         The metrics dict's scalars are averaged over the step's micro-batches and logged with the step."""
-        return next_token_loss(self.model(params), batch), {}
+        return loss_and_metrics(self.model(params), batch)
 
     def loss_for(self, remat_policy=None):
         """``(params, batch) -> loss``: this trainer's ``loss_fn`` on the model built with ``remat_policy``
@@ -245,9 +246,10 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
 
         return loss
 
-    def train_step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """Accumulate gradients (and ``loss_fn``'s metrics) over the micro-batches on axis 0, then one optimizer update."""
-        layout, accum = self.layout, batch.shape[0]
+        layout, accum = self.layout, jax.tree.leaves(batch)[0].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
         add, mean = functools.partial(jax.tree.map, jnp.add), functools.partial(jax.tree.map, lambda g: g / accum)
         on_host = layout.placement.grads == memory.HOST
@@ -260,18 +262,20 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             return (add(grads_sum, layout.to_grads_tier(grads)), loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux)), None
 
         if accum == 1:
-            (loss, aux), grads = grad_fn(state.params, batch[0], state.rng)
+            (loss, aux), grads = grad_fn(state.params, first, state.rng)
             grads = layout.to_grads_tier(grads)
         else:
             zeros = jax.tree.map(jnp.zeros_like, layout.on_device(state.params))
             zeros = jax.device_put(zeros, layout.grad_shardings) if on_host else zeros
             aux_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                     jax.eval_shape(self.loss_fn, state.params, batch[0], state.rng)[1])
+                                     jax.eval_shape(self.loss_fn, state.params, first, state.rng)[1])
             (grads, loss, aux), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32), aux_zeros), batch)
             grads, loss, aux = mean(grads), loss / accum, jax.tree.map(lambda a: a / accum, aux)
 
         grad_norm = memory.on_host(global_norm)(grads) if on_host else optax.tree.norm(grads)
         metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(state.step)}
+        if target_weights(batch) is not None:  # packed or masked: the targets trained on (else every one, segment.py)
+            metrics["trained_tokens"] = target_weights(batch).sum()
         if layout.nvme is not None:  # memory tiers: the update streams the state from disk after this program (memory/nvme.py)
             clip = layout.nvme.clip
             clipped = grads if clip is None else clip.update(grads, optax.EmptyState())[0]
@@ -298,7 +302,7 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             grads = jax.device_put(grads, layout.device_state_shardings.params)
         return update(layout.on_device(params), grads, opt_state)
 
-    def _traced_step(self, state, batch):
+    def _traced_step(self, state, batch: dict):
         # memory tiers: pinned_host state is used where it lives (the model streams params per layer, the
         # update runs on the host), and what the step returns goes back to the state's kinds
         layout, held = self.layout, state.params
@@ -310,12 +314,13 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             state = dataclasses.replace(state, params=held)
         return layout.to_state_kinds(state), *outputs
 
-    def step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One train step, following the device's memory (framework/train/microbatch.py).
 
-        With free memory under ``memory.headroom_bytes``, or when the step fails with
-        RESOURCE_EXHAUSTED, it is recompiled with a smaller micro-batch (more accumulation, the
-        same global batch) and run from the same state; the batch is regrouped to match.
+        With free memory under ``memory.headroom_bytes``, or when the step fails at dispatch with
+        RESOURCE_EXHAUSTED and its donated state is intact, it is recompiled with a smaller micro-batch (more
+        accumulation, the same global batch, the micro-batch all processes agree on) and run from the same state;
+        the batch is regrouped to match. (A failure after the state was handed over: ``_fit`` restarts.)
         """
         self._follow_memory(state)
         while True:
@@ -326,8 +331,9 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
                 layout.steps.ran.add(accum)
                 return outputs if layout.nvme is None else layout.nvme.apply(*outputs)
             except jax.errors.JaxRuntimeError as e:  # the donated state is intact if the step never started
-                if "RESOURCE_EXHAUSTED" not in str(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) \
-                        or not self._shrink_micro_batch(state, "the step ran out of device memory (RESOURCE_EXHAUSTED)"):
+                if not out_of_memory(e) or any(x.is_deleted() for x in jax.tree.leaves(state)) or not \
+                        self._shrink_after_oom(int(jax.device_get(state.step)),
+                                               "the step ran out of device memory (RESOURCE_EXHAUSTED at dispatch)"):
                     raise
 
     # ------------------------------------------------------------------ hooks
@@ -353,7 +359,17 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             return self._fit(total)
 
     def _fit(self, total: int) -> list[dict]:
-        """One segment: from the state's step to ``total``, or to a stop (a preemption, a try-run trigger)."""
+        """One segment: from the state's step to ``total``, or to a stop (a preemption, a try-run trigger). A step
+        that runs out of memory after its state was handed over restarts it smaller (microbatch.py)."""
+        while True:
+            try:
+                return self._segment(total)
+            except StepOutOfMemory as e:
+                if not self._shrink_after_oom(e.step, f"{e}; the run restarts from its latest checkpoint (or its first state)"):
+                    raise
+                self.state = self.restart_state()
+
+    def _segment(self, total: int) -> list[dict]:
         if self.state is None:
             self.state = self.restore_or_init()
         start = int(jax.device_get(self.state.step))
@@ -376,7 +392,6 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             raise preemption.Preempted(run.preempted_at, preemption.received(),
                                        self.checkpointer.directory if self.checkpointer is not None else None)
         return run.records
-
 
 def enable_compilation_cache(path: str) -> None:
     """Persist compiled executables under ``path``: a restarted or repeated run skips compilation.

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import jax
 
 from framework.config import Config, ConfigError, config_to_dict
-from framework.distributed import from_primary, spread_over_processes
+from framework.distributed import from_primary, share_over_processes
 from framework.tryrun.decision import Decision, Seconds, devices_to_use, log_decision, max_useful_devices
 from framework.tryrun.devices import at_most, devices_at, fewest_devices_holding_state, wait_until_enough
 from framework.tryrun.layouts import Gates, Layout, with_layout
@@ -58,6 +58,9 @@ class TryRunController:
         self._trainers = {self._key(trainer): trainer}  # compiled steps kept: returning to a mesh costs no compile
         self._seen_available = len(trainer.devices)
         self._start = StartState(self.checkpoints, 0)  # a decision's state: see starting_from
+        # why the configured mesh did not fit the devices at start (startup.elastic_trainer): the run starts with
+        # a decision among the layouts that do
+        self.misfit: str | None = getattr(trainer, "start_misfit", None)
 
     # ------------------------------------------------------------------ extension points
 
@@ -106,7 +109,7 @@ class TryRunController:
 
     def trainer_for(self, layout: Layout, devices: Sequence[jax.Device]):
         """A Trainer of the same class and config on ``layout`` (cached with its compiled step)."""
-        devices = spread_over_processes(devices, layout.n_devices)
+        devices = share_over_processes(devices, layout.n_devices)
         key = tuple(d.id for d in devices), tuple(layout.mesh.items()), layout.grad_accum
         if key not in self._trainers:
             made = type(self.trainer)(with_layout(self.cfg, layout), run_dir=self.trainer.run_dir, devices=devices)
@@ -127,6 +130,8 @@ class TryRunController:
         return self.elastic.trigger == "every_n_steps" and step > 0 and step % self.elastic.every_n_steps == 0
 
     def _reason(self, step: int, at_start: bool) -> str:
+        """What triggered a decision: ``misfit`` (the configured mesh did not fit the devices at start) is given by
+        ``_fit`` itself."""
         if len(self.available_devices(step)) != self._seen_available:
             return "device_change"
         return "startup" if at_start else self.elastic.trigger
@@ -146,8 +151,10 @@ class TryRunController:
         if trainer.state is None:
             moved_at = start_or_resume(trainer, self.checkpoints, self.resume_step(), total)
         start = moved_at if moved_at is not None else int(jax.device_get(trainer.state.step))
-        if start < total and (moved_at is not None or self.elastic.trigger == "startup" or self.triggered(start)):
-            trainer = self.decide(trainer, start, "startup" if moved_at is not None else self._reason(start, at_start=True))
+        if start < total and (self.misfit or moved_at is not None or self.elastic.trigger == "startup"
+                              or self.triggered(start)):
+            reason = "misfit" if self.misfit else "startup" if moved_at is not None else self._reason(start, at_start=True)
+            trainer = self.decide(trainer, start, reason)
         records: list[dict] = []
         while True:
             records += self.run_segment(trainer, total)
@@ -230,14 +237,28 @@ class TryRunController:
             trigger=reason, step=step, available_devices=usable.available, max_devices=self.elastic.max_devices,
             min_devices=min_devices, n_devices=n, baseline=baseline, candidates=trials, dropped=self.dropped,
             chosen=chosen, adopted=adopted, threshold=self.elastic.threshold,
-            max_useful_devices=max_useful_devices(self.best_by_count, self.elastic.threshold), idle_devices=usable.idle,
+            max_useful_devices=max_useful_devices(self.best_by_count, self.elastic.threshold),
+            idle_devices=usable.idle + n - chosen.layout.n_devices, idle_reason=self.idle_reason(usable, chosen, n),
+            config_misfit=self.misfit if reason == "misfit" else None,
             state_from="checkpoint" if source is None else "live", seconds=seconds,
         ).record()
+        self.misfit = None
         self.decisions.append(record)
         log_decision(record, self.log_path)
         trainer.trackers.start(config_to_dict(self.cfg))  # (a decision at start-up comes before the first segment)
         trainer.trackers.log_tryrun(record)
         return next_trainer
+
+    def idle_reason(self, usable: Usable, chosen: Trial, n: int) -> str | None:
+        """Why devices are left idle: measured to add too little (``devices_to_use``), or no layout over more fits
+        (the reasons the layouts over all ``n`` were dropped)."""
+        reasons = []
+        if usable.idle:
+            reasons.append(f"{usable.idle} measured to add less than {self.elastic.threshold:.0%}")
+        if chosen.layout.n_devices < n:
+            why = "; ".join(dict.fromkeys(r for d in self.dropped if d["n_devices"] == n for r in d["reason"].split("; ")))
+            reasons.append(f"{n - chosen.layout.n_devices} because no layout over {n} devices fits ({why})")
+        return ", ".join(reasons) or None
 
     def save(self, trainer, step: int) -> float:
         """Save ``trainer``'s state at ``step`` (unless that step is already the latest good checkpoint), wait for
@@ -257,7 +278,7 @@ class TryRunController:
         useful = devices_to_use(self.best_by_count, self.elastic.threshold, len(usable))
         idle = len(usable) - useful
         if idle:  # more devices were measured to add less than the threshold: leave them idle
-            usable = spread_over_processes(usable, useful)
+            usable = share_over_processes(usable, useful)
         return Usable(available=len(available), devices=usable, idle=idle,
                       keeps_live=set(trainer.devices) <= set(available), runnable=set(trainer.devices) <= set(usable))
 

@@ -45,7 +45,9 @@ class Decision:
     adopted: bool
     threshold: float
     max_useful_devices: int | None
-    idle_devices: int
+    idle_devices: int  # of ``available_devices`` (at most ``max_devices``), those the chosen layout leaves idle
+    idle_reason: str | None  # why (see TryRunController.idle_reason)
+    config_misfit: str | None  # trigger "misfit": why the configured mesh did not fit the devices at start
     state_from: str  # "live" (resharded in memory) or "checkpoint"
     seconds: Seconds
 
@@ -57,7 +59,8 @@ class Decision:
             "baseline": self.baseline.record(), "candidates": [tr.record() for tr in self.candidates],
             "dropped": self.dropped, "chosen": self.chosen.record(), "adopted": self.adopted,
             "threshold": self.threshold, "max_useful_devices": self.max_useful_devices,
-            "idle_devices": self.idle_devices, "state_from": self.state_from,
+            "idle_devices": self.idle_devices, "idle_reason": self.idle_reason, "config_misfit": self.config_misfit,
+            "state_from": self.state_from,
             "seconds": dataclasses.asdict(self.seconds),
         }
 
@@ -120,9 +123,11 @@ def format_decision(d: dict) -> str:
     mesh = mesh_text(chosen["mesh"])
     verdict = (f"adopted {chosen['kind']} {mesh} on {chosen['n_devices']} devices ({chosen['improvement']:+.1%} > {d['threshold']:.0%})"
                if d["adopted"] else f"kept baseline {mesh} on {chosen['n_devices']} devices (best candidate not > {d['threshold']:.0%})")
+    if d.get("config_misfit"):
+        lines.insert(1, f"  the configured mesh does not fit: {d['config_misfit']}")
+    idle = d.get("idle_reason") or f"they added less than {d['threshold']:.0%}"  # (older records: no idle_reason)
     lines.append(f"  -> {verdict}; max useful devices so far: {d['max_useful_devices']}"
-                 + (f"; {d['idle_devices']} devices left idle (they added less than {d['threshold']:.0%})"
-                    if d.get("idle_devices") else ""))
+                 + (f"; {d['idle_devices']} devices left idle: {idle}" if d.get("idle_devices") else ""))
     lines.append(
         f"  seconds: checkpoint {s['checkpoint']:.2f}, try-runs compile {s['tryrun_compile']:.2f} + restore "
         f"{s['tryrun_restore']:.2f} + measured {s['tryrun_measured']:.2f}, restore {s['restore']:.2f}, total {s['total']:.2f}"

@@ -5,12 +5,19 @@ global batch fixed. *Horizontal* candidates are more data-parallel replicas of t
 when the device count is an integer multiple of it); *vertical* ones split the model over more devices
 (over fsdp x tensor, and, kind ``pipeline``, its stacked layers cut into more stages). A layout that
 cannot run (a tensor size that does not divide the heads, a batch that does not split) is left out
-with its reason, which the decision log records under ``dropped``.
+with its reason, which the decision log records under ``dropped``. When no layout over all the devices
+fits (16 rows over 6 devices), the layouts over the most devices that one does fit are the candidates,
+fewer data-parallel replicas with the rest of the devices left idle.
+
+``replica_axes`` says which mesh axes hold the batch's replicas (the data-parallel size a layout's batch
+must split over); a fork that replicates over other axes replaces it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+
+import jax
 
 from framework import sharding
 from framework.config import Config, ConfigError
@@ -29,6 +36,11 @@ class Layout:
     @property
     def key(self) -> tuple:
         return self.n_devices, tuple(self.mesh.items()), self.grad_accum
+
+
+def replica_axes(cfg: Config, mesh: dict[str, int]) -> tuple[str, ...]:
+    """The axes of ``mesh`` the batch is split over (its data-parallel replicas): ``sharding.batch_axes``."""
+    return tuple(sharding.batch_axes(cfg.sharding.activation_rules, mesh))
 
 
 def grad_accum_for(global_batch: int, data_parallel: int, preferred: int) -> int | None:
@@ -52,12 +64,21 @@ def tensor_misfit(cfg: Config, tensor: int) -> str | None:
     return f"tensor={tensor} does not divide {', '.join(bad)}" if bad else None
 
 
+def expert_split(cfg: Config, devices: int) -> int:
+    """The ``expert`` axis size of a split over ``devices``: the largest divisor of both and of ``model.moe.n_experts``
+    (1 for a dense model), so a mixture of experts spreads its experts as far as the split allows."""
+    n = cfg.model.moe.n_experts
+    return max((e for e in range(1, devices + 1) if devices % e == 0 and n % e == 0), default=1) if n else 1
+
+
 def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | str:
-    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x tensor), or why none fits.
+    """``replicas`` data-parallel copies of the model split over ``split`` devices (fsdp x expert x tensor), or why
+    none fits.
 
     ``prefer_tensor`` (the current tensor size) is kept when it divides the split; otherwise as much
     fsdp as the global batch allows (fsdp also splits the batch). A tensor size must divide the heads,
-    KV heads and MLP width; the data-parallel size must split the global batch.
+    KV heads and MLP width; the data-parallel size must split the global batch. A mixture of experts
+    takes the ``expert`` axis out of the fsdp share (``expert_split``).
     """
     data_axis, fsdp_axis, tensor_axis = cfg.mesh.axis_names
     t = cfg.train
@@ -68,8 +89,10 @@ def plan_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: in
         if misfit is not None:
             reasons.append(misfit)
             continue
-        mesh = {data_axis: replicas, fsdp_axis: split // tensor, tensor_axis: tensor}
-        dp = math.prod(mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, mesh))
+        expert = expert_split(cfg, split // tensor)
+        mesh = {data_axis: replicas, fsdp_axis: split // tensor // expert, **({"expert": expert} if expert > 1 else {}),
+                tensor_axis: tensor}
+        dp = math.prod(mesh[a] for a in replica_axes(cfg, mesh))
         accum = grad_accum_for(t.global_batch, dp, t.grad_accum)
         if accum is not None:
             return Layout(kind, n_devices, mesh, accum)
@@ -88,7 +111,7 @@ def plan_pipeline_layout(cfg: Config, n_devices: int, replicas: int, split: int,
     found = plan_layout(cfg, "pipeline", n_devices, replicas, split // stages, prefer_tensor)
     if isinstance(found, str):
         return found
-    dp = math.prod(found.mesh[a] for a in sharding.batch_axes(cfg.sharding.activation_rules, found.mesh))
+    dp = math.prod(found.mesh[a] for a in replica_axes(cfg, found.mesh))
     accum = grad_accum_for(t.global_batch, dp * t.pipeline_microbatches, t.grad_accum)  # pieces split like the batch
     if accum is None:
         return (f"train.global_batch={t.global_batch} does not split into train.pipeline_microbatches="
@@ -114,19 +137,14 @@ def plan_context_layout(cfg: Config, n_devices: int, replicas: int, split: int) 
     return Layout("context", n_devices, mesh, accum)
 
 
-def fit_layout(cfg: Config, kind: str, n_devices: int, replicas: int, split: int, prefer_tensor: int = 1) -> Layout | None:
-    """``plan_layout``, None when nothing fits."""
-    found = plan_layout(cfg, kind, n_devices, replicas, split, prefer_tensor)
-    return found if isinstance(found, Layout) else None
-
-
 def with_layout(cfg: Config, layout: Layout) -> Config:
     """``cfg`` running on ``layout``: its mesh sizes and accumulation (a fixed micro-batch gives way; ``auto`` re-sizes)."""
     data, fsdp, tensor = (layout.mesh[a] for a in cfg.mesh.axis_names)
-    stage, context = layout.mesh.get(STAGE, 1), layout.mesh.get(CONTEXT, 1)
+    stage, expert, context = layout.mesh.get(STAGE, 1), layout.mesh.get("expert", 1), layout.mesh.get(CONTEXT, 1)
     return dataclasses.replace(
         cfg,
-        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, context=context, dcn_data=1),
+        mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, stage=stage, expert=expert,
+                                 context=context, dcn_data=1),
         train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum,
                                   micro_batch="auto" if cfg.train.micro_batch == "auto" else None),
     )
@@ -142,6 +160,21 @@ class Gates:
     dropped: list[dict]
 
     def candidates(self, n_devices: int, min_devices: int) -> list[Layout]:
+        """The layouts over ``n_devices`` (``over``); when none fits, those over the most devices one does fit
+        (the rest left idle), every count tried noted in ``dropped``."""
+        for n in self.counts(n_devices, min_devices):
+            out = self.over(n, min_devices)
+            if out:
+                return out
+        return []
+
+    @staticmethod
+    def counts(n_devices: int, min_devices: int) -> range:
+        """Device counts a decision may plan over, most first: never fewer than one model replica needs, nor than one
+        device per process (each process drives part of the mesh)."""
+        return range(n_devices, max(min_devices, jax.process_count(), 1) - 1, -1)
+
+    def over(self, n_devices: int, min_devices: int) -> list[Layout]:
         """Horizontal (n / min replicas of the minimal split) only when n is a multiple of min; vertical always."""
         out = []
         if n_devices % min_devices == 0:
@@ -183,7 +216,8 @@ class Gates:
         for split in range(min_devices + 1, n_devices + 1):
             if n_devices % split:
                 continue
-            stages = next((s for s in range(now + 1, split + 1) if split % s == 0 and m.n_layers % s == 0), None)
+            stacked = m.n_layers // m.moe.every if m.moe.n_experts else m.n_layers  # models/moe.py: groups of `every` layers
+            stages = next((s for s in range(now + 1, split + 1) if split % s == 0 and stacked % s == 0), None)
             if stages is None:
                 self.drop("pipeline", n_devices, split, f"no stage count above {now} divides the split {split} "
                           f"and model.n_layers={m.n_layers}")
@@ -196,15 +230,18 @@ class Gates:
         return out
 
     def shrunk(self, n_devices: int, min_devices: int) -> Layout:
-        """The current layout on fewer devices: same model split, fewer replicas; else the nearest split that fits."""
+        """The current layout on fewer devices: same model split, fewer replicas; else the nearest split that fits
+        (over fewer devices still when none over ``n_devices`` does)."""
         _, fsdp_axis, tensor_axis = self.cfg.mesh.axis_names
-        split = self.current.get(STAGE, 1) * self.current[fsdp_axis] * self.current[tensor_axis]
-        splits = sorted((s for s in range(min_devices, n_devices + 1) if n_devices % s == 0), key=lambda s: abs(s - split))
-        for s in splits:
-            found = self.layout("baseline", n_devices, n_devices // s, s)
-            if found is not None:
-                return found
-        raise ConfigError(f"elastic: no mesh over {n_devices} devices fits train.global_batch={self.cfg.train.global_batch}")
+        split = self.current.get(STAGE, 1) * self.current.get("expert", 1) * self.current[fsdp_axis] * self.current[tensor_axis]
+        for n in self.counts(n_devices, min_devices):  # fewer devices (the rest idle) when none over all fits
+            splits = sorted((s for s in range(min_devices, n + 1) if n % s == 0), key=lambda s: abs(s - split))
+            for s in splits:
+                found = self.layout("baseline", n, n // s, s)
+                if found is not None:
+                    return found
+        raise ConfigError(f"elastic: no mesh over {n_devices} devices or fewer fits train.global_batch="
+                          f"{self.cfg.train.global_batch}")
 
     @property
     def prefer_tensor(self) -> int:
@@ -220,3 +257,22 @@ class Gates:
 
     def drop(self, kind: str, n_devices: int, split: int, reason: str) -> None:
         self.dropped.append({"kind": kind, "n_devices": n_devices, "split": split, "reason": reason})
+
+
+def start_layout(cfg: Config, n_devices: int, min_devices: int, dropped: list[dict]) -> Layout | None:
+    """The layout an elastic run whose configured mesh does not fit ``n_devices`` starts with: of the candidates
+    (``Gates.candidates``: over the most devices that any fits), the one keeping most of the configured mesh's fixed
+    sizes, then the configured accumulation (the start-up decision then tries the others); None when none fits."""
+    m = cfg.mesh
+    fixed = {axis: size for axis, size in zip(m.axis_names, (m.data, m.fsdp, m.tensor)) if size > 0}
+    fixed[STAGE] = m.stage if m.stage > 0 else 1
+    current = {axis: max(size, 1) for axis, size in zip(m.axis_names, (m.data, m.fsdp, m.tensor))}
+    if m.stage > 1:
+        current[STAGE] = m.stage
+    layouts = Gates(cfg, current, dropped).candidates(n_devices, min_devices)
+
+    def kept(layout: Layout) -> tuple[int, int]:
+        same = sum(layout.mesh.get(axis, 1) == size for axis, size in fixed.items())
+        return same, -abs(layout.grad_accum - cfg.train.grad_accum)
+
+    return max(layouts, key=kept, default=None)

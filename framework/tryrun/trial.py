@@ -119,14 +119,23 @@ class StartState:
                 return state
             self.state = source = state  # the source of the layouts that follow
         if not fresh:
-            return jax.device_put(source, trainer.state_shardings)
-        return copy_buffers(source, jax.device_put(source, trainer.state_shardings, may_alias=False))
+            return reshard(source, trainer.state_shardings)
+        return copy_buffers(source, reshard(source, trainer.state_shardings, may_alias=False))
 
     def timed_on(self, trainer, fresh: bool) -> tuple[Any, float]:
         """``on``, ready, and the seconds it took."""
         t0 = time.perf_counter()
         state = jax.block_until_ready(self.on(trainer, fresh))
         return state, time.perf_counter() - t0
+
+
+def reshard(state, shardings, may_alias: bool | None = None):
+    """``state`` on ``shardings``, the same values bit for bit: in one process ``jax.device_put``; across processes
+    one jitted program that every process runs (an earlier attempt at uneven per-process shares saw
+    ``jax.device_put`` hang there)."""
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings, may_alias=may_alias)
+    return jax.jit(lambda s: s, out_shardings=shardings)(state)
 
 
 def can_reshard(state, devices: Sequence[jax.Device]) -> bool:

@@ -133,7 +133,8 @@ def bench(cfg, args) -> dict:
         with timing.timed() as ref_compile:
             shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   trainer.abstract.shapes, trainer.state_shardings)
-            batch = jax.ShapeDtypeStruct(trainer.loader.global_shape, jax.numpy.int32, sharding=trainer.batch_sharding)
+            batch = {"tokens": jax.ShapeDtypeStruct(trainer.loader.global_shape, jax.numpy.int32,
+                                                    sharding=trainer.batch_sharding)}
             ref_step = ref.step.lower(shapes, batch).compile()
         fw_hlo, ref_hlo = hlo_instructions(trainer.compiled_step.as_text()), hlo_instructions(ref_step.as_text())
 

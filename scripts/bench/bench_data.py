@@ -127,8 +127,8 @@ def read_side(store: str, overrides: list[str], batches: int) -> dict:
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     loader = BatchLoader(source, t.global_batch, t.grad_accum, NamedSharding(mesh, P(None, ("data", "fsdp"))))
     prefetch = Prefetcher(loader, 0, cfg.data.prefetch)  # the warm pass's positions: its pages are cached
-    prefetch.next()[1].block_until_ready()  # the pool's start is no batch's time
-    loader_rate = rates(lambda: [prefetch.next()[1].block_until_ready() for _ in range(batches)])
+    jax.block_until_ready(prefetch.next()[1])  # the pool's start is no batch's time
+    loader_rate = rates(lambda: [jax.block_until_ready(prefetch.next()[1]) for _ in range(batches)])
     prefetch.close()
     after_read = proc_status()
 

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
 
         from framework.config import load_config
         from framework.train import Trainer
-        from framework.tryrun import Layout, with_layout
+        from framework.tryrun import Layout, TryRunController, with_layout
 
         third = args.steps // 3
         cfg = load_config(args.config, [
@@ -63,8 +63,7 @@ def main(argv=None) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
         with timing.timed() as run:
-            trainer = Trainer(cfg, run_dir=run_dir)
-            trainer.fit()
+            TryRunController(Trainer(cfg, run_dir=run_dir)).fit()  # the controller owns an elastic run's loop
         whole = run.seconds
         decisions = [json.loads(line) for line in (run_dir / "tryrun.jsonl").read_text().splitlines()]
 

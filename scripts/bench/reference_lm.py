@@ -50,6 +50,8 @@ class ReferenceStep:
         m = cfg.model
         if cfg.train.grad_accum != 1:
             raise ValueError("reference step supports train.grad_accum=1 only")
+        if cfg.data.source == "tokens" and cfg.data.packing != "none":
+            raise ValueError("reference step trains on whole windows only: set data.packing=none")
         if tuple(mesh.axis_names) != ("data", "fsdp", "tensor"):
             raise ValueError(f"reference step expects mesh axes (data, fsdp, tensor), got {mesh.axis_names}")
         self.m, self.mesh = m, mesh
@@ -151,7 +153,8 @@ class ReferenceStep:
     # -------------------------------------------------------------- the step
 
     def _step(self, state, batch):
-        loss, grads = jax.value_and_grad(self._loss)(state.params, batch[0])
+        """``batch``: the framework's batch dict; the reference reads its tokens only."""
+        loss, grads = jax.value_and_grad(self._loss)(state.params, batch["tokens"][0])
         grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,47 @@
+"""The out-of-memory retry on a real allocation failure: XLA:CPU under an address-space limit returns
+RESOURCE_EXHAUSTED (at device_get: the step runs asynchronously), the run restarts at half the micro-batch and
+trains the losses of a run started there; processes agree on the smallest micro-batch any of them asks for."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+WORKER = str(ROOT / "tests" / "oom_worker.py")
+
+
+def worker(*args: str, launch: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # one malloc arena per thread would reserve 64 MiB of address space each: the limit is about the step
+    env.update(PYTHONPATH=str(ROOT), MALLOC_ARENA_MAX="2")
+    cmd = [sys.executable, WORKER, *args]
+    if launch:
+        cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--processes", "2",
+               "--devices-per-process", "1", "--", *cmd[1:]]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_first_micro_batch_fails_to_allocate_and_the_run_trains_as_if_started_smaller():
+    limited = worker("--micro", "16", "--limit")
+    run = json.loads(limited.stdout.splitlines()[-1])
+    assert run["temp_bytes"]["16"] > 1.8 * run["temp_bytes"]["8"]  # the limit sits between the two
+    lines = [line for line in limited.stderr.splitlines() if line.startswith("memory:")]
+    assert len(lines) == 1 and lines[0].startswith("memory: step 1: micro-batch 16 -> 8 "), limited.stderr[-3000:]
+    assert "RESOURCE_EXHAUSTED at device_get" in lines[0]
+    reference = json.loads(worker("--micro", "8").stdout.splitlines()[-1])
+    assert run["micro_batch"] == 8 and len(run["losses"]) == 3
+    np.testing.assert_allclose(run["losses"], reference["losses"], rtol=0, atol=1e-5)
+
+
+def test_two_processes_adopt_the_smallest_proposed_micro_batch():
+    r = worker("--propose", "4,2", launch=True)
+    assert "[p0] agreed 2 then 4\n" in r.stdout and "[p1] agreed 2 then 4\n" in r.stdout, r.stdout + r.stderr
