@@ -83,3 +83,18 @@ def test_tryrun_layouts_split_the_experts_where_their_count_divides():
     assert plan_layout(six, "vertical", 8, 2, 4).mesh == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
     dense = load_config(MOE_TINY, [*SMALL, "model.moe.n_experts=0", "mesh.expert=1"])
     assert plan_layout(dense, "vertical", 8, 1, 8).mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity", [0.0, 1.25])
+def test_expert_plan_all_to_all_bytes_match_the_compiled_step(capacity):
+    """The broadcast plan's MoE entry predicts the all-to-all bytes XLA compiled (collectives.count_compiled)."""
+    from framework.broadcast.experts import plan_experts
+    from framework.collectives import count_compiled
+
+    cfg = load_config(MOE_TINY, [*SMALL, f"model.moe.capacity_factor={capacity}", "model.n_layers=3"])
+    tr = Trainer(cfg)
+    tr.compile()
+    measured = count_compiled(tr.compiled_step, 8).by_kind()["all-to-all"]
+    predicted = plan_experts(cfg, tr.axis_sizes, cfg.train.global_batch).all_to_all_bytes
+    assert measured > 0 and predicted == measured
