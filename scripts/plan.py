@@ -131,8 +131,7 @@ def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict
 def print_text(report: dict) -> None:
     active = report["active_param_count"]
     per_token = "" if active == report["param_count"] else f" in all, {active:,} active per token (MoE top_k experts)"
-    print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters{per_token}; "
-          f"model FLOPs/step {report['flops_per_step']:.4g}")
+    print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters{per_token}")
     width = max(len(p["name"]) for p in report["params"])
     print(f"{'name':<{width}}  {'shape':<22} {'dtype':<9} spec")
     for p in report["params"]:
