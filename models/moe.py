@@ -170,11 +170,12 @@ def join(x, stats):
 
 
 def mlp_call(mlp, x, stats):
-    """The block's MLP on x; an MoE one also adds its routing sums to ``stats``."""
+    """The block's MLP on x; an MoE one also adds its routing sums to ``stats`` (None: a caller that runs one layer
+    alone, as the planner's ``Transformer.one_layer``, carries none)."""
     if not isinstance(mlp, MoE):
         return mlp(x), stats
     y, s = mlp.routed(x)
-    return y, stats + s
+    return y, None if stats is None else stats + s
 
 
 def finish(cfg: ModelConfig, stats, seq_len: int) -> dict:
