@@ -125,8 +125,8 @@ def store(tmp_path_factory):
 
 
 def test_the_trainer_trains_on_the_targets_of_packed_documents(store):
-    """The default for a token store: batches with segment ids and positions; the step's loss and trained-token
-    count are those of the targets counted by hand, over micro-batches."""
+    """The default for a token store: batches with segment ids and positions; the step's loss is the mean over the
+    targets counted by hand across both micro-batches (each counts by its targets), and trained_tokens their number."""
     from framework.train import Trainer
 
     cfg = tiny_config(*SMALLER, "data.source=tokens", f"data.path={store}", "model.vocab_size=auto",
@@ -138,14 +138,13 @@ def test_the_trainer_trains_on_the_targets_of_packed_documents(store):
     logits = jax.jit(lambda p, b: jax.vmap(lambda m: tr.model(p)(m["tokens"][:, :-1], segment_ids=m["segment_ids"][:, :-1],
                                                                  positions=m["positions"][:, :-1]))(b))(state.params, batch)
     logp, tokens = np.asarray(jax.nn.log_softmax(logits, -1)), batch["tokens"]
-    losses, trained = [], 0
-    for a in range(2):  # by hand: an input is trained on unless it is an EOS (its target starts the next document)
-        picked = [-logp[a, r, i, tokens[a, r, i + 1]] for r in range(8) for i in range(32) if tokens[a, r, i] != 63]
-        losses.append(np.mean(picked))
-        trained += len(picked)
+    # by hand: an input is trained on unless it is an EOS (its target starts the next document)
+    picked = [[-logp[a, r, i, tokens[a, r, i + 1]] for r in range(8) for i in range(32) if tokens[a, r, i] != 63]
+              for a in range(2)]
+    assert len(picked[0]) != len(picked[1])  # the micro-batches' means would weigh their targets unequally
     record = tr.fit()[0]
-    assert record["trained_tokens"] == trained < 16 * 32
-    np.testing.assert_allclose(record["loss"], np.mean(losses), rtol=1e-5)
+    assert record["trained_tokens"] == len(picked[0]) + len(picked[1]) < 16 * 32
+    np.testing.assert_allclose(record["loss"], np.mean(picked[0] + picked[1]), rtol=1e-5)  # the mean over all targets
 
 
 def test_packing_config_errors(store):
