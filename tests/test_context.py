@@ -36,28 +36,41 @@ def segments(batch, seq):
     return (np.arange(seq)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
 
 
-def build(*overrides):
+def build(style, *overrides):
     with nnx.use_eager_sharding(False):  # replicated parameters: the test is about the sequence split
-        return Transformer(tiny_config(*LLAMA, *overrides).model, rngs=nnx.Rngs(0))
+        return Transformer(tiny_config(*LLAMA, f"model.style={style}", *overrides).model, rngs=nnx.Rngs(0))
 
 
-def run_model(model, tokens, seg, mesh=None):
-    """Logits in true order and the gradient of a logit-weighted sum, the sequence split over ``mesh``'s context axis."""
-    weights = jnp.sin(jnp.arange(tokens.size * model.cfg.vocab_size, dtype=jnp.float32)).reshape(*tokens.shape, -1)
+def split_run(fn, mesh, *args):
+    """``fn(*args)`` (outputs with the sequence on axis 1) with the sequence split over ``mesh``'s context axis, in
+    true order again; unsplit without a mesh."""
+    if mesh is None:
+        return jax.jit(fn)(*args)
+    with sharding.activation_sharding(mesh, RULES):
+        out = jax.jit(fn)(*context.to_layout(args))
+    return jax.tree.map(lambda x: context.from_layout(x, mesh.shape["context"]) if x.ndim > 1 and x.shape[1] == T else x, out)
+
+
+def attention_and_grads(mode):
+    """Attention output and the gradients (q, k, v) of an output-weighted sum."""
+    def f(q, k, v, seg, weights):
+        out = context.attention(q, k, v, segment_ids=seg, mode=mode)
+        return out, jax.grad(lambda *a: (context.attention(*a, segment_ids=seg, mode=mode) * weights).sum(),
+                             argnums=(0, 1, 2))(q, k, v)
+    return f
+
+
+def model_logits_and_grads(model):
+    """Logits and the parameter gradient of a logit-weighted sum (parameters have no sequence axis of length T)."""
     graphdef, params = nnx.split(model)
 
-    def f(params, tokens, seg, weights):
+    def f(tokens, seg, weights):
         def loss(params):
             logits = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
             return (logits * weights).sum(), logits
-        return jax.value_and_grad(loss, has_aux=True)(params)
-
-    if mesh is None:
-        (_, logits), grads = jax.jit(f)(params, tokens, seg, weights)
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return logits, grads
-    with sharding.activation_sharding(mesh, RULES):
-        (_, logits), grads = jax.jit(f)(params, *context.to_layout((tokens, seg, weights)))
-    return context.from_layout(logits, mesh.shape["context"]), grads
+    return f
 
 
 def assert_close(got, want, tol=1e-5):
@@ -68,29 +81,41 @@ def assert_close(got, want, tol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def batch():
+def qkv():
+    """GQA: 4 query heads over 2 K/V heads; 2 rows of 3 documents each."""
     rng = np.random.default_rng(0)
-    return jnp.asarray(rng.integers(0, 256, (2, T), dtype=np.int32)), jnp.asarray(segments(2, T))
+    q, k, v, w = (jnp.asarray(rng.normal(size=(2, T, n, 8)), jnp.float32) for n in (4, 2, 2, 4))
+    return q, k, v, jnp.asarray(segments(2, T)), w
 
 
-@pytest.fixture(scope="module")
-def reference(batch):
-    tokens, seg = batch
-    model = build()
-    return {"none": run_model(model, tokens, None), "segments": run_model(model, tokens, seg)}
-
-
-CASES = [(size, "ring", segmented) for size in (2, 4, 8) for segmented in (False, True)] + [(4, "allgather", True)]
+CASES = [(size, "ring", segmented) for size in (2, 4, 8) for segmented in (False, True)]
+CASES += [(4, "allgather", segmented) for segmented in (False, True)]
 
 
 @pytest.mark.parametrize("size,mode,segmented", CASES, ids=[f"context={c},{m},{'segments' if s else 'no segments'}"
                                                             for c, m, s in CASES])
-def test_logits_and_gradients_equal_unsplit(batch, reference, size, mode, segmented):
-    tokens, seg = batch
-    logits, grads = run_model(build(f"model.context_attention={mode}"), tokens, seg if segmented else None, mesh_of(size))
-    want_logits, want_grads = reference["segments" if segmented else "none"]
-    assert_close(logits, want_logits)
-    assert_close(grads, want_grads)
+def test_attention_and_gradients_equal_unsplit(qkv, size, mode, segmented):
+    q, k, v, seg, w = qkv
+    seg = seg if segmented else None
+    want = split_run(attention_and_grads(mode), None, q, k, v, seg, w)
+    assert_close(split_run(attention_and_grads(mode), mesh_of(size), q, k, v, seg, w), want)
+
+
+@pytest.mark.parametrize("style,size,segmented", [("llama", 8, True), ("gpt", 4, False)])
+def test_model_logits_and_gradients_equal_unsplit(style, size, segmented):
+    """The whole model, its sequence split: RoPE (llama) and learned positions (gpt) read the true positions."""
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, T), dtype=np.int32))
+    seg = jnp.asarray(segments(2, T)) if segmented else None
+    weights = jnp.sin(jnp.arange(2 * T * 256, dtype=jnp.float32)).reshape(2, T, 256)
+    model = build(style, "model.context_attention=ring")
+    want = split_run(model_logits_and_grads(model), None, tokens, seg, weights)
+    got = split_run(model_logits_and_grads(model), mesh_of(size), tokens, seg, weights)
+    assert_close(got, want)
+    if segmented:  # a document of the packed row gives the logits it has run alone (RoPE is relative)
+        start, stop = T // 4, T // 2
+        alone = jax.jit(model)(tokens[:1, start:stop])
+        np.testing.assert_allclose(got[0][0, start:stop], alone[0], atol=1e-5)
 
 
 # ------------------------------------------------------------------ the Trainer's step on meshes with other axes
@@ -117,21 +142,20 @@ def loss_and_grads(tr, params, batch):
     return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
 
 
+SCANNED = ["model.scan_layers=true", "model.n_layers=2"]  # every case compares with one reference trainer
 MESHES = {
     "context=2,data=2,tensor=2": ["mesh.context=2", "mesh.data=2", "mesh.tensor=2", "mesh.fsdp=1"],
-    "context=2,stage=2,fsdp=2": ["mesh.context=2", "mesh.stage=2", "mesh.fsdp=2", "model.scan_layers=true",
-                                 "model.n_layers=2", "train.pipeline_microbatches=2"],
+    "context=2,stage=2,fsdp=2": ["mesh.context=2", "mesh.stage=2", "mesh.fsdp=2", "train.pipeline_microbatches=2"],
 }
 
 
 @pytest.mark.parametrize("name", list(MESHES))
 def test_trainer_loss_and_gradients_equal_one_device(name):
-    extra = ["model.scan_layers=true", "model.n_layers=2"] if "stage" in name else []
-    ref = trainer("mesh.fsdp=1", *extra, n=1)
+    ref = trainer("mesh.fsdp=1", *SCANNED, n=1)
     params = jax.device_get(ref.init_state().params)
     batch = {"tokens": np.random.default_rng(1).integers(0, 256, (4, T + 1), dtype=np.int32)}
     want_loss, want_grads = loss_and_grads(ref, params, batch)
-    loss, grads = loss_and_grads(trainer(*MESHES[name]), params, batch)
+    loss, grads = loss_and_grads(trainer(*SCANNED, *MESHES[name]), params, batch)
     assert abs(loss - want_loss) < 1e-5
     assert_close(grads, want_grads)
 
