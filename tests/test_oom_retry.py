@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from framework.collectives import count_compiled
+from framework.train import Trainer
+from tests.helpers import ROOT, tiny_config
 
 WORKER = str(ROOT / "tests" / "oom_worker.py")
 
@@ -45,3 +48,21 @@ def test_first_micro_batch_fails_to_allocate_and_the_run_trains_as_if_started_sm
 def test_two_processes_adopt_the_smallest_proposed_micro_batch():
     r = worker("--propose", "4,2", launch=True)
     assert "[p0] agreed 2 then 4\n" in r.stdout and "[p1] agreed 2 then 4\n" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_broadcast_plan_is_remade_for_the_smaller_micro_batch():
+    """Micro-batch 16 plans most layers in kernel mode, 8 in map mode (the feature maps halve): after the shrink
+    the step compiled for 8 moves what a run started at 8 moves, and the state's layout is unchanged."""
+    model = ("model.n_layers=2", "model.d_model=192", "model.d_mlp=768", "train.seq_len=16", "model.max_seq_len=16",
+             "data.source=synthetic", "broadcast.mode=auto", "train.global_batch=16")
+    shrunk = Trainer(tiny_config(*model, "train.micro_batch=16", steps=2))
+    specs = shrunk.abstract.specs
+    assert shrunk._shrink_after_oom(0, "a test") and shrunk.micro_batch == 8
+    started = Trainer(tiny_config(*model, "train.micro_batch=8", steps=2))
+    assert shrunk.broadcast_plan.modes() == started.abstract.broadcast_plan.modes() != \
+        shrunk.abstract.broadcast_plan.modes()  # (the plan made at the start, for 16)
+    assert set(started.abstract.broadcast_plan.modes().values()) == {"map"}
+    assert shrunk.abstract.specs == specs
+    by_layer = {name: count_compiled(t.compiled_step, jax.device_count()).by_layer() for name, t in
+                (("shrunk", shrunk), ("started", started))}
+    assert by_layer["shrunk"] == by_layer["started"], by_layer
