@@ -1,6 +1,7 @@
 """The out-of-memory retry on a real allocation failure: XLA:CPU under an address-space limit returns
 RESOURCE_EXHAUSTED (at device_get: the step runs asynchronously), the run restarts at half the micro-batch and
-trains the losses of a run started there; processes agree on the smallest micro-batch any of them asks for."""
+trains the losses of a run started there; processes agree on the smallest micro-batch any of them asks for; the
+broadcast plan follows the new micro-batch."""
 from __future__ import annotations
 
 import json
@@ -34,11 +35,15 @@ def worker(*args: str, launch: bool = False) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_first_micro_batch_fails_to_allocate_and_the_run_trains_as_if_started_smaller():
-    limited = worker("--micro", "16", "--limit")
-    run = json.loads(limited.stdout.splitlines()[-1])
+    """Two real processes (gloo), each under its own limit: both steps fail at device_get, both processes adopt 8
+    (agreed through the key-value store), and both train the losses of one process started at 8."""
+    limited = worker("--micro", "16", "--limit", launch=True)
+    runs = [json.loads(line.split("] ", 1)[1]) for line in limited.stdout.splitlines() if line.startswith("[p") and "{" in line]
+    assert len(runs) == 2 and runs[0] == runs[1], limited.stdout[-3000:]
+    run = runs[0]
     assert run["temp_bytes"]["16"] > 1.8 * run["temp_bytes"]["8"]  # the limit sits between the two
-    lines = [line for line in limited.stderr.splitlines() if line.startswith("memory:")]
-    assert len(lines) == 1 and lines[0].startswith("memory: step 1: micro-batch 16 -> 8 "), limited.stderr[-3000:]
+    lines = [line for line in (limited.stdout + limited.stderr).splitlines() if "memory:" in line]
+    assert len(lines) == 1 and lines[0].startswith("[p0] memory: step 1: micro-batch 16 -> 8 "), lines
     assert "RESOURCE_EXHAUSTED at device_get" in lines[0]
     reference = json.loads(worker("--micro", "8").stdout.splitlines()[-1])
     assert run["micro_batch"] == 8 and len(run["losses"]) == 3
