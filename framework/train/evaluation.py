@@ -29,7 +29,7 @@ class Evaluation:
         # params stay in their memory kind (pinned_host ones stream per layer), as in _traced_step
         layout = self.layout
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
-                broadcast.use_plan(layout.abstract.broadcast_plan, self.mesh):
+                broadcast.use_plan(layout.broadcast_plan(self.cfg, jax.tree.leaves(batch)[0].shape[0]), self.mesh):
             return self.eval_step(layout.master_view(params, self.cfg.train.param_dtype), batch)
 
     def evaluate(self, state: TrainState | None = None) -> dict:

@@ -94,6 +94,8 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
     state_shardings = property(lambda self: self._placed().state_shardings, doc="in the placement's memory kinds")
     device_state_shardings = property(lambda self: self._placed().device_state_shardings)
     nvme = property(lambda self: self._placed().nvme, doc="the NVMe tier (memory/nvme.py), or None")
+    broadcast_plan = property(lambda self: self._placed().broadcast_plan(self.cfg, self.cfg.train.grad_accum),
+                              doc="the per-layer broadcast plan of the current micro-batch (None: XLA decides)")
 
     def adopt(self, other: Trainer) -> None:
         """Continue the run on ``other``'s layout, the try-run controller's choice: its mesh, placement, compiled
@@ -315,8 +317,9 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         # update runs on the host), and what the step returns goes back to the state's kinds
         layout, held = self.layout, state.params
         state = dataclasses.replace(state, params=layout.master_view(held, self.cfg.train.param_dtype))
+        plan = layout.broadcast_plan(self.cfg, jax.tree.leaves(batch)[0].shape[0])  # for this step's micro-batch
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
-                broadcast.use_plan(layout.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes
+                broadcast.use_plan(plan, self.mesh):  # per-layer broadcast modes
             state, *outputs = self.train_step(state, batch)  # outputs: metrics (and the gradients, with opt_state on nvme)
         if layout.nvme is not None:  # the update after this program makes the new parameters
             state = dataclasses.replace(state, params=held)
