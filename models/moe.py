@@ -188,4 +188,5 @@ def finish(cfg: ModelConfig, stats, seq_len: int) -> dict:
     mean = jnp.maximum(load.mean(), 1e-9)
     metrics = {"moe/aux_loss": aux, "moe/z_loss": z, "moe/load_min": load.min() / mean, "moe/load_max": load.max() / mean,
                "moe/dropped_fraction": dropped}
-    return {"loss": e.aux_loss_weight * aux + e.router_z_loss_weight * z, "metrics": metrics}
+    loss = e.aux_loss_weight * aux + e.router_z_loss_weight * z
+    return {"loss": loss, "metrics": {**metrics, "moe/routing_loss": loss}}

@@ -79,7 +79,7 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
     trainer = Trainer(cfg, devices=jax.devices()[:n_devices])
     trainer.compile()
     report = count_compiled(trainer.compiled_step, n_devices)  # per step: loop bodies count once per iteration
-    plan = trainer.abstract.broadcast_plan
+    plan = trainer.broadcast_plan  # made for the micro-batch the step compiled for
     accum = trainer.cfg.train.grad_accum  # the plan's unit is one micro-batch
     by_layer = {k: v // accum for k, v in report.by_layer().items()}
     layers = [] if plan is None else [

@@ -250,9 +250,13 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         return loss
 
     def _shared_loss(self, params, batch: dict, rng: jax.Array, share) -> tuple[jax.Array, dict]:
-        """``loss_fn`` times the micro-batch's share of the step's targets (``micro_batch_shares``; None: as it is)."""
+        """``loss_fn`` times the micro-batch's share of the step's targets (``micro_batch_shares``; None: as it is). An
+        MoE model's routing loss (``moe/routing_loss`` of the metrics) is per token routed, not per target: unweighed."""
         loss, aux = self.loss_fn(params, batch, rng)
-        return (loss if share is None else loss * share), aux
+        if share is None:
+            return loss, aux
+        routing = aux.get("moe/routing_loss", 0.0)
+        return (loss - routing) * share + routing, aux
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """Accumulate gradients (and ``loss_fn``'s metrics) over the micro-batches on axis 0, then one optimizer update;
