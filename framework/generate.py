@@ -42,10 +42,20 @@ def unstacked(cfg: Config, params: dict, mesh) -> tuple[Config, dict, object]:
                                mesh=dataclasses.replace(cfg.mesh, stage=1))
     abstract = abstract_state(dcfg, {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a != STAGE})
     if cfg.model.scan_layers:
-        blocks = params["blocks"]
-        params = {**params, "blocks": {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(cfg.model.n_layers)}}
+        params = {**params, "blocks": layer_by_layer(cfg, params["blocks"])}
     params = jax.device_put(params, sharding.named(mesh, abstract.specs.params))
     return dcfg, params, abstract.graphdef
+
+
+def layer_by_layer(cfg: Config, blocks: dict) -> dict:
+    """``{i: layer i's params}`` of a stack of layers; an MoE model with ``moe.every > 1`` stacks groups of ``every``
+    layers (models/transformer.py ``LayerGroup``): group g's ``layers.{j}`` is layer ``g * every + j``."""
+    m = cfg.model
+    every = m.moe.every if m.moe.n_experts and m.moe.every > 1 else 1
+    if every == 1:
+        return {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(m.n_layers)}
+    return {g * every + j: jax.tree.map(lambda x, g=g: x[g], blocks["layers"][j])
+            for g in range(m.n_layers // every) for j in range(every)}
 
 
 class Generator:

@@ -44,6 +44,7 @@ class AbstractState:
     logical_axes: dict  # params' logical axis names
     tx: optax.GradientTransformation
     broadcast_plan: Any = None  # framework.broadcast.BroadcastPlan, or None with broadcast.mode=none
+    resident_bytes: int = 0  # per device: params, grads and optimizer state (what a plan's buffers come on top of)
 
     @property
     def param_count(self) -> int:
@@ -123,7 +124,17 @@ def abstract_state(cfg: Config, axis_sizes: dict[str, int], **model_kw) -> Abstr
         rng=PartitionSpec(),
         data_pos=PartitionSpec(),
     )
-    return AbstractState(graphdef, shapes, specs, logical_axes, tx, broadcast_plan)
+    return AbstractState(graphdef, shapes, specs, logical_axes, tx, broadcast_plan, resident)
+
+
+def broadcast_plan_for(cfg: Config, abstract: AbstractState, axis_sizes: dict[str, int], grad_accum: int):
+    """``abstract``'s broadcast plan re-made for micro-batches of ``train.global_batch // grad_accum`` rows (the
+    micro-batch changed: what each mode moves scales with it). Where kernels are stored does not change (a
+    layer's split depends on the device count alone), so the state's specs stay as they are."""
+    if abstract.broadcast_plan is None:
+        return None
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=grad_accum))
+    return broadcast.plan_model(cfg, abstract.graphdef, abstract.shapes.params, axis_sizes, abstract.resident_bytes)
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, params: Any = None, **model_kw) -> TrainState:

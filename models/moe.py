@@ -170,11 +170,12 @@ def join(x, stats):
 
 
 def mlp_call(mlp, x, stats):
-    """The block's MLP on x; an MoE one also adds its routing sums to ``stats``."""
+    """The block's MLP on x; an MoE one also adds its routing sums to ``stats`` (None: a caller that runs one layer
+    alone, as the planner's ``Transformer.one_layer``, carries none)."""
     if not isinstance(mlp, MoE):
         return mlp(x), stats
     y, s = mlp.routed(x)
-    return y, stats + s
+    return y, None if stats is None else stats + s
 
 
 def finish(cfg: ModelConfig, stats, seq_len: int) -> dict:
@@ -187,4 +188,5 @@ def finish(cfg: ModelConfig, stats, seq_len: int) -> dict:
     mean = jnp.maximum(load.mean(), 1e-9)
     metrics = {"moe/aux_loss": aux, "moe/z_loss": z, "moe/load_min": load.min() / mean, "moe/load_max": load.max() / mean,
                "moe/dropped_fraction": dropped}
-    return {"loss": e.aux_loss_weight * aux + e.router_z_loss_weight * z, "metrics": metrics}
+    loss = e.aux_loss_weight * aux + e.router_z_loss_weight * z
+    return {"loss": loss, "metrics": {**metrics, "moe/routing_loss": loss}}

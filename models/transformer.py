@@ -326,8 +326,8 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
         stage_fn = lambda stage_blocks, h: run(nnx.merge(graphdef, stage_blocks), h)
         axes = (BLC, ("batch", None)) if isinstance(x, tuple) else BLC  # an MoE model's carry: (x, routing sums)
-        x = self.pipeline.run(stage_fn, stacked, x, axes, unroll_ticks=self.stream_params)
-        return moe.join(constrain(moe.split(x)[0], BLC), moe.split(x)[1])
+        x, stats = moe.split(self.pipeline.run(stage_fn, stacked, x, axes, unroll_ticks=self.stream_params))
+        return moe.join(constrain(x, BLC), stats)
 
     def _logits(self, x):
         """The output head, a broadcast layer named ``head``: its map mode splits the vocabulary and broadcasts ``x``."""

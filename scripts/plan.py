@@ -55,6 +55,10 @@ def build_report(cfg, n_devices: int, estimate: bool = False) -> dict:
     report["context"] = context_section(cfg, axis_sizes)
     # ---- broadcast modes (issue 6): the per-layer job list
     report["broadcast"] = None if abstract.broadcast_plan is None else abstract.broadcast_plan.to_dict()
+    from framework.broadcast.experts import plan_experts
+
+    experts = plan_experts(cfg, axis_sizes, cfg.train.global_batch // cfg.train.grad_accum)  # MoE layers: tokens travel
+    report["experts"] = None if experts is None else experts.to_dict()
     if abstract.broadcast_plan is None:  # auto fell back to XLA's propagation: say why
         from framework.broadcast import unplannable
 
@@ -75,7 +79,7 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
     trainer = Trainer(cfg, devices=jax.devices()[:n_devices])
     trainer.compile()
     report = count_compiled(trainer.compiled_step, n_devices)  # per step: loop bodies count once per iteration
-    plan = trainer.abstract.broadcast_plan
+    plan = trainer.broadcast_plan  # made for the micro-batch the step compiled for
     accum = trainer.cfg.train.grad_accum  # the plan's unit is one micro-batch
     by_layer = {k: v // accum for k, v in report.by_layer().items()}
     layers = [] if plan is None else [
@@ -88,7 +92,7 @@ def measure_broadcast(cfg, n_devices: int) -> dict:
         "predicted_layers": None if plan is None else plan.layer_bytes,
         "measured_layers": sum(v for k, v in by_layer.items() if k is not None),
         "measured_unattributed": by_layer.get(None, 0), "by_kind": {k: v // accum for k, v in report.by_kind().items()},
-        "layers": layers,
+        "layers": layers, "experts_all_to_all": report.by_kind()["all-to-all"] // accum,  # only MoE layers exchange so
     }
 
 
@@ -144,8 +148,7 @@ def pipeline_section(cfg, axis_sizes: dict, abstract, param_memory: str) -> dict
 def print_text(report: dict) -> None:
     active = report["active_param_count"]
     per_token = "" if active == report["param_count"] else f" in all, {active:,} active per token (MoE top_k experts)"
-    print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters{per_token}; "
-          f"model FLOPs/step {report['flops_per_step']:.4g}")
+    print(f"mesh {report['mesh']} over {report['devices']} devices; {report['param_count']:,} parameters{per_token}")
     width = max(len(p["name"]) for p in report["params"])
     print(f"{'name':<{width}}  {'shape':<22} {'dtype':<9} spec")
     for p in report["params"]:
@@ -180,6 +183,11 @@ def print_broadcast(report: dict) -> None:
         print(BroadcastPlan(plan["devices"], tuple(plan["axes"]), plan["compress"], layers, plan["other_param_bytes"],
                             plan["budget_bytes"], plan["xla_table_bytes"]).table())
     m = report.get("broadcast_measured")
+    if report.get("experts") is not None:
+        from framework.broadcast.experts import format_experts
+
+        measured = "" if m is None else f" (measured {m['experts_all_to_all']:,})"
+        print(format_experts(report["experts"]) + measured)
     if m is None:
         return
     print(f"measured on {m['devices']} devices (bytes per device per micro-batch):")

@@ -1,4 +1,5 @@
-"""One run of tests/test_oom_retry.py in its own process: train from micro-batch ``--micro``; with ``--limit``, under
+"""One run of tests/test_oom_retry.py in its own process (or, under scripts/launch_local.py, one of several that train
+together over gloo): train from micro-batch ``--micro``; with ``--limit``, under
 an address-space limit (``resource.setrlimit(RLIMIT_AS)``) sized between the device bytes of the step at that
 micro-batch and at half of it, so that its first step really fails to allocate and the smaller one fits. Prints one
 JSON line: the losses and the compiled steps' temp bytes. With ``--propose A,B,...`` (under scripts/launch_local.py)
@@ -37,8 +38,9 @@ def main() -> None:
         print(f"agreed {agree_micro_batch(mine)} then {agree_micro_batch(2 * mine)}", flush=True)
         distributed.shutdown()
         return
+    distributed.initialize(distributed.args_from_namespace(args))  # (one process: nothing to join)
     trainer = Trainer(tiny_config(*CONFIG, f"train.micro_batch={args.micro}", steps=args.steps),
-                      devices=jax.devices()[:1])
+                      devices=jax.devices() if jax.process_count() > 1 else jax.devices()[:1])
     t = trainer.cfg.train
     temps = {}
     for micro in (args.micro, args.micro // 2):  # compiled before the limit: compiling is not what is tested

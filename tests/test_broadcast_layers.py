@@ -11,8 +11,10 @@ from framework.config import BroadcastConfig
 from models import ops
 
 AXES = ("data", "fsdp")
-# on a GPU machine the layers run where the collectives are real; every test needs a 2 x 4 mesh
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")]
+# on a GPU machine the layers run where the collectives are real; every test but the one-device variant needs a
+# 2 x 4 mesh (on one GPU that variant runs them on the device's memory kinds)
+pytestmark = [pytest.mark.gpu]
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 
 
 def mesh_2x4():
@@ -65,6 +67,7 @@ def make(cfg, mesh, p, x):
     BroadcastConfig(mode="map", overrides={"re:d.*": "kernel"}),
 ], ids=["all-kernel", "all-map", "mixed-chain", "conv-map-dense-kernel"])
 @pytest.mark.slow
+@needs_8
 def test_modes_equal_single_device(cfg):
     mesh = mesh_2x4()
     p, x = init(PARAMS), jax.random.normal(jax.random.key(1), (16, 8, 8, 2))
@@ -90,6 +93,7 @@ def compiled_bytes(plan, mesh, p, x, fn=loss, wrt=(0,)):
     return count_compiled(compiled, mesh.size)
 
 
+@needs_8
 def test_predicted_bytes_equal_measured_per_layer():
     mesh = mesh_2x4()
     p, x = init(PARAMS), jnp.zeros((16, 8, 8, 2))
@@ -103,6 +107,7 @@ def test_predicted_bytes_equal_measured_per_layer():
         assert report.total - plan.total_bytes == report.by_layer()[None] <= 8  # only the loss's scalar all-reduce
 
 
+@needs_8
 def test_int8_cuts_kernel_gather_bytes():
     mesh = mesh_2x4()
     p, x = init(PARAMS), jnp.zeros((16, 8, 8, 2))
@@ -122,6 +127,7 @@ def test_int8_cuts_kernel_gather_bytes():
     assert set(types["int8"]) == {"s8", "f32"} and types["int8"]["s8"] >= 3 * types["int8"]["f32"], types
 
 
+@needs_8
 def test_int8_forward_close_to_float():
     mesh = mesh_2x4()
     p, x = init(PARAMS), jax.random.normal(jax.random.key(1), (16, 8, 8, 2))
@@ -137,6 +143,7 @@ def single_dense(p, x):
 
 
 @pytest.mark.parametrize("batch,expected", [(48, "map"), (64, "kernel")])
+@needs_8
 def test_mode_flips_at_predicted_batch(batch, expected):
     """64x64 dense on P=8: kernel mode moves 2*(7/8)*16,640 B; map mode 2*(7/8)*288*B B: they cross at B=57.8."""
     mesh = mesh_2x4()
@@ -150,3 +157,33 @@ def test_mode_flips_at_predicted_batch(batch, expected):
         measured[mode] = compiled_bytes(plan, mesh, p, x, fn=single_dense, wrt=(0, 1)).by_layer()["w"]
         assert measured[mode] == plan.total_bytes
     assert min(measured, key=measured.get) == expected, measured
+
+
+@pytest.mark.parametrize("mode", ["kernel", "map"])
+def test_one_device_runs_the_planned_layers_from_each_memory_kind(mode):
+    """One device (a single GPU): the plan broadcasts nothing (every layer kernel, no collective in the program) and
+    the step, its parameters held in each of the device's memory kinds and brought to device memory inside the
+    step, gives the single-device reference's loss and gradients."""
+    device = jax.devices()[0]
+    mesh = Mesh(np.array([device]).reshape(1, 1), AXES, axis_types=(AxisType.Auto,) * 2)
+    p, x = init(PARAMS), jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
+    reference = jax.jit(jax.value_and_grad(loss))(p, x)
+    plan = make(BroadcastConfig(mode=mode), mesh, p, x)
+    assert set(plan.modes().values()) == {"kernel"}
+    on_device = NamedSharding(mesh, PartitionSpec(), memory_kind="device")
+
+    def step(p, x):
+        p = jax.device_put(p, {k: on_device for k in p})
+        with broadcast.use_plan(plan, mesh):
+            return jax.value_and_grad(loss)(p, x)
+
+    kinds = [m.kind for m in device.addressable_memories()]
+    assert {"device", "pinned_host"} <= set(kinds)
+    for kind in kinds:
+        held = {k: NamedSharding(mesh, PartitionSpec(), memory_kind=kind) for k in p}
+        p_held = jax.device_put(p, held)
+        compiled = jax.jit(step, in_shardings=(held, NamedSharding(mesh, PartitionSpec(AXES)))).lower(p_held, x).compile()
+        assert count_compiled(compiled, 1).total == 0, kind
+        out = compiled(p_held, x)
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=kind)

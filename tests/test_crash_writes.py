@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from framework import hf, rundir
+from framework.checkpoint import MANIFEST
 from framework.config import ConfigError
 from tests.helpers import ROOT, SMALLER, TINY
 
@@ -54,6 +55,9 @@ def test_kills_while_writing_metrics_config_and_lock_leave_a_run_that_resumes_wh
     train(run_dir, "train.steps=6", kill_at="run.lock")
     assert not (run_dir / rundir.LOCK).exists()  # created empty and filled after: a lock no later run takes
 
+    # as if the first run had been killed saving step 4: its steps 3 and 4 are logged, its checkpoint is step 2
+    (run_dir / "checkpoints" / "4" / MANIFEST).unlink()
+
     # resuming rewrites metrics.jsonl (the steps after the checkpoint are dropped): killed there
     train(run_dir, "train.steps=6", kill_at="metrics.jsonl")
     assert logged_steps(run_dir) == [1, 2, 3, 4]  # rewritten in place: the file was empty
@@ -61,9 +65,10 @@ def test_kills_while_writing_metrics_config_and_lock_leave_a_run_that_resumes_wh
     # a changed config: the earlier config.yaml is kept and the new one written: killed there
     train(run_dir, "train.steps=6", "optimizer.lr=0.002", kill_at="config.yaml")
     assert (run_dir / "config.yaml").read_text() == first_config  # renamed aside first: there was no config.yaml
+    assert logged_steps(run_dir) == [1, 2]  # (this run's rewrite went through)
 
     r = train(run_dir, "train.steps=6", "optimizer.lr=0.002")
-    assert "checkpoint: resumed from step 4" in r.stderr
+    assert "checkpoint: resumed from step 2" in r.stderr
     # the killed runs' locks (pid gone) are taken over as before
     assert [line for line in r.stderr.splitlines() if line.startswith("notice:")] != []
     assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]

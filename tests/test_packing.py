@@ -125,27 +125,38 @@ def store(tmp_path_factory):
 
 
 def test_the_trainer_trains_on_the_targets_of_packed_documents(store):
-    """The default for a token store: batches with segment ids and positions; the step's loss and trained-token
-    count are those of the targets counted by hand, over micro-batches."""
+    """The default for a token store: batches with segment ids and positions; the step's loss is the mean over the
+    targets counted by hand across both micro-batches (each counts by its targets), and trained_tokens their number."""
     from framework.train import Trainer
 
     cfg = tiny_config(*SMALLER, "data.source=tokens", f"data.path={store}", "model.vocab_size=auto",
                       "model.style=llama", "train.grad_accum=2", steps=1)
     tr = Trainer(cfg)
+    logits = jax.jit(lambda p, b: jax.vmap(lambda m: tr.model(p)(m["tokens"][:, :-1], segment_ids=m["segment_ids"][:, :-1],
+                                                                 positions=m["positions"][:, :-1]))(b))
+
+    def by_hand(params, batch):  # the losses of the inputs trained on: all but EOS (its target starts the next document)
+        logp, tokens = np.asarray(jax.nn.log_softmax(logits(params, batch), -1)), batch["tokens"]
+        return [[-logp[a, r, i, tokens[a, r, i + 1]] for r in range(8) for i in range(32) if tokens[a, r, i] != 63]
+                for a in range(2)]
+
     batch = jax.device_get(tr.loader.batch(0))
     assert sorted(batch) == ["positions", "segment_ids", "tokens"] and batch["tokens"].shape == (2, 8, 33)
-    state = tr.init_state()
-    logits = jax.jit(lambda p, b: jax.vmap(lambda m: tr.model(p)(m["tokens"][:, :-1], segment_ids=m["segment_ids"][:, :-1],
-                                                                 positions=m["positions"][:, :-1]))(b))(state.params, batch)
-    logp, tokens = np.asarray(jax.nn.log_softmax(logits, -1)), batch["tokens"]
-    losses, trained = [], 0
-    for a in range(2):  # by hand: an input is trained on unless it is an EOS (its target starts the next document)
-        picked = [-logp[a, r, i, tokens[a, r, i + 1]] for r in range(8) for i in range(32) if tokens[a, r, i] != 63]
-        losses.append(np.mean(picked))
-        trained += len(picked)
+    picked = by_hand(tr.init_state().params, batch)  # the run's own initial params (seeded)
     record = tr.fit()[0]
-    assert record["trained_tokens"] == trained < 16 * 32
-    np.testing.assert_allclose(record["loss"], np.mean(losses), rtol=1e-5)
+    assert record["trained_tokens"] == len(picked[0]) + len(picked[1]) < 16 * 32
+    np.testing.assert_allclose(record["loss"], np.mean(picked[0] + picked[1]), rtol=1e-5)
+    # micro-batches with very different numbers of targets: a document every 3 tokens in the first, none in the second
+    tokens = batch["tokens"].copy()
+    tokens[0, :, 2::3], tokens[1][tokens[1] == 63] = 63, 5
+    segment_ids, positions = eos_segments(tokens.reshape(16, 33), 63)
+    skewed = {"tokens": tokens, "segment_ids": segment_ids.reshape(2, 8, 33), "positions": positions.reshape(2, 8, 33)}
+    picked = by_hand(tr.state.params, skewed)
+    mean_of_means = np.mean([np.mean(p) for p in picked])  # what weighing the micro-batches equally would give
+    assert abs(mean_of_means - np.mean(picked[0] + picked[1])) > 1e-4 * mean_of_means  # 10x the tolerance below
+    _, metrics = tr.step(tr.state, tr.loader.to_global(skewed))
+    assert int(metrics["trained_tokens"]) == len(picked[0]) + len(picked[1])
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(picked[0] + picked[1]), rtol=1e-5)
 
 
 def test_packing_config_errors(store):

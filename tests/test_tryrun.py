@@ -257,11 +257,14 @@ def test_device_schedule_8_4_6_8_equals_fixed_mesh(tmp_path, capsys):
     assert [d["state_from"] for d in decisions] == ["checkpoint", "live", "live"]
     assert decisions[1]["seconds"]["checkpoint_restore"] == decisions[2]["seconds"]["checkpoint_restore"] == 0
     # 6 devices, 4 per replica: no horizontal candidate, and the one vertical split (6) runs no layout (batch 16
-    # over 6 or 3, tensor 3 or 6 over 4 heads): both are in the log with their reasons, none is tried
-    assert decisions[1]["candidates"] == []
-    assert [(d["kind"], d["split"]) for d in decisions[1]["dropped"]] == [("horizontal", 4), ("vertical", 6)]
+    # over 6 or 3, tensor 3 or 6 over 4 heads); nor does any over 5: both counts are in the log with their
+    # reasons, and the candidates are the layouts over 4 (the live mesh's among them: not tried again), 2 idle
+    dropped = [(d["n_devices"], d["kind"], d["split"]) for d in decisions[1]["dropped"]]
+    assert dropped == [(6, "horizontal", 4), (6, "vertical", 6), (5, "horizontal", 4), (5, "vertical", 5)]
     assert decisions[1]["dropped"][0]["reason"] == "6 devices are not a multiple of 4"
     assert "tensor=3 does not divide model.n_heads=4" in decisions[1]["dropped"][1]["reason"]
+    assert {c["n_devices"] for c in decisions[1]["candidates"]} <= {4} and decisions[1]["chosen"]["n_devices"] == 4
+    assert decisions[1]["idle_devices"] == 2 and "no layout over 6 devices fits" in decisions[1]["idle_reason"]
     assert {c["kind"] for c in decisions[2]["candidates"]} == {"horizontal", "vertical"}
     for d in decisions:  # real timings: the adopted one is the best measured past the threshold
         passing = [c for c in d["candidates"] if c["improvement"] > d["threshold"]]

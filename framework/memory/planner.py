@@ -317,6 +317,8 @@ def pipeline_plan(cfg: Config, abstract, axis_sizes: Mapping[str, int], batch_ax
         kept = sum(residual_bytes(fn, layer, x, micro_batch=rows, batch_shards=dp, n_devices=math.prod(axis_sizes.values()),
                                   seq_len=t.seq_len, seq_shards=seq_shards).values())
     kept += -(-math.prod(x.shape) * x.dtype.itemsize // (dp * seq_shards))  # the layer's input, carried by the scan
+    if cfg.model.moe.n_experts:  # models/moe.py: the stacked unit is a group of moe.every layers; per layer, on average
+        kept //= cfg.model.moe.every
     source = (f"estimate: one layer's traced residuals + its input for a micro-batch of {rows} rows over "
               f"{dp} data-parallel devices, x {cfg.model.n_layers // p.stages} layers x {p.microbatches} in flight")
     return pipeline.plan(cfg.model.n_layers, p, micro, layer_bytes, other_bytes, kept, source, param_memory)

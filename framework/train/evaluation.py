@@ -8,6 +8,7 @@ import numpy as np
 
 from framework import broadcast, sharding
 from framework.state import TrainState
+from framework.train.objective import micro_batch_shares
 
 
 class Evaluation:
@@ -21,13 +22,14 @@ class Evaluation:
         """
         rng = jax.random.key_data(jax.random.key(self.cfg.train.seed))
         losses = jax.lax.map(lambda micro: self.loss_fn(params, micro, rng)[0], batch)
-        return {"loss": losses.mean()}
+        shares = micro_batch_shares(batch)  # packed or masked: the mean over the batch's targets, as training's
+        return {"loss": losses.mean() if shares is None else (losses * shares).mean()}
 
     def _traced_eval(self, params, batch):
         # params stay in their memory kind (pinned_host ones stream per layer), as in _traced_step
         layout = self.layout
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
-                broadcast.use_plan(layout.abstract.broadcast_plan, self.mesh):
+                broadcast.use_plan(layout.broadcast_plan(self.cfg, jax.tree.leaves(batch)[0].shape[0]), self.mesh):
             return self.eval_step(layout.master_view(params, self.cfg.train.param_dtype), batch)
 
     def evaluate(self, state: TrainState | None = None) -> dict:

@@ -23,7 +23,7 @@ from framework import memory, sharding
 from framework.config import Config, ConfigError
 from framework.data import BatchLoader, make_source
 from framework.mesh import STAGE, MeshManager, describe
-from framework.state import AbstractState, abstract_state
+from framework.state import AbstractState, abstract_state, broadcast_plan_for
 from framework.train import artifacts
 from framework.train.steps import CompiledSteps
 
@@ -104,6 +104,7 @@ class MeshLayout:
                                              abstract.shapes.opt_state, abstract.specs.opt_state)
             abstract = memory.held_abstract(abstract, cfg)
         self.abstract: AbstractState = abstract
+        self._broadcast_plans: dict[int, object] = {}  # grad_accum -> the broadcast plan for its micro-batch
         self.device_state_shardings = sharding.named(self.mesh, abstract.specs)
         self.state_shardings = memory.with_memory_kinds(self.device_state_shardings, placement)
         self.host_update = placement.opt_state == memory.HOST  # ZeRO-Offload: the update runs where the state lives
@@ -117,6 +118,13 @@ class MeshLayout:
             jax.jit(traced_eval, in_shardings=(self.state_shardings.params, self.batch_sharding),
                     out_shardings=self.replicated),
             self.abstract_inputs, None if dump_dir is None else functools.partial(self._dump, dump_dir, placement))
+
+    def broadcast_plan(self, cfg: Config, grad_accum: int):
+        """The per-layer broadcast plan for ``grad_accum`` micro-batches (made on first use): a step compiled for
+        another micro-batch follows the plan for its own, the state's layout stays."""
+        if grad_accum not in self._broadcast_plans:
+            self._broadcast_plans[grad_accum] = broadcast_plan_for(cfg, self.abstract, self.axis_sizes, grad_accum)
+        return self._broadcast_plans[grad_accum]
 
     def compiled_bytes(self) -> tuple[int, int]:
         """Per-device bytes of the compiled step in use, as the memory planner reads them: its arguments (the state

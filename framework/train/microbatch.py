@@ -124,8 +124,9 @@ class MicroBatchControl:
         if regrow and larger and self._roomy_steps >= regrow:
             extra = self._step_bytes(larger[-1]) - self._step_bytes(self.micro_batch)
             if free - extra >= headroom:
-                self._set_micro_batch(int(jax.device_get(state.step)), larger[-1], f"free device memory {free:,} B for {self._roomy_steps} steps "
-                                      f"covers memory.headroom_bytes={headroom:,} and the {extra:,} B more it needs")
+                self._set_micro_batch(int(jax.device_get(state.step)), larger[-1],
+                                      f"free device memory {free:,} B for {self._roomy_steps} steps covers "
+                                      f"memory.headroom_bytes={headroom:,} and the {extra:,} B more it needs")
 
     def _shrink_micro_batch(self, state, why: str) -> bool:
         smaller = [m for m in self._micro_batch_candidates() if m < self.micro_batch]

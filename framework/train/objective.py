@@ -26,6 +26,17 @@ def target_weights(batch):
     return None if weights is None else weights.astype(jnp.float32)
 
 
+def micro_batch_shares(batch):
+    """Per micro-batch of a (A, B, T+1) batch, its targets times A over the whole batch's: the micro-batches' mean
+    losses scaled by these and averaged are the mean over all the batch's targets (a micro-batch with more targets
+    counts more). None when every target counts: then the shares are all 1."""
+    weights = target_weights(batch)
+    if weights is None:
+        return None
+    counts = weights.sum(axis=tuple(range(1, weights.ndim)))
+    return counts * counts.shape[0] / jnp.maximum(counts.sum(), 1.0)
+
+
 def next_token_loss(model, batch):
     """Mean next-token cross-entropy over the targets of a micro-batch: a dict of (B, T+1) fields
     (framework/data/batch.py); only the targets ``target_weights`` keeps count (plus an MoE model's routing

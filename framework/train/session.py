@@ -47,7 +47,7 @@ class RunSession:
         """The layout's memory plan and broadcast job list into RUN_DIR/plans.json (artifacts.py), once per layout."""
         if self.run_dir is None or jax.process_index() != 0:
             return
-        plan = self.abstract.broadcast_plan
+        plan = self.broadcast_plan
         artifacts.append_plan(self.run_dir, {
             "step": step, "mesh": self.axis_sizes, "devices": len(self.devices), "grad_accum": self.cfg.train.grad_accum,
             "memory": self.memory_plan().to_dict(), "broadcast": None if plan is None else plan.to_dict(),

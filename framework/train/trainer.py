@@ -35,7 +35,7 @@ from framework.train.evaluation import Evaluation
 from framework.train.layout import MeshLayout
 from framework.train.loop import timed_steps
 from framework.train.microbatch import MicroBatchControl, StepOutOfMemory, out_of_memory, with_grad_accum
-from framework.train.objective import loss_and_metrics, target_weights
+from framework.train.objective import loss_and_metrics, micro_batch_shares, target_weights
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
 from framework.train.session import RunSession
@@ -94,6 +94,8 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
     state_shardings = property(lambda self: self._placed().state_shardings, doc="in the placement's memory kinds")
     device_state_shardings = property(lambda self: self._placed().device_state_shardings)
     nvme = property(lambda self: self._placed().nvme, doc="the NVMe tier (memory/nvme.py), or None")
+    broadcast_plan = property(lambda self: self._placed().broadcast_plan(self.cfg, self.cfg.train.grad_accum),
+                              doc="the per-layer broadcast plan of the current micro-batch (None: XLA decides)")
 
     def adopt(self, other: Trainer) -> None:
         """Continue the run on ``other``'s layout, the try-run controller's choice: its mesh, placement, compiled
@@ -227,7 +229,8 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         """(loss, metrics) of one micro-batch (a dict of (B, T+1) fields, framework/data/batch.py): mean next-token
         cross-entropy over its targets; an MoE model adds its routing losses and ``moe/*`` metrics (models/moe.py).
 
-        The metrics dict's scalars are averaged over the step's micro-batches and logged with the step."""
+        The metrics dict's scalars are averaged over the step's micro-batches and logged with the step. Packed or
+        masked, the step weighs each micro-batch's loss by its share of the targets (``_shared_loss``)."""
         return loss_and_metrics(self.model(params), batch)
 
     def loss_for(self, remat_policy=None):
@@ -246,30 +249,41 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
 
         return loss
 
+    def _shared_loss(self, params, batch: dict, rng: jax.Array, share) -> tuple[jax.Array, dict]:
+        """``loss_fn`` times the micro-batch's share of the step's targets (``micro_batch_shares``; None: as it is). An
+        MoE model's routing loss (``moe/routing_loss`` of the metrics) is per token routed, not per target: unweighed."""
+        loss, aux = self.loss_fn(params, batch, rng)
+        if share is None:
+            return loss, aux
+        routing = aux.get("moe/routing_loss", 0.0)
+        return (loss - routing) * share + routing, aux
+
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """Accumulate gradients (and ``loss_fn``'s metrics) over the micro-batches on axis 0, then one optimizer update."""
+        """Accumulate gradients (and ``loss_fn``'s metrics) over the micro-batches on axis 0, then one optimizer update;
+        packed or masked micro-batches count by their targets (``micro_batch_shares``)."""
         layout, accum = self.layout, jax.tree.leaves(batch)[0].shape[0]
-        first = jax.tree.map(lambda x: x[0], batch)
-        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+        first, shares = jax.tree.map(lambda x: x[0], batch), micro_batch_shares(batch)
+        grad_fn = jax.value_and_grad(self._shared_loss, has_aux=True)
         add, mean = functools.partial(jax.tree.map, jnp.add), functools.partial(jax.tree.map, lambda g: g / accum)
         on_host = layout.placement.grads == memory.HOST
         if on_host:  # memory tiers: gradients accumulate in host memory, so the sums run there
             add, mean = memory.on_host(add), memory.on_host(mean)
 
-        def micro_step(carry, micro_batch):
-            grads_sum, loss_sum, aux_sum = carry
-            (loss, aux), grads = grad_fn(state.params, micro_batch, state.rng)
+        def micro_step(carry, xs):
+            (grads_sum, loss_sum, aux_sum), (micro_batch, share) = carry, xs
+            (loss, aux), grads = grad_fn(state.params, micro_batch, state.rng, share)
             return (add(grads_sum, layout.to_grads_tier(grads)), loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux)), None
 
         if accum == 1:
-            (loss, aux), grads = grad_fn(state.params, first, state.rng)
+            (loss, aux), grads = grad_fn(state.params, first, state.rng, None)
             grads = layout.to_grads_tier(grads)
         else:
             zeros = jax.tree.map(jnp.zeros_like, layout.on_device(state.params))
             zeros = jax.device_put(zeros, layout.grad_shardings) if on_host else zeros
             aux_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                                      jax.eval_shape(self.loss_fn, state.params, first, state.rng)[1])
-            (grads, loss, aux), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32), aux_zeros), batch)
+            (grads, loss, aux), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32), aux_zeros),
+                                         (batch, shares))
             grads, loss, aux = mean(grads), loss / accum, jax.tree.map(lambda a: a / accum, aux)
 
         grad_norm = memory.on_host(global_norm)(grads) if on_host else optax.tree.norm(grads)
@@ -307,8 +321,9 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
         # update runs on the host), and what the step returns goes back to the state's kinds
         layout, held = self.layout, state.params
         state = dataclasses.replace(state, params=layout.master_view(held, self.cfg.train.param_dtype))
+        plan = layout.broadcast_plan(self.cfg, jax.tree.leaves(batch)[0].shape[0])  # for this step's micro-batch
         with sharding.activation_sharding(self.mesh, self.activation_rules), \
-                broadcast.use_plan(layout.abstract.broadcast_plan, self.mesh):  # per-layer broadcast modes
+                broadcast.use_plan(plan, self.mesh):  # per-layer broadcast modes
             state, *outputs = self.train_step(state, batch)  # outputs: metrics (and the gradients, with opt_state on nvme)
         if layout.nvme is not None:  # the update after this program makes the new parameters
             state = dataclasses.replace(state, params=held)

@@ -23,6 +23,7 @@ from framework.tryrun.decision import Decision, Seconds, devices_to_use, log_dec
 from framework.tryrun.devices import at_most, devices_at, fewest_devices_holding_state, wait_until_enough
 from framework.tryrun.layouts import Gates, Layout, with_layout
 from framework.tryrun.startup import start_or_resume
+from framework.train.microbatch import StepOutOfMemory
 from framework.tryrun.trial import StartState, Trial, compile_all, measure
 
 ROLLING_STEPS = 20  # step times kept for the baseline of the current mesh
@@ -303,7 +304,13 @@ class TryRunController:
         t0 = time.perf_counter()
         compile_s = compile_all(trainers)
         compile_wall = time.perf_counter() - t0
-        return [self.try_run(c, devices, step, compiled_in=s) for c, s in zip(todo, compile_s)], compile_wall
+        trials = []
+        for layout, seconds in zip(todo, compile_s):
+            try:
+                trials.append(self.try_run(layout, devices, step, compiled_in=seconds))
+            except StepOutOfMemory as e:  # its state was a copy (``fresh``): the layout is left out, the run goes on
+                self.dropped.append({"kind": layout.kind, "n_devices": layout.n_devices, "split": None, "reason": str(e)})
+        return trials, compile_wall
 
     def agree_scores(self, baseline: Trial, trials: list[Trial]) -> None:
         """Score every trial and note the best per device count. Each process timed its own steps: all take

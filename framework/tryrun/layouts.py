@@ -21,6 +21,7 @@ import jax
 
 from framework import sharding
 from framework.config import Config, ConfigError
+from framework.data.batch import packing_of
 from framework.mesh import CONTEXT, STAGE
 
 
@@ -192,7 +193,7 @@ class Gates:
         """Vertical by context parallelism (transformers): for each split of the model over more devices whose replica
         has fewer rows per step than devices, so that no data or fsdp split gives each device less than a whole
         sequence's activations, the sequence split over the devices the rows leave (``plan_context_layout``)."""
-        if self.cfg.model.name != "transformer":
+        if self.cfg.model.name != "transformer" or self.refused("context", n_devices, "split the sequence"):
             return []
         out = []
         for split in range(min_devices + 1, n_devices + 1):
@@ -209,7 +210,10 @@ class Gates:
         """Vertical by pipeline: for each split of the model over more devices, its stacked layers (``model.scan_layers``)
         cut into the next stage count above the current one that divides the split and the layer count."""
         m = self.cfg.model
-        if m.name != "transformer" or not m.scan_layers:
+        if m.name != "transformer" or not m.scan_layers or self.refused("pipeline", n_devices, "run inside stages"):
+            return []
+        if packing_of(self.cfg.data) == "eos":
+            self.drop("pipeline", n_devices, 0, f"data.packing={self.cfg.data.packing}: pipeline stages carry no segment ids")
             return []
         now = self.current.get(STAGE, 1)
         out = []
@@ -254,6 +258,13 @@ class Gates:
             return found
         self.drop(kind, n_devices, split, found)
         return None
+
+    def refused(self, kind: str, n_devices: int, what: str) -> bool:
+        """An explicit per-layer broadcast mode takes no ``kind`` layouts (framework.broadcast.unplannable): noted."""
+        mode = self.cfg.broadcast.mode
+        if mode in ("kernel", "map"):
+            self.drop(kind, n_devices, 0, f"broadcast.mode={mode}: per-layer broadcast modes do not {what}")
+        return mode in ("kernel", "map")
 
     def drop(self, kind: str, n_devices: int, split: int, reason: str) -> None:
         self.dropped.append({"kind": kind, "n_devices": n_devices, "split": split, "reason": reason})
