@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Trainer": "trainer", "enable_compilation_cache": "trainer", "Callback": "callbacks", "MeshLayout": "layout",
+    "Trainer": "trainer", "enable_compilation_cache": "steps", "Callback": "callbacks", "MeshLayout": "layout",
     "CompiledSteps": "steps", "timed_steps": "loop", "StepDone": "loop", "next_token_loss": "objective",
 }
 __all__ = sorted(_EXPORTS)

@@ -3,6 +3,7 @@ first use and kept, so that returning to a micro-batch (or, through the layout, 
 Every compile is handed to ``on_compiled`` (``logging.dump_hlo``: framework/train/artifacts.py)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -33,3 +34,12 @@ class CompiledSteps:
             if self._on_compiled is not None:
                 self._on_compiled(grad_accum, self._compiled[grad_accum])
         return self._compiled[grad_accum]
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Persist compiled executables under ``path``: a restarted or repeated run skips compilation.
+
+    Every compile is cached (no minimum compile time), since the user asked for the cache.
+    """
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -39,6 +39,7 @@ from framework.train.objective import loss_and_metrics, micro_batch_shares, targ
 from framework.train.resume import RunResume
 from framework.train.segment import Segment
 from framework.train.session import RunSession
+from framework.train.steps import enable_compilation_cache
 
 # The model ``Trainer.model`` builds while ``loss_for`` traces: the same loss_fn on the model built another way
 _MODEL_GRAPHDEF: contextvars.ContextVar = contextvars.ContextVar("meshpilot_model_graphdef", default=None)
@@ -407,11 +408,3 @@ class Trainer(RunSession, RunResume, MicroBatchControl, Evaluation):
             raise preemption.Preempted(run.preempted_at, preemption.received(),
                                        self.checkpointer.directory if self.checkpointer is not None else None)
         return run.records
-
-def enable_compilation_cache(path: str) -> None:
-    """Persist compiled executables under ``path``: a restarted or repeated run skips compilation.
-
-    Every compile is cached (no minimum compile time), since the user asked for the cache.
-    """
-    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -46,24 +46,11 @@ def variants(cfg) -> dict[str, list[str]]:
 
 def step_time(cfg, steps: int) -> dict:
     """Median and fastest step seconds, compile seconds and parameter counts of the framework's step, one fixed batch."""
-    import jax
-
     from framework.metrics import active_param_count
-    from framework.train import Trainer
 
-    tr = Trainer(cfg)
-    state, batch = tr.init_state(), tr.loader.batch(0)
-    with timing.timed() as compiled:
-        tr.compile()
-
-    def step() -> None:
-        nonlocal state
-        state, metrics = tr.step(state, batch)
-        jax.block_until_ready(metrics)
-
-    times = timing.spread(timing.repeat(step, steps, warmup=2))
+    tr, times, compile_s = timing.trainer_step_times(cfg, steps)
     total = tr.base_abstract.param_count
-    return {"median_s": round(times["median"], 4), "min_s": round(times["min"], 4), "compile_s": round(compiled.seconds, 1),
+    return {"median_s": round(times["median"], 4), "min_s": round(times["min"], 4), "compile_s": round(compile_s, 1),
             "params": total, "active_params": active_param_count(cfg, total), "mesh": dict(tr.axis_sizes)}
 
 

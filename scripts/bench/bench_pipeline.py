@@ -34,22 +34,8 @@ def parse_args(argv=None):
 
 def step_time(cfg, steps: int) -> tuple[float, float, float]:
     """(median and fastest step seconds, compile seconds) of the framework's step on all devices, one fixed batch."""
-    import jax
-
-    from framework.train import Trainer
-
-    tr = Trainer(cfg)
-    state, batch = tr.init_state(), tr.loader.batch(0)
-    with timing.timed() as compiled:
-        tr.compile()
-
-    def step() -> None:
-        nonlocal state
-        state, metrics = tr.step(state, batch)
-        jax.block_until_ready(metrics)
-
-    times = timing.spread(timing.repeat(step, steps, warmup=2))
-    return times["median"], times["min"], compiled.seconds
+    tr, times, compile_s = timing.trainer_step_times(cfg, steps)
+    return times["median"], times["min"], compile_s
 
 
 def main(argv=None) -> None:

@@ -59,3 +59,23 @@ def spread(seconds: list[float], digits: int | None = None) -> dict[str, float]:
 def print_json(report: dict, indent: int | None = None) -> None:
     """The report on stdout as JSON (one line unless ``indent``), flushed: a caller may read it line by line."""
     print(json.dumps(report, indent=indent), flush=True)
+
+
+def trainer_step_times(cfg, steps: int, warmup: int = 2):
+    """(trainer, ``spread`` of ``steps`` train steps after ``warmup``, compile seconds): the framework's compiled step
+    on one fixed batch, from a fresh ``Trainer(cfg)`` (the benchmarks that time a config's step use this)."""
+    import jax
+
+    from framework.train import Trainer
+
+    tr = Trainer(cfg)
+    state, batch = tr.init_state(), tr.loader.batch(0)
+    with timed() as compiled:
+        tr.compile()
+
+    def step() -> None:
+        nonlocal state
+        state, metrics = tr.step(state, batch)
+        jax.block_until_ready(metrics)
+
+    return tr, spread(repeat(step, steps, warmup=warmup)), compiled.seconds
