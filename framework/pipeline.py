@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from framework.config import Config, ConfigError
-from framework.data.batch import packing_of
 from framework.mesh import STAGE
 from framework.sharding import constrain
 
@@ -68,9 +67,6 @@ def check_stages(cfg: Config, stages: int) -> None:
                           f"(the stages cut the stacked layers), got model.name={m.name} model.scan_layers={m.scan_layers}")
     if m.n_layers % stages:
         raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by mesh.stage={stages}")
-    if packing_of(cfg.data) == "eos":
-        raise ConfigError(f"mesh.stage={stages} with data.packing={cfg.data.packing} (documents packed with segment ids): "
-                          "pipeline stages carry no segment ids; use data.packing=none")
     groups = m.n_layers // m.moe.every
     if m.moe.n_experts and m.moe.every > 1 and groups % stages:  # models/moe.py: the stack is of groups of `every` layers
         raise ConfigError(f"mesh.stage={stages} splits the MoE pattern unevenly: model.n_layers={m.n_layers} / "

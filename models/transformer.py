@@ -300,9 +300,7 @@ class Transformer(nnx.Module):
                 return call(block, h, segment_ids, positions)
 
             if self.pipeline is not None:
-                if segment_ids is not None or positions is not None:
-                    raise ValueError("Transformer: pipeline stages take no segment ids or positions (data.packing=none)")
-                x = self._pipelined(lambda blocks, h: run(blocks, h, None, None), x)
+                x = self._pipelined(run, x, segment_ids, positions)
             else:
                 with ops.repeated(self.n_stacked):  # the plan charges the body's layers once per stacked layer
                     x = run(self.blocks, x, segment_ids, positions)
@@ -321,13 +319,28 @@ class Transformer(nnx.Module):
         layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
         return (lambda layer, x: call(nnx.merge(graphdef, layer), x, None, None)), layer
 
-    def _pipelined(self, run, x):
-        """The stacked layers as pipeline stages: each stage scans its own contiguous layers."""
+    def _pipelined(self, run, x, segment_ids=None, positions=None):
+        """The stacked layers as pipeline stages: each stage scans its own contiguous layers. What travels from stage
+        to stage with each micro-batch is flat: x, an MoE model's routing sums, a packed batch's segment ids and
+        positions (passed on unchanged, so every stage masks and rotates as the unpipelined model does)."""
         graphdef, stacked = nnx.split(self.blocks)
-        stage_fn = lambda stage_blocks, h: run(nnx.merge(graphdef, stage_blocks), h)
-        axes = (BLC, ("batch", None)) if isinstance(x, tuple) else BLC  # an MoE model's carry: (x, routing sums)
-        x, stats = moe.split(self.pipeline.run(stage_fn, stacked, x, axes, unroll_ticks=self.stream_params))
-        return moe.join(constrain(x, BLC), stats)
+        x, stats = moe.split(x)
+        extra = {k: v for k, v in (("segment_ids", segment_ids), ("positions", positions)) if v is not None}
+        carry = (x, *(() if stats is None else (stats,)), *extra.values())
+        axes = (BLC, *(() if stats is None else (("batch", None),)), *(("batch", "length"),) * len(extra))
+        n_carry = 1 if stats is None else 2
+
+        def stage_fn(stage_blocks, h):
+            seq = dict(zip(extra, h[n_carry:]))
+            out = run(nnx.merge(graphdef, stage_blocks), moe.join(*h[:n_carry]) if stats is not None else h[0],
+                      seq.get("segment_ids"), seq.get("positions"))
+            return (*(out if isinstance(out, tuple) else (out,)), *h[n_carry:])
+
+        if len(carry) == 1:  # a dense model without segments: x alone, as the pipeline had it before
+            out = self.pipeline.run(lambda b, h: stage_fn(b, (h,))[0], stacked, x, BLC, unroll_ticks=self.stream_params)
+            return constrain(out, BLC)
+        out = self.pipeline.run(stage_fn, stacked, carry, axes, unroll_ticks=self.stream_params)
+        return moe.join(constrain(out[0], BLC), out[1] if stats is not None else None)
 
     def _logits(self, x):
         """The output head, a broadcast layer named ``head``: its map mode splits the vocabulary and broadcasts ``x``."""

@@ -1,5 +1,5 @@
 """Features written apart, checked together: an MoE model of layer groups decoded layer by layer, its routing loss
-under target-weighted micro-batches, and the try-run's candidates for packed data or an explicit broadcast mode."""
+under target-weighted micro-batches, and packed documents through pipeline stages, and the try-run's candidates for an explicit broadcast mode."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from framework import generate, pipeline
-from framework.config import ConfigError
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from framework import generate, sharding
+from framework.data.batch import eos_segments
 from framework.tryrun.layouts import Gates
 from framework.train import Trainer
 from tests.helpers import tiny_config
@@ -43,13 +46,35 @@ def _gates(*overrides, packing="none"):
     return Gates(cfg, {"data": 1, "fsdp": 2, "tensor": 1}, [])
 
 
-def test_packed_documents_get_no_pipeline_candidates_nor_a_stage_count():
-    gates = _gates(packing="eos")
-    assert gates.pipeline_candidates(8, 2) == []
-    assert [d["kind"] for d in gates.dropped] == ["pipeline"] and "segment ids" in gates.dropped[0]["reason"]
-    assert any(c.mesh.get("stage", 1) > 1 for c in _gates().over(8, 2))  # without packing there are stage layouts
-    with pytest.raises(ConfigError, match="data.packing=eos"):
-        pipeline.check_stages(gates.cfg, 2)
+def test_packed_documents_run_through_pipeline_stages_as_without_them():
+    """Segment ids and positions travel with each micro-batch from stage to stage (they were refused before)."""
+    overrides = ("model.style=llama", "model.scan_layers=true", "model.n_layers=2", "train.global_batch=4",
+                 "train.pipeline_microbatches=2", "train.seq_len=16")
+    tokens = np.random.default_rng(0).integers(1, 256, (4, 17), dtype=np.int32)
+    tokens[:, 5::6] = 0  # an EOS every 6 tokens: three documents a row
+    segment_ids, positions = eos_segments(tokens, 0)
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    ref = Trainer(tiny_config(*overrides, "mesh.fsdp=1"), devices=jax.devices()[:1])
+    params = jax.device_get(ref.init_state().params)
+    want = loss_and_grads(ref, params, batch)
+    staged = Trainer(tiny_config(*overrides, "mesh.stage=2", "mesh.fsdp=2"), devices=jax.devices()[:4])
+    got = loss_and_grads(staged, params, batch)
+    assert abs(float(got[0]) - float(want[0])) < 1e-5
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert _gates(packing="eos").pipeline_candidates(8, 2)  # and the try-run may propose stages for packed data
+
+
+def loss_and_grads(tr, params, batch):
+    rng = jax.random.key_data(jax.random.key(0))
+    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
+
+    def f(p, b):
+        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
+            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
+
+    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
+    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
 
 
 @pytest.mark.parametrize("mode", ["kernel", "map"])

@@ -165,6 +165,4 @@ def test_packing_config_errors(store):
     with pytest.raises(ConfigError, match=r"^data.packing=eos: data.source=text has no documents"):
         tiny_config("data.packing=eos")
     tokens = ["data.source=tokens", f"data.path={store}", "model.vocab_size=auto"]
-    with pytest.raises(ConfigError, match=r"^data.packing=auto: packed documents are not supported with mesh.stage=2"):
-        tiny_config(*tokens, "mesh.stage=2")
-    assert tiny_config(*tokens, "data.packing=none", "mesh.stage=2").data.packing == "none"
+    assert tiny_config(*tokens, "mesh.stage=2").data.packing == "auto"  # segment ids travel through the stages

@@ -209,11 +209,8 @@ def validate_elastic(e: ElasticConfig) -> None:
 
 
 def validate_packing(cfg: Config) -> None:
-    """``data.packing: eos`` needs documents (a token store); segment ids do not travel through pipeline stages."""
+    """``data.packing: eos`` needs documents (a token store)."""
     d = cfg.data
     if d.packing == "eos" and d.source != "tokens":
         raise ConfigError(f"data.packing=eos: data.source={d.source} has no documents (only data.source=tokens); "
                           "use data.packing=none")
-    if d.source == "tokens" and d.packing != "none" and cfg.mesh.stage > 1:
-        raise ConfigError(f"data.packing={d.packing}: packed documents are not supported with mesh.stage="
-                          f"{cfg.mesh.stage} (pipeline stages carry no segment ids); set data.packing=none")

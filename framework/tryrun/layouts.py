@@ -21,7 +21,6 @@ import jax
 
 from framework import sharding
 from framework.config import Config, ConfigError
-from framework.data.batch import packing_of
 from framework.mesh import CONTEXT, STAGE
 
 
@@ -211,9 +210,6 @@ class Gates:
         cut into the next stage count above the current one that divides the split and the layer count."""
         m = self.cfg.model
         if m.name != "transformer" or not m.scan_layers or self.refused("pipeline", n_devices, "run inside stages"):
-            return []
-        if packing_of(self.cfg.data) == "eos":
-            self.drop("pipeline", n_devices, 0, f"data.packing={self.cfg.data.packing}: pipeline stages carry no segment ids")
             return []
         now = self.current.get(STAGE, 1)
         out = []
