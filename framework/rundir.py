@@ -100,9 +100,11 @@ class RunDirLock:
             return 0.0
 
     def _remove_dead_temps(self) -> None:
-        """The temp files of lock takers killed before they linked them (``create_new`` takes milliseconds)."""
+        """The temp files of lock takers killed before they linked them (``create_new`` takes milliseconds): named by
+        a pid no longer running here, or older than ``UNREADABLE_LOCK_S``."""
         for tmp in self.run_dir.glob(f"{LOCK}.*.tmp"):
-            if self._age(tmp) > UNREADABLE_LOCK_S:
+            pid = tmp.name[len(LOCK) + 1:-len(".tmp")]
+            if (pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))) or self._age(tmp) > UNREADABLE_LOCK_S:
                 tmp.unlink(missing_ok=True)
 
     def _take_over(self, what: str) -> None:

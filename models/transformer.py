@@ -290,8 +290,12 @@ class Transformer(nnx.Module):
         context axis the tokens come in the mesh's (zig-zag) order: models/context.py ``to_layout``."""
         x = ops.lookup(tokens, self._fetch(self.embed[...]), name="embed", param="embed", dtype=self.dtype)
         if self.pos_embed is not None:
-            where = context.positions(tokens.shape[1]) if positions is None else positions
-            x = x + jnp.take(self._fetch(self.pos_embed[...]), where, axis=0).astype(self.dtype)
+            table = self._fetch(self.pos_embed[...])
+            if positions is None and context.context_axis() is None:  # positions 0..T-1: the table's first rows
+                x = x + table[: tokens.shape[1]].astype(self.dtype)
+            else:  # a packed row's, or the zig-zag order's under a context axis
+                where = context.positions(tokens.shape[1]) if positions is None else positions
+                x = x + jnp.take(table, where, axis=0).astype(self.dtype)
         x = moe.start(self.cfg, constrain(x, BLC))  # an MoE model carries its routing sums beside x
         call = self._block_fn()
         if self.cfg.scan_layers:

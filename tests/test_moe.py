@@ -135,7 +135,9 @@ def test_moe_every_other_layer_and_shared_experts_in_a_scanned_model():
     assert group[1]["mlp"]["shared"]["fc_in"]["kernel"].shape == (2, D, F)
     logits, routing = nnx.jit(lambda m, tokens: m(tokens))(model, jnp.zeros((2, T), jnp.int32))
     assert logits.shape == (2, T, cfg.vocab_size)
-    assert set(routing["metrics"]) == {"moe/aux_loss", "moe/z_loss", "moe/load_min", "moe/load_max", "moe/dropped_fraction"}
+    assert set(routing["metrics"]) == {"moe/aux_loss", "moe/z_loss", "moe/load_min", "moe/load_max", "moe/dropped_fraction",
+                                       "moe/routing_loss"}
+    assert float(routing["metrics"]["moe/routing_loss"]) == float(routing["loss"])
 
 
 @pytest.mark.parametrize("overrides,key", [
