@@ -29,3 +29,24 @@ def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = N
         [sys.executable, str(ROOT / "scripts" / script), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env,
     )
+
+
+def loss_and_grads(tr, params, batch):
+    """A trainer's loss and its gradient on ``batch`` (a dict of token fields, or a token array), computed in the
+    trainer's shardings and activation rules, as host arrays."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from framework import sharding
+
+    batch = batch if isinstance(batch, dict) else {"tokens": batch}
+    rng = jax.random.key_data(jax.random.key(0))
+
+    def f(p, b):
+        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
+            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
+
+    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
+    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
+    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))

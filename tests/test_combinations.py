@@ -8,14 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from framework import generate, sharding
+from framework import generate
 from framework.data.batch import eos_segments
 from framework.tryrun.layouts import Gates
 from framework.train import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import loss_and_grads, tiny_config
 
 MOE_GROUPS = ("model.style=llama", "model.scan_layers=true", "model.n_layers=4", "model.d_model=32", "model.n_heads=2",
               "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.d_expert_mlp=16", "model.moe.every=2",
@@ -63,18 +61,6 @@ def test_packed_documents_run_through_pipeline_stages_as_without_them():
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert _gates(packing="eos").pipeline_candidates(8, 2)  # and the try-run may propose stages for packed data
-
-
-def loss_and_grads(tr, params, batch):
-    rng = jax.random.key_data(jax.random.key(0))
-    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
-
-    def f(p, b):
-        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
-            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
-
-    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
-    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
 
 
 @pytest.mark.parametrize("mode", ["kernel", "map"])

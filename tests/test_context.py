@@ -8,15 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, Mesh
 
 from framework import sharding
 from framework.config import ConfigError, load_config
 from framework.train import Trainer
 from models import context
 from models.transformer import Transformer
-from tests.helpers import TINY, run_script, tiny_config
+from tests.helpers import loss_and_grads, TINY, run_script, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 T = 48  # a sequence length no weight dimension has: an all-gather of this length is a full-sequence activation
@@ -128,18 +127,6 @@ def trainer(*overrides, n=8):
     if key not in _trainers:
         _trainers[key] = Trainer(tiny_config(*LLAMA, *overrides, steps=1), devices=jax.devices()[:n])
     return _trainers[key]
-
-
-def loss_and_grads(tr, params, batch):
-    rng = jax.random.key_data(jax.random.key(0))
-
-    def f(p, b):
-        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
-            return jax.value_and_grad(lambda q: tr.loss_fn(q, b, rng)[0])(p)
-
-    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
-    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
-    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
 
 
 SCANNED = ["model.scan_layers=true", "model.n_layers=2"]  # every case compares with one reference trainer

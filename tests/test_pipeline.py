@@ -4,10 +4,9 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from framework import memory, sharding
 from framework.checkpoint import Checkpointer, abstract_target
@@ -16,7 +15,7 @@ from framework.mesh import MeshManager
 from framework.pipeline import bubble_fraction
 from framework.state import abstract_state, check_run
 from framework.train import Trainer
-from tests.helpers import ROOT, TINY, tiny_config
+from tests.helpers import loss_and_grads, ROOT, TINY, tiny_config
 
 SMALL = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.d_mlp=64", "model.max_seq_len=16",
          "train.seq_len=16", "train.global_batch=8", "model.scan_layers=true", "data.source=synthetic"]
@@ -36,19 +35,6 @@ def trainer(name):
         overrides, n = CASES[name] if name in CASES else (["mesh.fsdp=1"], 1)
         _trainers[name] = Trainer(tiny_config(*SMALL, *overrides, steps=2), devices=jax.devices()[:n])
     return _trainers[name]
-
-
-def loss_and_grads(tr, params, batch):
-    """The trainer's loss and its gradient, in the trainer's shardings and activation rules."""
-    rng = jax.random.key_data(jax.random.key(0))
-
-    def f(p, b):
-        with sharding.activation_sharding(tr.mesh, tr.activation_rules):
-            return jax.value_and_grad(lambda q: tr.loss_fn(q, {"tokens": b}, rng)[0])(p)
-
-    batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
-    fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
-    return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
 
 
 @pytest.fixture(scope="module")
