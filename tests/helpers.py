@@ -50,3 +50,14 @@ def loss_and_grads(tr, params, batch):
     batch_sharding = NamedSharding(tr.mesh, P(tr.batch_axes))
     fn = jax.jit(f, in_shardings=(tr.state_shardings.params, batch_sharding))
     return jax.device_get(fn(jax.device_put(params, tr.state_shardings.params), jax.device_put(batch, batch_sharding)))
+
+
+def wait_until(condition, proc, what: str, timeout: float = 600, poll: float = 0.01) -> None:
+    """Poll ``condition()`` while the launcher ``proc`` runs; fail naming ``what`` if it ends or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"launcher ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)

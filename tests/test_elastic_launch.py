@@ -7,14 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import pytest
 
 from framework.checkpoint import MANIFEST
 from framework.train import Trainer
-from tests.helpers import ROOT, TINY, tiny_config
+from tests.helpers import ROOT, TINY, tiny_config, wait_until
 
 STEPS = 40
 # data-parallel over whatever devices there are: 12 rows split over 6 (3 x 2) and over 4 (2 x 2)
@@ -27,14 +26,6 @@ RUN = ("model.n_layers=2", "data.source=synthetic", "train.global_batch=12", "me
 
 def logged(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_until(condition, proc, what, timeout=400):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"launcher ended before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def resumed_fixed_mesh(run_dir, tmp_path, step, n_devices):

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from framework.checkpoint import MANIFEST
 from framework.train import Trainer
 from framework.tryrun import Layout, with_layout
-from tests.helpers import ROOT, SMALLER, TINY, tiny_config
+from tests.helpers import ROOT, SMALLER, TINY, tiny_config, wait_until
 
 LAUNCH = [sys.executable, str(ROOT / "scripts" / "launch_local.py")]
 TRAIN = [str(ROOT / "scripts" / "train.py"), "--config", TINY]
@@ -30,14 +29,6 @@ def read_lines(path):
 
 def logged(run_dir):
     return read_lines(run_dir / "metrics.jsonl")
-
-
-def wait_until(condition, proc, what, timeout=600):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"launcher ended before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def stop(proc):
