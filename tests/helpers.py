@@ -61,3 +61,13 @@ def wait_until(condition, proc, what: str, timeout: float = 600, poll: float = 0
         assert proc.poll() is None, f"launcher ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll)
+
+
+def kill_launched(err_path, name: str = "p2") -> int:
+    """SIGKILL the launched process ``name`` (its pid as scripts/launch_local.py logs it in ``err_path``); its pid."""
+    import re
+    import signal
+
+    pid = int(re.search(rf"{name} pid (\d+)", Path(err_path).read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    return pid

@@ -13,7 +13,7 @@ import pytest
 
 from framework.checkpoint import MANIFEST
 from framework.train import Trainer
-from tests.helpers import ROOT, TINY, tiny_config, wait_until
+from tests.helpers import ROOT, TINY, tiny_config, kill_launched, wait_until
 
 STEPS = 40
 # data-parallel over whatever devices there are: 12 rows split over 6 (3 x 2) and over 4 (2 x 2)
@@ -49,8 +49,7 @@ def test_kill_one_of_three_then_grow_back(tmp_path):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         try:
             wait_until(lambda: (run / "checkpoints" / "4" / MANIFEST).is_file(), proc, "a checkpoint")
-            victim = int(re.search(r"p2 pid (\d+)", err_path.read_text()).group(1))
-            os.kill(victim, signal.SIGKILL)
+            victim = kill_launched(err_path)
             wait_until(lambda: "restarting on 2 processes" in err_path.read_text(), proc, "the restart")
             # the 2-process job trains a few steps, then the third slot comes back
             wait_until(lambda: err_path.read_text().count("coordinator 127.0.0.1") == 2 and

@@ -13,7 +13,7 @@ import pytest
 from framework.checkpoint import MANIFEST
 from framework.train import Trainer
 from framework.tryrun import Layout, with_layout
-from tests.helpers import ROOT, SMALLER, TINY, tiny_config, wait_until
+from tests.helpers import ROOT, SMALLER, TINY, tiny_config, kill_launched, wait_until
 
 LAUNCH = [sys.executable, str(ROOT / "scripts" / "launch_local.py")]
 TRAIN = [str(ROOT / "scripts" / "train.py"), "--config", TINY]
@@ -53,8 +53,7 @@ def test_start_on_six_devices_a_batch_of_16_does_not_split_over_then_lose_a_proc
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
         try:
             wait_until(lambda: (run / "checkpoints" / "10" / MANIFEST).is_file(), proc, "checkpoint 10")
-            victim = int(re.search(r"p2 pid (\d+)", err_path.read_text()).group(1))
-            os.kill(victim, signal.SIGKILL)
+            victim = kill_launched(err_path)
             out, _ = proc.communicate(timeout=900)
         finally:
             stop(proc)
